@@ -1,0 +1,222 @@
+"""Shared layer machinery: the wrapper every adapter builds on, and the group module of cross-layer methods.
+
+An adapter layer wraps one ``nn.Linear`` or ``nn.ConvNd`` (the *base layer*, frozen) and adds a weight update
+ΔW. The effective weight is ``base_layer.weight + delta_weight()``; ``merge`` folds ΔW in so inference costs exactly
+the base layer, ``unmerge`` takes it out again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig, AdapterError
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_AND_CONV = (nn.Linear, *CONV_TYPES)
+
+
+def is_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, CONV_TYPES)
+
+
+def channel_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) channels or features of a Linear/ConvNd, ``in`` per group for grouped convolutions."""
+    weight = layer.weight
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def flat_shape(layer: nn.Module) -> tuple[int, int]:
+    """The weight seen as a matrix: (out, in · prod(kernel)). Linear weights are already (out, in)."""
+    weight = layer.weight
+    return int(weight.shape[0]), int(weight[0].numel())
+
+
+def seeded_generator(cfg: AdapterConfig, layer_name: str) -> torch.Generator:
+    """A CPU generator seeded from the config seed and the layer name: the same config gives the same init on any
+    device, so an adapter's frozen random parts can be rebuilt instead of stored."""
+    import zlib
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((int(cfg.seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
+    return gen
+
+
+def kaiming_uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator, a: float = math.sqrt(5)) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_`` with an explicit fan-in and generator (the default init of nn.Linear)."""
+    gain = math.sqrt(2.0 / (1 + a * a))
+    bound = gain * math.sqrt(3.0 / max(1, fan_in))
+    with torch.no_grad():
+        values = torch.empty(tensor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        tensor.copy_(values.to(tensor.dtype))
+    return tensor
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one Linear/ConvNd layer with a trainable weight update.
+
+    Subclasses implement :meth:`delta_weight` (and :meth:`delta_bias` if they shift the bias). The default forward
+    runs the base operation once with ``W + ΔW``; low-rank subclasses override :meth:`adapter_forward` where the
+    activation path is cheaper.
+    """
+
+    #: Short method name, set by subclasses (used in reprs and error messages).
+    method: str = "?"
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(base_layer, LINEAR_AND_CONV):
+            raise AdapterError(f"{name or 'layer'}: {type(base_layer).__name__} cannot be adapted (Linear or ConvNd only)")
+        self.base_layer = base_layer
+        self.layer_name = name
+        self.scaling = cfg.scaling
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.adapter_enabled = True
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (frozen); some MONAI blocks read ``layer.weight`` directly."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def is_conv(self) -> bool:
+        return is_conv(self.base_layer)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.base_layer.weight.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.base_layer.weight.shape[1])
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.base_layer.weight.shape[2:])
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's operation with another weight/bias (stride, padding, padding mode, groups kept)."""
+        if self.is_conv:
+            return self.base_layer._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    # ----------------------------------------------------------------- update
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW with the shape of ``base_layer.weight`` (scaling included)."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward with the adapter active (not merged)."""
+        base = self.base_layer
+        delta = self.delta_weight()
+        delta_b = self.delta_bias()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = base.bias if delta_b is None else (delta_b if base.bias is None else base.bias + delta_b)
+            return self.base_op(x, base.weight + delta.to(base.weight.dtype), bias)
+        # Dropout applies to the adapter path only, so the update is a separate operation here.
+        return base(x) + self.base_op(self.dropout(x), delta.to(base.weight.dtype), delta_b)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged or not self.adapter_enabled:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapter_forward(x)
+
+    # ----------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW (and Δb) into the base layer: inference then costs exactly the base layer."""
+        if self.merged:
+            return
+        base = self.base_layer
+        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+        delta_b = self.delta_bias()
+        if delta_b is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros_like(delta_b), requires_grad=False)
+                self._created_bias = True
+            base.bias.add_(delta_b.to(base.bias.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ΔW back out of the base layer (the inverse of :meth:`merge`)."""
+        if not self.merged:
+            return
+        base = self.base_layer
+        base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+        delta_b = self.delta_bias()
+        if delta_b is not None:
+            if getattr(self, "_created_bias", False):
+                base.bias = None
+                self._created_bias = False
+            else:
+                base.bias.sub_(delta_b.to(base.bias.dtype))
+        self.merged = False
+
+    # ----------------------------------------------------------------- persistence
+    def layer_meta(self) -> dict[str, Any]:
+        """Per-layer facts saved in ``adapter_config.json`` that :meth:`inject` needs to rebuild this layer's shapes
+        (e.g. SeLoRA's grown rank). Empty for fixed-shape adapters."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, merged={self.merged}"
+
+
+class AdapterGroup(nn.Module):
+    """Factors shared by a stack of layers (LoRA-PT, tCURLoRA, LoTR).
+
+    The group computes every member's ΔW in one batched operation and caches the result for the current forward
+    pass; each member layer reads its slice through :meth:`delta`. The cache is cleared around every forward of
+    the adapted model (hooks installed by ``inject``) and around merge/unmerge, so a fresh graph is built per
+    pass (gradient accumulation safe) and no full-size tensors are held between steps.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: Any = None
+
+    def compute_deltas(self) -> Any:
+        """All members' updates at once; indexed by :meth:`delta`'s ``index``."""
+        raise NotImplementedError
+
+    def delta(self, index: Any) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = self.compute_deltas()
+        return self._cache[index]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+
+class GroupMemberLayer(AdapterLayer):
+    """A layer whose ΔW is a slice of an :class:`AdapterGroup`'s result. It owns no parameters of its own."""
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str, group: AdapterGroup, index: Any) -> None:
+        super().__init__(base_layer, cfg, name)
+        # Held in a tuple so the group is not registered twice (it lives once on the model).
+        self._group_ref = (group,)
+        self.index = index
+
+    @property
+    def group(self) -> AdapterGroup:
+        return self._group_ref[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.group.delta(self.index).reshape(self.base_layer.weight.shape)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, group={type(self.group).__name__}, index={self.index}, merged={self.merged}"

@@ -1,0 +1,119 @@
+"""LoRA (LoCon on convolutions) and PiSSA.
+
+LoRA: ΔW = (alpha / r) · B A with A (r × in) Kaiming-uniform and B (out × r) zero, so the output is unchanged at
+start (Hu et al., 2021). On a convolution, A is a convolution with the layer's kernel, stride, padding and
+dilation to r channels and B a 1×1×1 convolution back to the output channels (LoCon, as in LyCORIS and peft).
+The sub-modules are called ``lora_A`` / ``lora_B`` as in Hugging Face peft, so a saved adapter maps onto peft's
+state dict key for key.
+
+PiSSA (Meng et al., 2024): A and B start from the top-r singular triplets of the weight (flattened to
+out × in·prod(kernel) for convolutions - peft offers PiSSA on Linear only) and the frozen weight becomes the
+residual W - scale · B A, so residual + principal part reproduces W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import CONV_TYPES, AdapterLayer, flat_shape, kaiming_uniform_, seeded_generator
+from .config import AdapterConfig, AdapterError
+from .registry import MethodSpec, per_layer_class, register
+
+
+def check_rank(name: str, layer: nn.Module, rank: int, method: str) -> None:
+    """Refuse a rank the flattened weight cannot hold (rank > min(out, in · kernel))."""
+    out_dim, in_flat = flat_shape(layer)
+    limit = min(out_dim, in_flat)
+    if rank > limit:
+        raise AdapterError(
+            f"rank {rank} is too large for {method} on {name} (weight {out_dim}×{in_flat} allows at most {limit}); "
+            f"lower --rank or narrow --targets"
+        )
+
+
+class LoRALayer(AdapterLayer):
+    """LoRA on a Linear layer, LoCon on a ConvNd layer."""
+
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "") -> None:
+        super().__init__(base_layer, cfg, name)
+        check_rank(name, base_layer, cfg.rank, self.method)
+        self.rank = cfg.rank
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        if isinstance(base_layer, CONV_TYPES):
+            if base_layer.groups != 1:
+                raise AdapterError(
+                    f"{name}: grouped convolutions (groups={base_layer.groups}) are not supported by {self.method}; "
+                    f"leave this layer out of --targets"
+                )
+            conv = type(base_layer)
+            self.lora_A = conv(base_layer.in_channels, self.rank, base_layer.kernel_size, base_layer.stride,
+                               base_layer.padding, base_layer.dilation, bias=False,
+                               padding_mode=base_layer.padding_mode, **factory)
+            self.lora_B = conv(self.rank, base_layer.out_channels, 1, bias=False, **factory)
+        else:
+            self.lora_A = nn.Linear(base_layer.in_features, self.rank, bias=False, **factory)
+            self.lora_B = nn.Linear(self.rank, base_layer.out_features, bias=False, **factory)
+        self.reset_factors(cfg)
+
+    def reset_factors(self, cfg: AdapterConfig) -> None:
+        kaiming_uniform_(self.lora_A.weight, self.lora_A.weight[0].numel(), seeded_generator(cfg, self.layer_name))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        a = self.lora_A.weight.reshape(self.rank, -1)
+        b = self.lora_B.weight.reshape(-1, self.rank)
+        return (b @ a).reshape(self.base_layer.weight.shape) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r.
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class PiSSALayer(LoRALayer):
+    """LoRA initialised from the principal singular triplets; the frozen weight holds the residual."""
+
+    method = "pissa"
+
+    def reset_factors(self, cfg: AdapterConfig) -> None:
+        weight = self.base_layer.weight
+        matrix = weight.detach().reshape(weight.shape[0], -1).float()
+        iters = cfg.options.get("svd_iters")
+        if iters:  # randomized SVD for very large layers (Halko et al.), as peft's pissa_niter_K
+            u, s, v = torch.svd_lowrank(matrix, q=self.rank, niter=int(iters))
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = u[:, : self.rank], s[: self.rank] / self.scaling, vh[: self.rank]
+        root = s.sqrt()
+        with torch.no_grad():
+            self.lora_A.weight.copy_((root[:, None] * vh).reshape(self.lora_A.weight.shape).to(weight.dtype))
+            self.lora_B.weight.copy_((u * root[None, :]).reshape(self.lora_B.weight.shape).to(weight.dtype))
+            weight.sub_(self.delta_weight().to(weight.dtype))
+
+
+
+LORA = register(
+    MethodSpec(
+        name="lora",
+        summary="Low-rank update B·A per layer (LoCon on convolutions); B starts at zero.",
+        reference="Hu et al. 2021, LoRA; LyCORIS LoCon for Conv3d",
+        wrap=per_layer_class(LoRALayer),
+    )
+)
+
+PISSA = register(
+    MethodSpec(
+        name="pissa",
+        summary="LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",
+        reference="Meng et al. 2024, PiSSA (here on Conv3d too)",
+        wrap=per_layer_class(PiSSALayer),
+        options={"svd_iters": None},
+    )
+)

@@ -1,0 +1,190 @@
+"""The method registry and each model family's published defaults.
+
+A method registers a :class:`MethodSpec`: which layer types it adapts and how it wraps the selected layers. The
+*family* of a model (``unetr``, ``ddpm`` or ``generic``) decides the default targets and extra trainable
+parameters, i.e. what the source papers trained; a method may override them per family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .base import LINEAR_AND_CONV, AdapterGroup, AdapterLayer
+from .config import AdapterConfig, AdapterError
+
+LayerFactory = Callable[[str, nn.Module, AdapterConfig, dict], AdapterLayer]
+
+
+@dataclass
+class Wrapped:
+    """What a method's ``wrap`` returns: the new layers by module name and any group modules by group name."""
+
+    layers: dict[str, AdapterLayer]
+    groups: dict[str, AdapterGroup] = field(default_factory=dict)
+
+
+WrapFunction = Callable[[list[tuple[str, nn.Module]], AdapterConfig, dict[str, dict]], Wrapped]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered adaptation method.
+
+    Attributes:
+        name: registry name (``--method``).
+        summary: one line for users (shown in ``tensorpeft methods`` and the Slicer module).
+        reference: the paper or library it follows.
+        layer_types: module types it can wrap.
+        wrap: builds adapter layers for the selected ``(name, module)`` pairs. The third argument holds saved
+            per-layer metadata when an adapter is reloaded (empty on a fresh injection).
+        options: method-specific options and their defaults, validated against ``AdapterConfig.options``.
+        targets: per-family default target patterns overriding the family's.
+        trainable: per-family default extra-trainable patterns overriding the family's.
+        adapts_layers: False for ``full`` (no adapter: every parameter trains).
+    """
+
+    name: str
+    summary: str
+    reference: str
+    layer_types: tuple[type, ...] = LINEAR_AND_CONV
+    wrap: WrapFunction | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    trainable: dict[str, list[str]] = field(default_factory=dict)
+    adapts_layers: bool = True
+
+    @property
+    def layer_kinds(self) -> str:
+        return "/".join(t.__name__ for t in self.layer_types) if self.adapts_layers else "all parameters"
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def per_layer(factory: LayerFactory) -> WrapFunction:
+    """A ``wrap`` for methods whose layers are independent: one factory call per selected layer."""
+
+    def wrap(selected: list[tuple[str, nn.Module]], cfg: AdapterConfig, meta: dict[str, dict]) -> Wrapped:
+        return Wrapped({name: factory(name, module, cfg, meta.get(name, {})) for name, module in selected})
+
+    return wrap
+
+
+def per_layer_class(cls: type[AdapterLayer]) -> WrapFunction:
+    """A ``wrap`` that builds ``cls(module, cfg, name)`` for every selected layer."""
+    return per_layer(lambda name, module, cfg, meta: cls(module, cfg, name))
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    key = str(name).strip().lower()
+    if key not in _METHODS:
+        raise AdapterError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
+    return _METHODS[key]
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return list(_METHODS)
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_builtin_methods()
+    return list(_METHODS.values())
+
+
+def _load_builtin_methods() -> None:
+    # Importing the method files registers them; done lazily so the registry module has no import cycle.
+    from . import full, lora, lycoris, ssf  # noqa: F401
+
+    for optional in ("tensor_stack", "tenvoo", "quanta", "selora"):
+        try:
+            __import__(f"{__package__}.{optional}")
+        except ModuleNotFoundError as err:  # a method family not built yet
+            if err.name != f"{__package__}.{optional}":
+                raise
+
+
+# --------------------------------------------------------------------------------------------- model families
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What the source papers adapt and train on one kind of model."""
+
+    targets: list[str]
+    trainable: list[str]
+    bias: str
+    #: a module the default targets match but that must be skipped (e.g. single-channel convolutions)
+    skip: Callable[[str, nn.Module], bool] | None = None
+
+
+def _single_channel_conv(name: str, module: nn.Module) -> bool:
+    return module.weight.dim() > 2 and (module.weight.shape[0] == 1 or module.weight.shape[1] == 1)
+
+
+FAMILIES: dict[str, FamilyDefaults] = {
+    # LoRA-PT / tCURLoRA: every linear layer of the ViT's transformer blocks; the decoder path trains fully.
+    "unetr": FamilyDefaults(
+        targets=[r"vit\.blocks\.\d+\.attn\.(qkv|out_proj)", r"vit\.blocks\.\d+\.mlp\.linear[12]"],
+        trainable=[r"^(decoder[2-5]|out)\."],
+        bias="none",
+    ),
+    # TenVOO: resnet convolutions, attention q/v, the time-embedding projections; norms and adapted biases train.
+    "ddpm": FamilyDefaults(
+        targets=[
+            r".*(resnets\.\d+|resnet_\d)\.conv[12]\.conv",
+            r".*\.attn\.to_[qv]",
+            r".*(resnets\.\d+|resnet_\d)\.time_emb_proj",
+            r"time_embed\.2",
+        ],
+        trainable=[r"(^|\.)norm\d*\."],
+        bias="adapted",
+        skip=_single_channel_conv,
+    ),
+    # Anything else: every Linear and convolution, nothing else trains.
+    "generic": FamilyDefaults(targets=[r".*"], trainable=[], bias="none"),
+}
+
+
+def model_family(model: nn.Module) -> str:
+    """``unetr`` for MONAI UNETR (and subclasses), ``ddpm`` for MONAI DiffusionModelUNet, else ``generic``."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "UNETR" in names:
+        return "unetr"
+    if "DiffusionModelUNet" in names:
+        return "ddpm"
+    return "generic"
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """A target pattern matches a module name if it matches the whole name or a whole dotted suffix of it."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise AdapterError(f"target pattern {pattern!r} is not a valid regular expression ({err})") from None
+    if regex.fullmatch(name):
+        return True
+    parts = name.split(".")
+    return any(regex.fullmatch(".".join(parts[i:])) for i in range(1, len(parts)))
+
+
+def compile_patterns(patterns: list[str], what: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise AdapterError(f"{what} pattern {pattern!r} is not a valid regular expression ({err})") from None
+    return compiled
