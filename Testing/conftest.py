@@ -26,8 +26,20 @@ def tiny_ddpm():
     from monai.networks.nets import DiffusionModelUNet
 
     torch.manual_seed(0)
-    return DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1, channels=(32, 32, 64),
-                              attention_levels=(False, False, True), norm_num_groups=32, num_head_channels=(0, 0, 32)).eval()
+    model = DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1, channels=(32, 32, 64),
+                               attention_levels=(False, False, True), norm_num_groups=32, num_head_channels=(0, 0, 32))
+    return as_if_pretrained(model).eval()
+
+
+def as_if_pretrained(model):
+    """MONAI zero-initialises some DDPM layers (the output conv, each resnet's conv2), which blocks every gradient
+    upstream of them. A pretrained model has no such zeros; give those weights small random values."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
 
 
 @pytest.fixture
