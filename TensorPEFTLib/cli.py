@@ -19,6 +19,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [AdapterError, PresetError]
     for module, name in [("TensorPEFTLib.models", "CheckpointError"), ("TensorPEFTLib.data", "DataError"),
+                         ("TensorPEFTLib.data", "VolumeError"), ("TensorPEFTLib.data", "DemoDataError"),
                          ("TensorPEFTLib.engine", "EngineError")]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -186,7 +187,235 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTENSIONS: list[Callable[[Any], None]] = []
 
 
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def _size(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) < 1:
+        from .engine import EngineError
+
+        raise EngineError(f"size {text!r}: give one number (e.g. 64) or three (e.g. 128x128x96)")
+    return values  # type: ignore[return-value]
+
+
+def _spacing(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) <= 0:
+        from .engine import EngineError
+
+        raise EngineError(f"--spacing {text!r}: give one voxel size in mm (e.g. 1.5) or three (e.g. 1x1x2)")
+    return values  # type: ignore[return-value]
+
+
+def _events(args: argparse.Namespace):
+    from .engine import Events
+
+    return Events(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:N, mps or cpu")
+    group.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                       help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: the free cores)")
+    group.add_argument("--events", metavar="FILE|-", default=None,
+                       help="write JSON-lines progress events (start, step, eval, checkpoint, done, error) to FILE or stdout (-)")
+    group.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .engine import EXIT_CANCELLED, TrainSettings, finetune
+
+    resume_only = args.resume and args.method is None and args.config is None
+    _apply_adapter_defaults(args)
+    cfg = None if resume_only else adapter_config_from_args(args)
+    settings = TrainSettings(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+                             accumulate=args.accumulate, eval_every=args.eval_every,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed)
+    events = _events(args)
+    result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
+                      events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
+                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), elastic=args.elastic,
+                      threads=args.threads)
+    events.close()
+    if result.status == "cancelled":
+        print(f"cancelled at step {result.step}; checkpoint kept in {args.out} (continue with --resume)", file=sys.stderr)
+        return EXIT_CANCELLED
+    if not args.quiet and args.events != "-":
+        best = f", best validation {result.best:.4f}" if result.best is not None else ""
+        print(f"adapter written to {result.out} ({result.step} steps, {result.seconds:.0f} s{best})")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .engine import segment
+
+    events = _events(args)
+    records = segment(args.image, args.out, model_source=args.model, adapter=args.adapter, device=args.device,
+                      amp=args.amp, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                      min_component_mm3=args.min_component, events=events, threads=args.threads)
+    events.close()
+    if args.json:
+        _print_json(records)
+    elif not args.quiet and args.events != "-":
+        for r in records:
+            print(f"{r['mask']}  ({r['foreground_ml']:.2f} ml foreground)")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .engine import synthesize
+
+    events = _events(args)
+    paths = synthesize(args.out, args.count, model_source=args.model, adapter=args.adapter, steps=args.steps,
+                       sampler=args.sampler, size=_size(args.size), seed=args.seed, device=args.device, amp=args.amp,
+                       events=events, threads=args.threads)
+    events.close()
+    if not args.quiet and args.events != "-":
+        print("\n".join(paths))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine import evaluate
+
+    result = evaluate(args.pred, args.ref, kind=args.kind)
+    if args.json:
+        _print_json(result)
+    elif result["kind"] == "segmentation":
+        rows = result["cases"] + [{"case": "mean", **result["mean"]}]
+        print(format_table(rows, ["case", "dice", "hd95"], ["case", "Dice", "HD95 (mm)"]))
+    else:
+        print(format_table([result["mean"]], ["generated", "real", "ms_ssim", "mmd"], ["generated", "real", "MS-SSIM", "MMD"]))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .data import build_demo_cohort
+
+    summary = build_demo_cohort(args.out, seed=args.seed, n_train=args.train, n_test=args.test,
+                                progress=not args.quiet and not args.json)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"demo cohort written to {args.out} in {summary.get('seconds', 0):.1f} s")
+    return 0
+
+
+def _add_job_commands(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model with an adapter on labelled cases",
+                       description="Fine-tune a pretrained UNETR (segmentation) or DDPM (synthesis) with an adapter. "
+                                   "Writes OUT/adapter.safetensors + adapter_config.json (best validation score, else "
+                                   "last), OUT/last/, OUT/checkpoint/ (for --resume), history.json, metrics.csv, report.png.")
+    p.add_argument("--model", required=True, help="pretrained checkpoint (.safetensors/.pt/bundle folder) or preset name")
+    p.add_argument("--data", required=True, help="training data: Decathlon folder (imagesTr/, labelsTr/) or MONAI datalist JSON")
+    p.add_argument("--val", help="validation data (same layout), scored during training")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate, decayed polynomially (default 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
+    t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    t.add_argument("--batch-size", type=int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")
+    t.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps (default 1)")
+    t.add_argument("--patch-size", default=None, help="training patch, e.g. 64 or 128x128x96 (default: the model's size)")
+    t.add_argument("--spacing", default=None, help="resample to this voxel size in mm first (default: keep)")
+    t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
+    t.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
+    t.add_argument("--checkpoint-every", type=int, default=50, help="write a resumable checkpoint every N steps")
+    t.add_argument("--seed", type=int, default=0, help="seed: the same seed on CPU gives the same adapter")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    add_runtime_arguments(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("segment", help="segment an image or a folder of images",
+                       description="Segment images with a UNETR and an adapter (merged first: no overhead). Masks are "
+                                   "written on each image's own grid.")
+    p.add_argument("--image", required=True, help="image file or folder")
+    p.add_argument("--out", required=True, help="mask file (single image) or folder")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", default=None, help="adapter folder (omit to run the base model alone)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="sliding-window batch (halved automatically on GPU OOM)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--min-component", type=float, default=1000.0,
+                   help="remove connected components smaller than this many mm³ (default 1000, as LoRA-PT; 0 = keep all)")
+    p.add_argument("--json", action="store_true", help="print the written masks as JSON")
+    add_runtime_arguments(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("synthesize", help="generate volumes with a DDPM",
+                       description="Generate MRI volumes with a DDPM and an adapter; writes NIfTI files and samples.png.")
+    p.add_argument("--out", required=True, help="folder for the generated volumes")
+    p.add_argument("--count", type=int, default=4, help="number of volumes (default 4)")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--adapter", default=None, help="adapter folder (omit to sample the base model)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--size", default=None, help="volume size, e.g. 32 or 128x128x96 (default: the training size)")
+    p.add_argument("--seed", type=int, default=0)
+    add_runtime_arguments(p)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("evaluate", help="Dice/HD95 of masks, or MS-SSIM/MMD of generated volumes",
+                       description="Score masks against reference labels (matched by case name) or generated volumes "
+                                   "against real ones.")
+    p.add_argument("--pred", required=True, help="predicted mask(s) or generated volume(s): file or folder")
+    p.add_argument("--ref", required=True, help="reference label(s) or real volume(s): file or folder")
+    p.add_argument("--kind", choices=["auto", "segmentation", "synthesis"], default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo-data", help="build the demo cohort from templates shipped in pip packages",
+                       description="Build the demo cohort (hippocampus task, source task, synthesis set) from real "
+                                   "anatomy shipped inside installed packages. Nothing is downloaded.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=None, help="training subjects for the hippocampus task")
+    p.add_argument("--test", type=int, default=None, help="held-out subjects")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_demo_data)
+
+
+_EXTENSIONS.append(_add_job_commands)
+
+
+def _report_error(args: argparse.Namespace, message: str, kind: str) -> None:
+    """Tell an events reader (the Slicer module) about the failure too."""
+    if getattr(args, "events", None):
+        from .engine import Events
+
+        events = Events(args.events)
+        events.emit("error", message=message, kind=kind)
+        events.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    # MONAI announces future default changes on every run; they are for library authors, not for users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.utils\.deprecate_utils")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -195,8 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:
+        _report_error(args, str(err), "user")
         print(f"tensorpeft: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as err:
+        _report_error(args, f"{type(err).__name__}: {err}", "internal")
+        raise
     except KeyboardInterrupt:
         print("tensorpeft: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,129 @@
+"""PNG reports: training curves and a look at the data (overlays for segmentation, slice grids for synthesis).
+
+Arrays are RAS-oriented volumes indexed [x, y, z] (as the data pipelines give them); views are drawn in the
+radiological habit of 3D Slicer's axial / coronal / sagittal panes (superior and anterior up).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _figure(*args: Any, **kwargs: Any):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kwargs)
+
+
+def _save(fig: Any, plt: Any, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def view_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    """A 2D slice for display (rows top→bottom, columns left→right of the screen)."""
+    if view == "axial":
+        plane = volume[:, :, index]
+    elif view == "coronal":
+        plane = volume[:, index, :]
+    else:
+        plane = volume[index, :, :]
+    return np.rot90(plane)  # first axis to columns, second axis pointing up
+
+
+def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    if mask is not None and mask.any():
+        return tuple(int(round(c)) for c in np.argwhere(mask > 0).mean(axis=0))  # type: ignore[return-value]
+    return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+
+
+def _curves(ax: Any, history: dict[str, Any], metric: str) -> None:
+    steps = [r["step"] for r in history.get("steps", [])]
+    losses = [r["loss"] for r in history.get("steps", [])]
+    ax.plot(steps, losses, color="tab:blue", lw=1, alpha=0.5, label="training loss")
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=2, label=f"training loss ({k}-step mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    evals = history.get("evals", [])
+    if evals:
+        twin = ax.twinx()
+        twin.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:orange",
+                  label=f"validation {metric}")
+        twin.set_ylabel(f"validation {metric}")
+        if metric == "dice":
+            twin.set_ylim(0, 1)
+        twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def segmentation_report(path: str, history: dict[str, Any], example: tuple | None, metric: str = "dice") -> str:
+    """Curves on top; below, a validation case in three views: image, reference contour (green) and prediction (red)."""
+    plt, (fig, axes) = _figure(2, 3, figsize=(13, 8), gridspec_kw={"height_ratios": [1, 1.3]})
+    gs = axes[0, 0].get_gridspec()
+    for ax in axes[0]:
+        ax.remove()
+    _curves(fig.add_subplot(gs[0, :]), history, metric)
+    if example is None:
+        for ax in axes[1]:
+            ax.axis("off")
+    else:
+        image, label, pred, name = example
+        centre = centre_of(label, image.shape)
+        lo, hi = np.percentile(image, [1, 99.5])
+        for ax, view, index in zip(axes[1], VIEWS, (centre[2], centre[1], centre[0])):
+            ax.imshow(view_slice(image, view, index), cmap="gray", vmin=lo, vmax=hi)
+            if (view_slice(label, view, index) > 0).any():
+                ax.contour(view_slice(label, view, index) > 0, levels=[0.5], colors="lime", linewidths=1)
+            if (view_slice(pred, view, index) > 0).any():
+                ax.contour(view_slice(pred, view, index) > 0, levels=[0.5], colors="red", linewidths=1)
+            ax.set_title(f"{name}: {view}", fontsize=9)
+            ax.axis("off")
+        fig.text(0.5, 0.02, "green: reference   red: adapted model", ha="center", fontsize=9)
+    return _save(fig, plt, path)
+
+
+def synthesis_report(path: str, history: dict[str, Any], samples: list[np.ndarray], real: list[np.ndarray]) -> str:
+    """Curves on top; below, a grid: each row a volume (generated, then real), columns the three views."""
+    rows = len(samples) + len(real)
+    plt, (fig, axes) = _figure(rows + 1, 3, figsize=(9, 3 * (rows + 1)))
+    gs = axes[0, 0].get_gridspec()
+    for ax in axes[0]:
+        ax.remove()
+    _curves(fig.add_subplot(gs[0, :]), history, "val_loss")
+    volumes = [(f"generated {i + 1}", v) for i, v in enumerate(samples)] + [(f"real {i + 1}", v) for i, v in enumerate(real)]
+    for row, (title, volume) in enumerate(volumes, start=1):
+        centre = tuple(s // 2 for s in volume.shape)
+        for col, (view, index) in enumerate(zip(VIEWS, (centre[2], centre[1], centre[0]))):
+            ax = axes[row, col]
+            ax.imshow(view_slice(volume, view, index), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{title}: {view}", fontsize=9)
+            ax.axis("off")
+    return _save(fig, plt, path)
+
+
+def slice_grid(path: str, volumes: list[np.ndarray], titles: list[str] | None = None) -> str:
+    """Three views of each volume, one row per volume (``synthesize`` writes this next to the NIfTI files)."""
+    plt, (fig, axes) = _figure(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
+    for row, volume in enumerate(volumes):
+        centre = tuple(s // 2 for s in volume.shape)
+        lo, hi = np.percentile(volume, [0.5, 99.5])
+        for col, (view, index) in enumerate(zip(VIEWS, (centre[2], centre[1], centre[0]))):
+            axes[row, col].imshow(view_slice(volume, view, index), cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))
+            axes[row, col].set_title(f"{(titles or [])[row] if titles else f'volume {row + 1}'}: {view}", fontsize=9)
+            axes[row, col].axis("off")
+    return _save(fig, plt, path)

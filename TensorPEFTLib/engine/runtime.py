@@ -1,0 +1,140 @@
+"""Where and how computation runs: device choice, CPU threads, mixed precision, seeding, out-of-memory advice."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class EngineError(ValueError):
+    """A user-facing engine problem (bad option, device not available, out of memory). One line, says what to do."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None = full precision
+    threads: int
+    name: str  # "CPU (2 threads)", "NVIDIA H100 80GB (79.1 GiB)"
+    memory_gb: float | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "device_name": self.name, "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                "threads": self.threads, "gpu_memory_gb": self.memory_gb}
+
+
+def free_cores() -> int:
+    """Cores this process may use minus those busy with other work (1-minute load), at least 1.
+
+    Two torch threads on a 2-core machine where another process holds a core made a step 5x slower here.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, cores - busy)
+
+
+def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None = None) -> Runtime:
+    """Pick the device (``auto``: CUDA, else Apple MPS, else CPU) and the autocast dtype.
+
+    ``amp``: ``auto`` (bf16 on CUDA GPUs that support it, else fp16; off on CPU/MPS), ``bf16``, ``fp16``, ``off``.
+    """
+    device = (device or "auto").lower()
+    if device not in ("auto", "cuda", "cpu", "mps") and not device.startswith("cuda:"):
+        raise EngineError(f"--device {device!r}: choose auto, cuda, cuda:N, mps or cpu")
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(
+            f"--device {device}: no CUDA GPU is visible to this torch build ({torch.__version__}); "
+            f"use --device cpu, or install a CUDA build of torch"
+        )
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EngineError("--device mps: Apple MPS is not available here; use --device cpu")
+    dev = torch.device(device)
+
+    n_threads = threads or free_cores()
+    if dev.type == "cpu":
+        torch.set_num_threads(n_threads)
+
+    amp = (amp or "auto").lower()
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise EngineError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
+    amp_dtype: torch.dtype | None = None
+    if dev.type == "cuda":
+        if amp == "auto":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif amp != "off":
+            amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    elif amp in ("bf16", "fp16"):
+        amp_dtype = torch.bfloat16  # CPU autocast supports bf16 only
+
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        memory = props.total_memory / 2**30
+        return Runtime(dev, amp_dtype, n_threads, f"{props.name} ({memory:.1f} GiB)", round(memory, 1))
+    if dev.type == "mps":
+        return Runtime(dev, amp_dtype, n_threads, "Apple MPS")
+    return Runtime(dev, amp_dtype, n_threads, f"CPU ({n_threads} thread{'s' if n_threads > 1 else ''})")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of one training step: data sampling and augmentation depend only on (seed, step), so a resumed run
+    draws exactly what an uninterrupted one would."""
+    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**31 - 1)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+OOM_ADVICE = ("out of GPU memory: lower --patch-size (e.g. 96 instead of 128), --batch-size, or --sw-batch-size "
+              "(inference), or use --device cpu")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str) -> Iterator[None]:
+    """Turn a CUDA out-of-memory crash into an EngineError that says what to lower."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is an OOM
+        if is_out_of_memory(err):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise EngineError(f"{what}: {OOM_ADVICE}") from None
+        raise
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return None

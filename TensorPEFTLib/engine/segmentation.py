@@ -1,0 +1,193 @@
+"""Segmentation (UNETR): the fine-tuning task, sliding-window inference and post-processing.
+
+Images are brought to RAS orientation (and optionally resampled) and intensity-normalised by the data package's
+MONAI pipelines; predictions are mapped back with MONAI's ``Invertd`` and written on the input image's exact grid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .events import Events
+from .runtime import EngineError, Runtime, is_out_of_memory
+
+
+class SegmentationTask:
+    """UNETR fine-tuning on labelled cases: Dice + cross-entropy, foreground-weighted random crops, the LoRA-PT
+    augmentations, validation Dice by sliding-window inference on held-out cases."""
+
+    kind = "segmentation"
+    metric = "dice"
+    higher_is_better = True
+
+    def __init__(self, train_cases: list[dict], val_cases: list[dict], *, patch_size: Sequence[int], num_classes: int,
+                 runtime: Runtime, batch_size: int = 2, pixdim: Sequence[float] | None = None,
+                 sw_batch_size: int = 2, overlap: float = 0.25, elastic: bool = False) -> None:
+        from monai.data import CacheDataset
+        from monai.losses import DiceCELoss
+
+        from ..data import train_transforms, val_transforms
+
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.num_classes, self.runtime, self.batch_size = num_classes, runtime, batch_size
+        self.sw_batch_size, self.overlap = sw_batch_size, overlap
+        self.train_transform = train_transforms(self.patch_size, pixdim=pixdim, elastic=elastic)
+        # CacheDataset keeps the deterministic prefix (load, orient, normalise, crop, pad) in memory; only the random
+        # crop and augmentations run per step.
+        self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
+        self.val_data = CacheDataset(val_cases, val_transforms(pixdim=pixdim), progress=False, num_workers=0) if val_cases else None
+        self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    # ------------------------------------------------------------------ training
+    def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(len(self.train_data), size=self.batch_size)
+        images, labels = [], []
+        for j, index in enumerate(picks):
+            # Random crop/flip/intensity of this sample depend on (seed, j) only: resume draws the same batch.
+            self.train_transform.set_random_state(seed=(seed + 7919 * j) % (2**31 - 1))
+            sample = self.train_data[int(index)]
+            sample = sample[0] if isinstance(sample, list) else sample
+            images.append(torch.as_tensor(sample["image"]))
+            labels.append(torch.as_tensor(sample["label"]))
+        device = self.runtime.device
+        return {"image": torch.stack(images).float().to(device), "label": torch.stack(labels).long().to(device)}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(model(batch["image"]).float(), batch["label"])
+
+    # ------------------------------------------------------------------ validation
+    def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        return sliding_window(model, image.to(self.runtime.device), self.patch_size, self.sw_batch_size, self.overlap)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None:
+        if self.val_data is None:
+            return None
+        scores = []
+        for item in self.val_data:
+            logits = self.predict_logits(model, torch.as_tensor(item["image"])[None].float())
+            pred = logits.argmax(1)[0].cpu().numpy()
+            scores.append(mean_dice(pred, np.asarray(item["label"])[0], self.num_classes))
+        return {"dice": float(np.mean(scores)), "per_case": [round(float(s), 4) for s in scores]}
+
+    def report(self, model: nn.Module, out: str, history: dict[str, Any]) -> list[str]:
+        from .report import segmentation_report
+
+        example = None
+        if self.val_data is not None and len(self.val_data):
+            item = self.val_data[0]
+            image = torch.as_tensor(item["image"])[None].float()
+            with torch.no_grad(), self.runtime.autocast():
+                pred = self.predict_logits(model, image).argmax(1)[0].cpu().numpy()
+            example = (np.asarray(item["image"])[0], np.asarray(item["label"])[0], pred, self.val_names[0])
+        return [segmentation_report(os.path.join(out, "report.png"), history, example, metric=self.metric)]
+
+
+def sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,
+                   overlap: float = 0.25) -> torch.Tensor:
+    """MONAI sliding-window inference with Gaussian blending; image (B, C, X, Y, Z) → logits (B, K, X, Y, Z)."""
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(image, tuple(patch_size), sw_batch_size, model, overlap=overlap, mode="gaussian")
+
+
+def mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over foreground classes 1..K-1 (a class absent from both counts as 1)."""
+    scores = []
+    for k in range(1, num_classes):
+        p, g = pred == k, label == k
+        denom = p.sum() + g.sum()
+        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, g).sum() / denom)
+    return float(np.mean(scores))
+
+
+def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volume_mm3: float) -> np.ndarray:
+    """Drop connected components (26-connectivity, per class) smaller than ``min_volume_mm3``.
+
+    The LoRA-PT paper removes components under 1000 mm³; the threshold is in mm³ so it means the same at any voxel size.
+    """
+    if min_volume_mm3 <= 0:
+        return mask
+    from scipy import ndimage
+
+    voxel_mm3 = float(np.prod(spacing))
+    min_voxels = int(math.ceil(min_volume_mm3 / voxel_mm3))
+    out = mask.copy()
+    for k in np.unique(mask):
+        if k == 0:
+            continue
+        components, count = ndimage.label(mask == k, structure=np.ones((3, 3, 3)))
+        if count == 0:
+            continue
+        sizes = np.bincount(components.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small != 0]
+        out[np.isin(components, small)] = 0
+    return out
+
+
+def segment_images(model: nn.Module, images: list[str], outputs: list[str], runtime: Runtime, events: Events, *,
+                   patch_size: Sequence[int], pixdim: Sequence[float] | None = None, sw_batch_size: int = 4,
+                   overlap: float = 0.5, min_component_mm3: float = 1000.0) -> list[dict[str, Any]]:
+    """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image."""
+    from monai.data import MetaTensor  # noqa: F401 - Invertd needs the tracked metadata
+
+    from ..data import inference_transforms, inverse_transforms, read_volume, write_volume
+
+    pre = inference_transforms(pixdim=pixdim)
+    post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=True)
+    model.eval()
+    records = []
+    events.start_bar(len(images), "segmenting")
+    for index, (path, out_path) in enumerate(zip(images, outputs)):
+        data = pre({"image": path})
+        image = data["image"][None].float()
+        batch = sw_batch_size
+        while True:
+            try:
+                with torch.no_grad(), runtime.autocast():
+                    logits = sliding_window(model, image.to(runtime.device), patch_size, batch, overlap)
+                break
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(err):
+                    raise
+                if runtime.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if batch == 1:
+                    raise EngineError(f"{path}: out of GPU memory even with --sw-batch-size 1; use --device cpu") from None
+                batch = max(1, batch // 2)
+                events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
+        pred = logits.argmax(1).to(torch.uint8).cpu()
+        data["pred"] = _as_meta(pred, data["image"])
+        inverted = post(data)["pred"]
+        mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
+        reference = read_volume(path, header_only=True)
+        if tuple(mask.shape) != tuple(reference.shape[:3]):
+            raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
+        mask = remove_small_components(mask, reference.spacing, min_component_mm3)
+        write_volume(out_path, mask, like=reference)
+        voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+        record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
+                  "sw_batch_size": batch}
+        records.append(record)
+        events.emit("step", step=index + 1, steps=len(images), **record)
+        events.update_bar(1)
+    events.close_bar()
+    return records
+
+
+def _as_meta(pred: torch.Tensor, like: Any) -> Any:
+    """The prediction as a MetaTensor carrying the pre-processed image's metadata and transform trace, which Invertd
+    follows back to the original grid."""
+    from monai.data import MetaTensor
+
+    meta = MetaTensor(pred.float(), meta=dict(like.meta))  # the meta carries the affine
+    meta.applied_operations = list(like.applied_operations)
+    return meta

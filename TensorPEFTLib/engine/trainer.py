@@ -1,0 +1,336 @@
+"""The training loop shared by segmentation and synthesis fine-tuning.
+
+Reproducible and resumable by construction: every step draws its data and augmentation from a seed that depends
+only on (seed, step), the learning rate is a function of the step, and the checkpoint holds the adapter, the
+optimiser state and the history. A resumed run therefore ends with exactly the weights of an uninterrupted one
+(CPU; GPU kernels are not bit-deterministic).
+
+Output folder layout (``OUT``)::
+
+    OUT/adapter_config.json, OUT/adapter.safetensors   the adapter to use: best validation score, else the last
+    OUT/last/                                          the adapter after the final step
+    OUT/checkpoint/                                    resume state (adapter + optimiser + step), written atomically
+    OUT/history.json, OUT/metrics.csv                  losses, learning rates, validation scores per step
+    OUT/report.png                                     curves and a look at the data (by the task)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..adapters import save_adapter, trainable_parameters
+from .events import Events
+from .runtime import EngineError, Runtime, out_of_memory_as_error, peak_memory_gb, step_seed
+
+CHECKPOINT_DIR = "checkpoint"
+LAST_DIR = "last"
+STATE_FILE = "trainer_state.pt"
+EXIT_CANCELLED = 130
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings. Defaults follow the LoRA-PT recipe (Adam, lr 1e-3, poly 0.9, weight decay 1e-5)."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adam"  # adam | adamw
+    poly_power: float = 0.9
+    accumulate: int = 1
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise EngineError(f"--steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise EngineError(f"--lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise EngineError(f"--optimizer {self.optimizer!r}: choose adam or adamw")
+        if self.accumulate < 1:
+            raise EngineError(f"--accumulate must be >= 1, got {self.accumulate}")
+
+    def lr_at(self, step: int) -> float:
+        """Polynomial decay from ``lr`` to 0 over ``steps`` (a function of the step alone, so resume-safe)."""
+        return self.lr * (1.0 - step / self.steps) ** self.poly_power
+
+
+class Task(Protocol):
+    """What the loop needs from a fine-tuning task (see segmentation.py / synthesis.py)."""
+
+    kind: str
+    metric: str  # the validation score's name, e.g. "dice"
+    higher_is_better: bool
+
+    def batch(self, step: int, micro: int, seed: int) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float] | None: ...
+
+    def report(self, model: nn.Module, out: str, history: dict[str, Any]) -> list[str]: ...
+
+
+class StepHook(Protocol):
+    """Called after each optimiser step (SeLoRA's rank growth). May return fields for the step event."""
+
+    def after_step(self, step: int, batch: Any, loss_fn: Callable[[], torch.Tensor]) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "cancelled"
+    step: int
+    out: str
+    best: float | None
+    seconds: float
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+class CancelToken:
+    """Set by SIGINT/SIGTERM (first signal: finish the step, checkpoint, stop; second SIGINT: stop now)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "CancelToken":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if not params:
+        raise EngineError("nothing to train: the adapter configuration leaves no trainable parameter")
+    cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
+    """Write a folder next to ``final`` and swap it in, so a crash never leaves a half-written folder."""
+    new, old = final + ".new", final + ".old"
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    write(new)
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(out: str) -> str | None:
+    """The resumable checkpoint in ``out`` (falls back to the previous one if a swap was interrupted)."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        path = os.path.join(out, name)
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            return path
+    return None
+
+
+def load_trainer_state(path: str) -> dict[str, Any]:
+    try:
+        return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable state is the same user-facing problem
+        raise EngineError(f"{path}: checkpoint cannot be read ({type(err).__name__}); start again without --resume") from None
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, settings: TrainSettings, out: str, runtime: Runtime,
+                 events: Events, hooks: list[StepHook] | None = None, extra_meta: dict[str, Any] | None = None) -> None:
+        settings.validate()
+        self.model, self.task, self.settings, self.out = model, task, settings, os.fspath(out)
+        self.runtime, self.events, self.hooks = runtime, events, list(hooks or [])
+        self.extra_meta = extra_meta or {}
+        self.optimizer = make_optimizer(trainable_parameters(model), settings)
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+        self.step = 0
+        self.best: float | None = None
+        self.history: dict[str, Any] = {"steps": [], "evals": [], "settings": asdict(settings), "runtime": runtime.describe()}
+
+    # ------------------------------------------------------------------ persistence
+    def _meta(self) -> dict[str, Any]:
+        return {**self.extra_meta, "trained_steps": self.step, "best_" + self.task.metric: self.best}
+
+    def save_checkpoint(self) -> str:
+        path = os.path.join(self.out, CHECKPOINT_DIR)
+
+        def write(folder: str) -> None:
+            save_adapter(self.model, folder, extra=self._meta())
+            state = {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
+                     "history": json.dumps(self.history),
+                     "scaler": self.scaler.state_dict() if self.scaler else {}}
+            torch.save(state, os.path.join(folder, STATE_FILE))
+
+        _atomic_dir(path, write)
+        self.events.emit("checkpoint", step=self.step, path=path)
+        return path
+
+    def restore(self, path: str) -> None:
+        """Continue from a checkpoint folder. The model must already carry that checkpoint's adapter (load it with
+        ``load_adapter`` before building the Trainer, so grown SeLoRA ranks exist when the optimiser is made)."""
+        state = load_trainer_state(path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise EngineError(f"{path}: optimiser state does not fit this adapter ({err}); start without --resume") from None
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best = int(state["step"]), state.get("best")
+        self.history = json.loads(state["history"])
+
+    def _save_outputs(self) -> None:
+        save_adapter(self.model, os.path.join(self.out, LAST_DIR), extra=self._meta())
+        if self.best is None:  # no validation: the adapter to use is the last one
+            save_adapter(self.model, self.out, extra=self._meta())
+        self.write_history()
+
+    def write_history(self) -> None:
+        path = os.path.join(self.out, "history.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(self.history, handle, indent=1)
+        os.replace(path + ".tmp", path)
+        evals = {row["step"]: row for row in self.history["evals"]}
+        metric = self.task.metric
+        column = metric if metric.startswith("val_") else f"val_{metric}"
+        with open(os.path.join(self.out, "metrics.csv.tmp"), "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss", "lr", "seconds", column])
+            for row in self.history["steps"]:
+                val = evals.get(row["step"], {}).get(metric, "")
+                writer.writerow([row["step"], f"{row['loss']:.6g}", f"{row['lr']:.6g}", f"{row['seconds']:.3f}", val])
+        os.replace(os.path.join(self.out, "metrics.csv.tmp"), os.path.join(self.out, "metrics.csv"))
+
+    # ------------------------------------------------------------------ loop
+    def _evaluate(self) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.runtime.autocast(), out_of_memory_as_error("validation"):
+            scores = self.task.evaluate(self.model)
+        self.model.train()
+        if not scores:
+            return
+        value = float(scores[self.task.metric])
+        better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
+        if better:
+            self.best = value
+            save_adapter(self.model, self.out, extra=self._meta())
+        row = {"step": self.step, **scores, "best": self.best}
+        self.history["evals"].append(row)
+        self.events.emit("eval", **row)
+        self.events.message(f"step {self.step}: validation {self.task.metric} {value:.4f}" + (" (best)" if better else ""))
+
+    def _one_step(self) -> tuple[float, Any]:
+        settings = self.settings
+        lr = settings.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        batch = None
+        for micro in range(settings.accumulate):
+            seed = step_seed(settings.seed, self.step, micro)
+            torch.manual_seed(seed)  # adapter dropout and any torch-side randomness of this micro-step
+            batch = self.task.batch(self.step, micro, seed)
+            with self.runtime.autocast():
+                loss = self.task.loss(self.model, batch) / settings.accumulate
+            if not torch.isfinite(loss):
+                raise EngineError(f"loss became {loss.item()} at step {self.step}: lower --lr (now {settings.lr:g})")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), settings.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, batch
+
+    def run(self, resume_from: str | None = None) -> TrainResult:
+        os.makedirs(self.out, exist_ok=True)
+        if resume_from:
+            self.restore(resume_from)
+        settings, started = self.settings, time.time()
+        self.events.emit("start", kind=self.task.kind, steps=settings.steps, step=self.step, out=self.out,
+                         resumed=bool(resume_from), metric=self.task.metric, **self.runtime.describe(), **self.extra_meta)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
+        self.model.train()
+        self.events.start_bar(settings.steps, f"fine-tuning ({self.extra_meta.get('method', 'adapter')})", initial=self.step)
+        recent: list[float] = []
+        status = "completed"
+        with CancelToken() as cancel, out_of_memory_as_error(f"training step {self.step}"):
+            while self.step < settings.steps:
+                if cancel.requested:
+                    status = "cancelled"
+                    break
+                tick = time.time()
+                loss, batch = self._one_step()
+                self.step += 1
+                extra: dict[str, Any] = {}
+                for hook in self.hooks:
+                    # the hook re-runs the loss on this step's batch (e.g. SeLoRA's Fisher test)
+                    def loss_fn(b: Any = batch) -> torch.Tensor:
+                        with self.runtime.autocast():
+                            return self.task.loss(self.model, b)
+
+                    extra.update(hook.after_step(self.step, batch, loss_fn) or {})
+                seconds = time.time() - tick
+                recent = (recent + [seconds])[-20:]
+                eta = sum(recent) / len(recent) * (settings.steps - self.step)
+                lr = settings.lr_at(self.step - 1)
+                self.history["steps"].append({"step": self.step, "loss": loss, "lr": lr, "seconds": seconds})
+                self.events.emit("step", step=self.step, steps=settings.steps, loss=loss, lr=lr,
+                                 seconds=round(seconds, 4), eta_seconds=round(eta, 1), **extra)
+                postfix = {"loss": loss}
+                if self.best is not None:
+                    postfix[self.task.metric] = self.best
+                self.events.update_bar(1, **postfix)
+                if self.step % settings.eval_every == 0 or self.step == settings.steps:
+                    self._evaluate()
+                if self.step % settings.checkpoint_every == 0 and self.step < settings.steps:
+                    self.save_checkpoint()
+        self.events.close_bar()
+        self.save_checkpoint()
+        self._save_outputs()
+        self.history["peak_gpu_memory_gb"] = peak_memory_gb(self.runtime.device)
+        if status == "completed":
+            self.model.eval()
+            try:
+                self.history["report"] = self.task.report(self.model, self.out, self.history)
+            except Exception as err:  # noqa: BLE001 - a plot must never lose a finished training run
+                self.events.message(f"report not written: {type(err).__name__}: {err}")
+            self.write_history()
+        seconds = time.time() - started
+        self.events.emit("done", status=status, step=self.step, steps=settings.steps, out=self.out, best=self.best,
+                         metric=self.task.metric, seconds=round(seconds, 2),
+                         peak_gpu_memory_gb=self.history.get("peak_gpu_memory_gb"))
+        return TrainResult(status, self.step, self.out, self.best, seconds, self.history)
+
