@@ -1,0 +1,176 @@
+"""MONAI transform pipelines for segmentation training, validation, inference and DDPM synthesis.
+
+Volumes are loaded by :class:`LoadVolumed`, a MONAI ``MapTransform`` around :func:`~TensorPEFTLib.data.io.read_volume`
+(so ``.seg.nrrd`` layers and LPS NRRD geometry are read exactly as everywhere else in TensorPEFT); everything after
+it is stock MONAI. Tensors come out channel-first ``(C, X, Y, Z)`` as ``MetaTensor`` with their RAS affine, so
+``Invertd`` can bring a prediction back onto the input grid (see :func:`inverse_transforms`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import monai.transforms as mt
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from .io import read_volume
+
+__all__ = [
+    "LoadVolumed", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
+    "synthesis_transforms",
+]
+
+
+def _monai():
+    return mt
+
+
+class LoadVolumed(MapTransform):
+    """Load the files named under ``keys`` into ``MetaTensor``s (affine = RAS voxel→world, ``filename_or_obj`` and
+    ``original_affine`` set), through :func:`read_volume`. Singleton trailing axes are dropped."""
+
+    def __init__(self, keys: Sequence[str] | str, allow_missing_keys: bool = False, dtype: Any = np.float32) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            vol = read_volume(d[key])
+            arr = vol.array
+            while arr.ndim > 3 and arr.shape[-1] == 1:
+                arr = arr[..., 0]
+            meta = {"filename_or_obj": str(d[key]), "original_affine": vol.affine.copy(),
+                    "spatial_shape": np.asarray(arr.shape[:3]), "space": "RAS"}
+            d[key] = MetaTensor(torch.as_tensor(np.asarray(arr, dtype=self.dtype)),
+                                affine=torch.as_tensor(vol.affine, dtype=torch.float64), meta=meta)
+        return d
+
+
+def _intensity(mt, key: str, intensity: str):
+    if intensity == "percentile":
+        return mt.ScaleIntensityRangePercentilesd(key, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    if intensity == "zscore":
+        return mt.NormalizeIntensityd(key, nonzero=True, channel_wise=True)
+    if intensity == "none":
+        return None
+    raise ValueError(f"intensity must be 'percentile', 'zscore' or 'none', got {intensity!r}")
+
+
+def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientation: str | None, modes: Sequence[str]):
+    out = []
+    if orientation:
+        out.append(mt.Orientationd(keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pixdim:
+        out.append(mt.Spacingd(keys, pixdim=tuple(pixdim), mode=tuple(modes)))
+    return out
+
+
+def train_transforms(
+    patch_size: Sequence[int] = (64, 64, 64),
+    *,
+    pixdim: Sequence[float] | None = None,
+    orientation: str | None = "RAS",
+    intensity: str = "percentile",
+    num_samples: int = 1,
+    pos: float = 1.0,
+    neg: float = 1.0,
+    flip_prob: float = 0.5,
+    shift: float = 0.1,
+    scale: float = 0.1,
+    elastic: bool = False,
+    crop_foreground: bool = True,
+    seed: int | None = None,
+):
+    """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
+
+    Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` → intensity normalisation
+    (``percentile``: 0.5–99.5 % → [0, 1]; ``zscore``: non-zero voxels) → crop to the foreground of the image → pad
+    to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg`` →
+    random flips on each axis (``flip_prob``) → intensity shift ±``shift`` and scale ±``scale`` → optional
+    ``Rand3DElasticd`` (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
+    """
+    mt = _monai()
+    keys = ["image", "label"]
+    steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
+    steps += _geometry(mt, keys, pixdim, orientation, ("bilinear", "nearest"))
+    norm = _intensity(mt, "image", intensity)
+    if norm is not None:
+        steps.append(norm)
+    if crop_foreground:
+        steps.append(mt.CropForegroundd(keys, source_key="image", margin=8, allow_smaller=True))
+    steps += [
+        mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
+        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch_size), pos=pos, neg=neg,
+                                  num_samples=num_samples, image_key="image", image_threshold=0.0),
+    ]
+    if flip_prob > 0:
+        steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
+    if shift > 0:
+        steps.append(mt.RandShiftIntensityd("image", offsets=shift, prob=1.0))
+    if scale > 0:
+        steps.append(mt.RandScaleIntensityd("image", factors=scale, prob=1.0))
+    if elastic:
+        steps.append(mt.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(50, 150), prob=0.2,
+                                       mode=("bilinear", "nearest"), padding_mode="zeros"))
+    steps.append(mt.EnsureTyped(keys, track_meta=False))
+    pipeline = mt.Compose(steps)
+    if seed is not None:
+        pipeline.set_random_state(seed=seed)
+    return pipeline
+
+
+def val_transforms(
+    *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "percentile",
+    with_label: bool = True,
+):
+    """Validation / evaluation pipeline: the deterministic part of :func:`train_transforms` on the whole volume
+    (no crop), for sliding-window inference. ``with_label=False`` for images alone."""
+    mt = _monai()
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+    steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
+    steps += _geometry(mt, keys, pixdim, orientation, modes)
+    norm = _intensity(mt, "image", intensity)
+    if norm is not None:
+        steps.append(norm)
+    return mt.Compose(steps)
+
+
+def inference_transforms(*, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS",
+                         intensity: str = "percentile"):
+    """Pre-processing for ``segment`` on images without labels (``{"image": path}``)."""
+    return val_transforms(pixdim=pixdim, orientation=orientation, intensity=intensity, with_label=False)
+
+
+def inverse_transforms(pre, keys: Sequence[str] | str = "pred", orig_key: str = "image", nearest: bool = True):
+    """MONAI ``Invertd`` undoing ``pre`` (orientation, spacing) on ``keys``, so a prediction made on the
+    pre-processed image lands on the original image's grid: then ``write_volume(path, pred, like=read_volume(image))``.
+
+    Usage: ``post = inverse_transforms(pre); d["pred"] = logits_or_mask (MetaTensor-like, channel first); d = post(d)``.
+    """
+    mt = _monai()
+    return mt.Compose([mt.Invertd(keys=keys, transform=pre, orig_keys=orig_key, nearest_interp=nearest,
+                                  to_tensor=True)])
+
+
+def synthesis_transforms(
+    size: Sequence[int] = (32, 32, 32), *, flip_prob: float = 0.0, orientation: str | None = "RAS",
+    pixdim: Sequence[float] | None = None,
+):
+    """DDPM training pipeline on ``{"image"}`` dicts: load → RAS → optional resampling → 0–99.5 percentile to
+    [0, 1] → centre pad/crop to ``size`` → optional left-right flip. Output ``image`` (1, *size) in [0, 1]."""
+    mt = _monai()
+    steps: list[Any] = [LoadVolumed("image"), mt.EnsureChannelFirstd("image", channel_dim="no_channel")]
+    steps += _geometry(mt, ["image"], pixdim, orientation, ("bilinear",))
+    steps += [
+        mt.ScaleIntensityRangePercentilesd("image", lower=0.0, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        mt.ResizeWithPadOrCropd("image", spatial_size=tuple(size)),
+    ]
+    if flip_prob > 0:
+        steps.append(mt.RandFlipd("image", prob=flip_prob, spatial_axis=0))
+    steps.append(mt.EnsureTyped("image", track_meta=False))
+    return mt.Compose(steps)

@@ -1,0 +1,179 @@
+"""Volume IO keeps geometry: an oblique, anisotropic image goes in, its mask comes out on exactly its grid."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from TensorPEFTLib.data import Volume, VolumeError, read_volume, write_volume
+
+
+def _oblique_affine() -> np.ndarray:
+    """Rotated about two axes, anisotropic (0.8 × 1.1 × 2.5 mm), with an origin far from zero."""
+    ax, az = np.deg2rad(17.0), np.deg2rad(-23.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([0.8, 1.1, 2.5])
+    affine[:3, 3] = [-91.5, 12.25, -40.0]
+    return affine
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    return rng.normal(100.0, 20.0, (13, 11, 7)).astype(np.float32)
+
+
+def _mask(array: np.ndarray) -> np.ndarray:
+    mask = np.zeros(array.shape, dtype=np.uint8)
+    mask[3:9, 2:6, 1:5] = 1
+    mask[10, 8, 6] = 2  # a corner voxel: any flip or shift of the grid would move it
+    return mask
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_oblique_anisotropic_round_trip(tmp_path, image, suffix):
+    affine = _oblique_affine()
+    path = write_volume(tmp_path / f"img{suffix}", image, affine)
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(vol.array, image)
+    np.testing.assert_allclose(vol.spacing, (0.8, 1.1, 2.5), atol=1e-6)
+    np.testing.assert_allclose(vol.direction @ vol.direction.T, np.eye(3), atol=1e-6)
+    # the predicted mask, written like its image, lands on exactly the image grid — in every output format
+    for out in ("mask.nii.gz", "mask.nrrd", "mask.seg.nrrd"):
+        write_volume(tmp_path / out, _mask(image), like=vol)
+        back = read_volume(tmp_path / out)
+        assert back.shape == vol.shape
+        np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+        np.testing.assert_array_equal(back.array, _mask(image))
+
+
+def test_nrrd_is_lps_on_disk_and_ras_in_memory(tmp_path, image):
+    import nrrd
+
+    affine = _oblique_affine()
+    write_volume(tmp_path / "img.nrrd", image, affine)
+    header = nrrd.read_header(str(tmp_path / "img.nrrd"))
+    assert header["space"] == "left-posterior-superior"
+    np.testing.assert_allclose(header["space origin"], [91.5, -12.25, -40.0])  # RAS x, y negated
+    # the same world point through nibabel (RAS) and through the NRRD header (LPS)
+    lps_dirs = np.asarray(header["space directions"]).T
+    voxel = np.array([4.0, 7.0, 2.0])
+    lps = lps_dirs @ voxel + header["space origin"]
+    ras = affine[:3, :3] @ voxel + affine[:3, 3]
+    np.testing.assert_allclose(lps, ras * [-1, -1, 1], atol=1e-9)
+
+
+def _slicer_seg_header(affine: np.ndarray) -> dict:
+    lps = np.diag([-1.0, -1.0, 1.0])
+    return {
+        "space": "left-posterior-superior",
+        "space origin": lps @ affine[:3, 3],
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|Closed surface|",
+    }
+
+
+def test_slicer_seg_nrrd_labelmap_3d(tmp_path, image):
+    """A 3D .seg.nrrd as Slicer writes it: label values 5 and 9 chosen by the user are kept."""
+    import nrrd
+
+    affine = _oblique_affine()
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1:4, 1:4, 1:3] = 5
+    labels[6:9, 5:8, 3:6] = 9
+    header = _slicer_seg_header(affine)
+    header["space directions"] = (np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]).T
+    header["kinds"] = ["domain"] * 3
+    for i, (value, name) in enumerate([(5, "left hippocampus"), (9, "right hippocampus")]):
+        header.update({f"Segment{i}_ID": f"Segment_{i}", f"Segment{i}_Name": name, f"Segment{i}_LabelValue": str(value),
+                       f"Segment{i}_Layer": "0", f"Segment{i}_Color": "0.5 0.5 0.5"})
+    nrrd.write(str(tmp_path / "s.seg.nrrd"), labels, header, index_order="F")
+    vol = read_volume(tmp_path / "s.seg.nrrd")
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(vol.array, labels)
+    assert vol.meta["segments"] == {5: "left hippocampus", 9: "right hippocampus"}
+
+
+def test_slicer_seg_nrrd_4d_layers(tmp_path, image):
+    """Overlapping segments: Slicer stores 4D layers (a 'list' axis first); read into one 3D label map."""
+    import nrrd
+
+    affine = _oblique_affine()
+    layers = np.zeros((2, *image.shape), np.uint8)
+    layers[0, 2:8, 2:6, 1:4] = 1   # segment 0, layer 0, value 1
+    layers[1, 5:10, 4:9, 2:6] = 1  # segment 1, layer 1, value 1 (overlaps segment 0)
+    header = _slicer_seg_header(affine)
+    dirs = (np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]).T
+    header["space directions"] = np.vstack([np.full((1, 3), np.nan), dirs])
+    header["kinds"] = ["list", "domain", "domain", "domain"]
+    for i, name in enumerate(["hippocampus", "amygdala"]):
+        header.update({f"Segment{i}_ID": f"Segment_{i}", f"Segment{i}_Name": name, f"Segment{i}_LabelValue": "1",
+                       f"Segment{i}_Layer": str(i)})
+    nrrd.write(str(tmp_path / "layers.seg.nrrd"), layers, header, index_order="F")
+    vol = read_volume(tmp_path / "layers.seg.nrrd")
+    assert vol.shape == image.shape
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
+    expected = np.zeros(image.shape, np.uint8)
+    expected[layers[0] == 1] = 1
+    expected[layers[1] == 1] = 2  # repeated label values → segment order; the later segment wins overlaps
+    np.testing.assert_array_equal(vol.array, expected)
+    assert vol.meta["segments"] == {1: "hippocampus", 2: "amygdala"}
+
+
+def test_written_seg_nrrd_has_slicer_fields(tmp_path, image):
+    import nrrd
+
+    write_volume(tmp_path / "pred.seg.nrrd", _mask(image), _oblique_affine(), segment_names={1: "hippocampus"})
+    header = nrrd.read_header(str(tmp_path / "pred.seg.nrrd"))
+    assert header["Segment0_Name"] == "hippocampus" and header["Segment0_LabelValue"] == "1"
+    assert header["Segment1_LabelValue"] == "2" and header["Segment0_Layer"] == "0"
+    assert read_volume(tmp_path / "pred.seg.nrrd").meta["segments"] == {1: "hippocampus", 2: "Segment_2"}
+
+
+def test_write_refuses_wrong_grid_and_is_atomic(tmp_path, image):
+    vol = Volume(image, _oblique_affine(), path="img.nii.gz")
+    with pytest.raises(VolumeError, match="not on the grid"):
+        write_volume(tmp_path / "m.nii.gz", np.zeros((5, 5, 5)), like=vol)
+    assert list(tmp_path.iterdir()) == []  # no partial or temporary file left behind
+    with pytest.raises(VolumeError, match="unsupported file type"):
+        write_volume(tmp_path / "m.mha", image)
+
+
+def test_unreadable_and_truncated_files_name_the_file(tmp_path, image):
+    write_volume(tmp_path / "ok.nii.gz", image, np.eye(4))
+    raw = (tmp_path / "ok.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(VolumeError, match="cut.nii.gz"):
+        read_volume(tmp_path / "cut.nii.gz")
+    (tmp_path / "junk.nrrd").write_bytes(b"not a nrrd at all")
+    with pytest.raises(VolumeError, match="junk.nrrd"):
+        read_volume(tmp_path / "junk.nrrd")
+    with pytest.raises(VolumeError, match="not found"):
+        read_volume(tmp_path / "absent.nii")
+    (tmp_path / "plain.nii.gz").write_bytes(gzip.compress(b"\0" * 100))
+    with pytest.raises(VolumeError, match="plain.nii.gz"):
+        read_volume(tmp_path / "plain.nii.gz")
+
+
+def test_monai_pipeline_and_inverse_put_prediction_on_the_input_grid(tmp_path, image):
+    """Orientation + resampling for the network, Invertd back: the mask is written on the image's own grid."""
+    import torch
+
+    from TensorPEFTLib.data import inference_transforms, inverse_transforms
+
+    write_volume(tmp_path / "img.nii.gz", image, _oblique_affine())
+    pre = inference_transforms(pixdim=(1.5, 1.5, 1.5))
+    d = pre({"image": str(tmp_path / "img.nii.gz")})
+    assert d["image"].shape[0] == 1 and tuple(d["image"].shape[1:]) != image.shape
+    d["pred"] = (d["image"] > 0.5).float()
+    back = inverse_transforms(pre)(d)["pred"]
+    assert tuple(back.shape[1:]) == image.shape
+    original = read_volume(tmp_path / "img.nii.gz")
+    np.testing.assert_allclose(np.asarray(back.affine, dtype=np.float64), original.affine, atol=1e-4)
+    write_volume(tmp_path / "pred.nii.gz", torch.as_tensor(back[0]).to(torch.uint8), like=original)
+    np.testing.assert_allclose(read_volume(tmp_path / "pred.nii.gz").affine, original.affine, atol=1e-5)
