@@ -142,11 +142,16 @@ FAMILIES: dict[str, FamilyDefaults] = {
         bias="none",
     ),
     # TenVOO: resnet convolutions, attention q/v, the time-embedding projections; norms and adapted biases train.
+    # The authors select layers with ".*resnets.*.conv1.conv", ".*attentions.*.to_q", ".*resnets.*.time_emb_proj"...
+    # on MONAI Generative's U-Net, whose middle block names its parts resnet_1 / attention / resnet_2: the middle
+    # block is *not* adapted (4 convs, 2 time_emb_proj, its to_q/to_v). Only this reading reproduces all three
+    # published counts on ddpm-paper (TenVOO-L r4 601,024; TenVOO-Q r4 603,904; LoCon r2 824,192), so the patterns
+    # below exclude the middle block the same way (resnets.N / attentions.N exist in the down/up blocks only).
     "ddpm": FamilyDefaults(
         targets=[
-            r".*(resnets\.\d+|resnet_\d)\.conv[12]\.conv",
-            r".*\.attn\.to_[qv]",
-            r".*(resnets\.\d+|resnet_\d)\.time_emb_proj",
+            r".*resnets\.\d+\.conv[12]\.conv",
+            r".*attentions\.\d+\.attn\.to_[qv]",
+            r".*resnets\.\d+\.time_emb_proj",
             r"time_embed\.2",
         ],
         trainable=[r"(^|\.)norm\d*\."],

@@ -1,0 +1,264 @@
+"""SeLoRA: LoRA whose per-layer rank grows during training (Mao et al., 2024).
+
+Every layer starts at rank ``init_rank`` (1, as in the paper). Every ``every`` optimiser steps the trainer calls
+:meth:`SeLoRAGrowth.step` after ``loss.backward()``; for each layer below its cap it compares the empirical Fisher
+score of its factors, FI = ‖∇A‖² + ‖∇B‖², with that of a trial copy one rank larger (new row of A Kaiming-uniform,
+new column of B zero, so the output does not move), both on the same batch. A layer keeps the extra rank when
+FI_new / FI ≥ ``threshold`` (λ). The scale α / r_init is not changed by growth.
+
+Because the new column of B is zero, the trial does not change the loss, so all layers are tested with one extra
+forward/backward pass and each layer's decision is the one it would get tested alone.
+
+Grown ranks are per-layer metadata (:meth:`SeLoRALayer.layer_meta`), saved in ``adapter_config.json``; ``load_adapter``
+re-injects with them, so the loaded shapes match the saved tensors.
+
+``cfg.rank`` is not used: the rank is learned (start ``init_rank``, cap ``max_rank``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import CONV_TYPES, AdapterLayer, flat_shape, kaiming_uniform_, seeded_generator
+from .config import AdapterConfig, AdapterError
+from .registry import MethodSpec, per_layer, register
+
+#: Paper-code defaults: test every 40 steps. λ = 1.1 is our default (keep a rank whose gradient energy adds at least
+#: 10 % to the layer's Fisher score); the value could not be checked against the released code here.
+DEFAULTS = {"every": 40, "threshold": 1.1, "max_rank": None, "init_rank": 1}
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class SeLoRALayer(AdapterLayer):
+    """LoRA (LoCon on ConvNd) with a growable rank.
+
+    Shapes: ``lora_A`` (r × in·prod(kernel)), ``lora_B`` (out × r). On a convolution A runs as a conv with the base
+    layer's kernel, stride, padding and dilation to r channels, and B as a 1×1 conv back to the output channels.
+    """
+
+    method = "selora"
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "", rank: int | None = None) -> None:
+        super().__init__(base_layer, cfg, name)
+        if isinstance(base_layer, CONV_TYPES) and base_layer.groups != 1:
+            raise AdapterError(f"{name}: grouped convolutions (groups={base_layer.groups}) are not supported by selora; "
+                               f"leave this layer out of --targets")
+        options = {**DEFAULTS, **cfg.options}
+        init_rank = int(options["init_rank"])
+        out_dim, in_flat = flat_shape(base_layer)
+        self.rank_limit = min(out_dim, in_flat)
+        cap = options["max_rank"]
+        self.max_rank = self.rank_limit if cap is None else min(int(cap), self.rank_limit)
+        if init_rank < 1 or init_rank > self.max_rank:
+            raise AdapterError(f"{name}: selora init_rank {init_rank} must be between 1 and the cap {self.max_rank}")
+        self.rank = int(rank) if rank is not None else init_rank
+        if not 1 <= self.rank <= self.rank_limit:
+            raise AdapterError(f"{name}: saved selora rank {self.rank} does not fit this layer (1..{self.rank_limit})")
+        # α / r_init, fixed for the whole run (growth does not rescale the existing update).
+        self.scaling = (float(cfg.alpha) if cfg.alpha is not None else float(init_rank)) / init_rank
+        self._cfg = cfg
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(self.rank, in_flat, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_dim, self.rank, device=weight.device, dtype=weight.dtype))
+        kaiming_uniform_(self.lora_A, in_flat, seeded_generator(cfg, name))
+
+    # ----------------------------------------------------------------- update
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).reshape(self.base_layer.weight.shape) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        h = self.dropout(x)
+        if self.is_conv:
+            nd = len(self.kernel_size)
+            a = self.lora_A.reshape(self.rank, self.in_dim, *self.kernel_size)
+            h = base._conv_forward(h, a, None)
+            h = _CONV_FN[nd](h, self.lora_B.reshape(self.out_dim, self.rank, *([1] * nd)))
+        else:
+            h = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        return base(x) + h * self.scaling
+
+    # ----------------------------------------------------------------- growth
+    def fisher_score(self) -> float:
+        """‖∇A‖² + ‖∇B‖² from the current gradients (0 where there are none)."""
+        total = 0.0
+        for p in (self.lora_A, self.lora_B):
+            if p.grad is not None:
+                total += float(p.grad.detach().float().square().sum())
+        return total
+
+    def expanded(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """Rank r+1 copies of A and B: the new row of A Kaiming-uniform (seeded by layer and rank), new column of B
+        zero, so B'A' = BA exactly."""
+        gen = seeded_generator(self._cfg, f"{self.layer_name}#rank{self.rank + 1}")
+        row = torch.empty(1, self.lora_A.shape[1], device=self.lora_A.device, dtype=self.lora_A.dtype)
+        kaiming_uniform_(row, self.lora_A.shape[1], gen)
+        new_a = nn.Parameter(torch.cat([self.lora_A.detach(), row], 0))
+        new_b = nn.Parameter(torch.cat([self.lora_B.detach(), torch.zeros_like(self.lora_B[:, :1])], 1))
+        return new_a, new_b
+
+    def set_factors(self, a: nn.Parameter, b: nn.Parameter) -> None:
+        self.lora_A, self.lora_B = a, b
+        self.rank = int(a.shape[0])
+
+    def layer_meta(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, max_rank={self.max_rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def selora_layers(model: nn.Module) -> dict[str, SeLoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SeLoRALayer)}
+
+
+def selora_ranks(model: nn.Module) -> dict[str, int]:
+    """Current rank of every SeLoRA layer, by module name."""
+    return {name: layer.rank for name, layer in selora_layers(model).items()}
+
+
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter, axis: int) -> None:
+    """Replace ``old`` by ``new`` in the optimiser's groups and carry its state: every state tensor shaped like the
+    parameter (Adam's exp_avg / exp_avg_sq / max_exp_avg_sq, SGD's momentum_buffer) is copied into the leading part
+    of a zero tensor of the new shape along ``axis``; scalars (Adam's step) are kept as they are."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    carried: dict[str, Any] = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            grown = torch.zeros(new.shape, dtype=value.dtype, device=value.device)
+            grown.narrow(axis, 0, old.shape[axis]).copy_(value)
+            carried[key] = grown
+        else:
+            carried[key] = value
+    optimizer.state[new] = carried
+
+
+class SeLoRAGrowth:
+    """The trainer hook that grows SeLoRA ranks.
+
+    Usage (the closure must recompute the loss on *the same batch*, same noise and timesteps for a DDPM)::
+
+        growth = SeLoRAGrowth(model, optimizer)               # options default to the adapter config's
+        for batch in loader:
+            loss = compute_loss(batch); optimizer.zero_grad(); loss.backward()
+            grown = growth.step(lambda: compute_loss(batch))  # {layer: new rank} when a test ran
+            optimizer.step()
+
+    On a test step the layers that keep an extra rank get new ``lora_A``/``lora_B`` parameters whose gradients are
+    the trial pass's (for the existing rows/columns these equal the ones just computed, since the trial leaves the
+    loss unchanged), the optimiser's param groups point at them and its state (Adam moments, step) is carried over
+    with zeros for the new row/column. Every other parameter keeps the gradient it had.
+
+    Args:
+        model: a model carrying a ``selora`` adapter.
+        optimizer: the optimiser over its trainable parameters (None: only the model is changed).
+        every: test every this many calls to :meth:`step` (default: the config's option, 40).
+        threshold: λ, keep the extra rank when FI_new / FI ≥ λ (default: the config's option).
+        max_rank: per-layer cap overriding the config's (never above min(out, in·kernel)).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, every: int | None = None,
+                 threshold: float | None = None, max_rank: int | None = None) -> None:
+        state = getattr(model, "tensorpeft", None)
+        options = {**DEFAULTS, **(state.config.options if state is not None else {})}
+        self.model = model
+        self.optimizer = optimizer
+        self.every = int(every if every is not None else options["every"])
+        self.threshold = float(threshold if threshold is not None else options["threshold"])
+        if self.every < 1 or not self.threshold > 0:
+            raise AdapterError(f"selora needs every >= 1 and threshold > 0, got every={self.every}, threshold={self.threshold}")
+        self.layers = selora_layers(model)
+        if not self.layers:
+            raise AdapterError("SeLoRAGrowth: this model has no selora layers; inject method 'selora' first")
+        if max_rank is not None:
+            for layer in self.layers.values():
+                layer.max_rank = min(int(max_rank), layer.rank_limit)
+        self.calls = 0
+        self.history: list[dict[str, Any]] = []
+
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.rank for name, layer in self.layers.items()}
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> dict[str, int]:
+        """Count one training step; on every ``every``-th run the Fisher test. Returns {layer: new rank} for the
+        layers that grew (empty when none did or no test ran)."""
+        self.calls += 1
+        if self.calls % self.every:
+            return {}
+        return self.test(closure)
+
+    def test(self, closure: Callable[[], torch.Tensor]) -> dict[str, int]:
+        """The Fisher-score test on the current gradients and one trial pass of ``closure()``."""
+        candidates = {n: l for n, l in self.layers.items() if l.rank < l.max_rank}
+        if not candidates:
+            return {}
+        before = {n: l.fisher_score() for n, l in candidates.items()}
+        originals = {n: (l.lora_A, l.lora_B) for n, l in candidates.items()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        saved_grads = {id(p): p.grad for p in trainable}
+        for layer in candidates.values():
+            layer.set_factors(*layer.expanded())
+        was_training = self.model.training
+        try:
+            for p in trainable:
+                p.grad = None
+            with torch.enable_grad():
+                loss = closure()
+                loss.backward()
+        except BaseException:
+            for name, layer in candidates.items():
+                layer.set_factors(*originals[name])
+            for p in trainable:
+                p.grad = saved_grads[id(p)]
+            raise
+        finally:
+            self.model.train(was_training)
+        grown: dict[str, int] = {}
+        for name, layer in candidates.items():
+            after = layer.fisher_score()
+            fi = before[name]
+            keep = after > 0 and (after / fi >= self.threshold if fi > 0 else True)
+            old_a, old_b = originals[name]
+            if keep:
+                _swap_in_optimizer(self.optimizer, old_a, layer.lora_A, axis=0)
+                _swap_in_optimizer(self.optimizer, old_b, layer.lora_B, axis=1)
+                grown[name] = layer.rank
+            else:
+                layer.set_factors(old_a, old_b)
+            self.history.append({"call": self.calls, "layer": name, "fisher": fi, "fisher_new": after, "grew": keep})
+        # Everything but the new factors gets back the gradient of the real step (the trial pass accumulated into it).
+        new_ids = {id(self.layers[n].lora_A) for n in grown} | {id(self.layers[n].lora_B) for n in grown}
+        for p in trainable:
+            if id(p) not in new_ids:
+                p.grad = saved_grads[id(p)]
+        return grown
+
+
+def _selora_factory(name: str, module: nn.Module, cfg: AdapterConfig, meta: dict) -> SeLoRALayer:
+    return SeLoRALayer(module, cfg, name, rank=meta.get("rank"))
+
+
+SELORA = register(
+    MethodSpec(
+        name="selora",
+        summary="LoRA starting at rank 1 whose per-layer rank grows by a Fisher-score test (trainer hook SeLoRAGrowth).",
+        reference="Mao et al. 2024, SeLoRA",
+        wrap=per_layer(_selora_factory),
+        options=dict(DEFAULTS),
+    )
+)
+
+__all__ = ["SeLoRALayer", "SeLoRAGrowth", "selora_ranks", "selora_layers", "SELORA"]

@@ -1,0 +1,136 @@
+"""SeLoRA (issue 4): ranks grow where capacity is needed, optimiser state survives growth, ranks are saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import TensorPEFTLib as tp
+from TensorPEFTLib.adapters import AdapterError, adapter_layers
+from TensorPEFTLib.adapters.selora import SeLoRAGrowth, SeLoRALayer, selora_ranks
+
+from adapter_checks import check_merge_unmerge_save_load, ddpm_out, train_steps
+from conftest import ddpm_input, tiny_ddpm
+
+
+class TwoBranches(nn.Module):
+    """Two independent Linear layers; the loss is the sum of one regression per branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.easy = nn.Linear(16, 16)
+        self.hard = nn.Linear(16, 16)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.easy(x1), self.hard(x2)
+
+
+def regression_problem():
+    """``easy`` needs a rank-1 change of its weight, ``hard`` a rank-8 change: only ``hard`` needs more capacity."""
+    torch.manual_seed(0)
+    model = TwoBranches()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w_easy = model.easy.weight + 0.3 * torch.randn(16, 1, generator=gen) @ torch.randn(1, 16, generator=gen)
+        w_hard = model.hard.weight + 0.3 * torch.randn(16, 8, generator=gen) @ torch.randn(8, 16, generator=gen)
+        x1, x2 = torch.randn(256, 16, generator=gen), torch.randn(256, 16, generator=gen)
+        y1, y2 = x1 @ w_easy.T + model.easy.bias, x2 @ w_hard.T + model.hard.bias
+
+    def loss() -> torch.Tensor:
+        a, b = model(x1, x2)
+        return (a - y1).pow(2).mean() + (b - y2).pow(2).mean()
+
+    return model, loss
+
+
+def test_rank_grows_where_needed_and_loss_falls():
+    model, loss_fn = regression_problem()
+    tp.inject(model, tp.AdapterConfig(method="selora", options={"every": 20, "threshold": 1.1}))
+    assert selora_ranks(model) == {"easy": 1, "hard": 1}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    growth = SeLoRAGrowth(model, optimizer)
+    first = loss_fn().item()
+    for _ in range(400):
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        growth.step(loss_fn)
+        optimizer.step()
+    ranks = selora_ranks(model)
+    assert ranks["hard"] >= 4 and ranks["easy"] == 1, ranks
+    assert loss_fn().item() < 0.05 * first
+    assert any(h["grew"] for h in growth.history) and any(not h["grew"] for h in growth.history)
+
+
+def test_growth_keeps_optimizer_state_and_output():
+    model, loss_fn = regression_problem()
+    tp.inject(model, tp.AdapterConfig(method="selora", options={"max_rank": 3}))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    layer: SeLoRALayer = model.hard
+    old_a, old_b = layer.lora_A, layer.lora_B
+    old_state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[old_a].items()}
+    old_state_b = {k: v.clone() for k, v in optimizer.state[old_b].items()}
+    before = loss_fn().item()
+    optimizer.zero_grad()
+    loss_fn().backward()
+    grown = SeLoRAGrowth(model, optimizer, every=1, threshold=1e-9).step(loss_fn)  # λ tiny: every layer grows
+    assert grown == {"easy": 2, "hard": 2}
+    assert loss_fn().item() == pytest.approx(before, rel=1e-6, abs=1e-7)  # new B column is zero: no jump
+    new_a, new_b = layer.lora_A, layer.lora_B
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert id(new_a) in ids and id(new_b) in ids and id(old_a) not in ids and old_a not in optimizer.state
+    state = optimizer.state[new_a]
+    assert torch.equal(state["step"], old_state["step"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].shape == new_a.shape
+        assert torch.equal(state[key][:1], old_state[key]) and not state[key][1:].any()
+        assert torch.equal(optimizer.state[new_b][key][:, :1], old_state_b[key])
+        assert not optimizer.state[new_b][key][:, 1:].any()
+    assert new_a.grad is not None and new_a.grad.shape == new_a.shape
+    optimizer.step()  # the optimiser runs on the grown parameters
+    assert not torch.equal(new_b[:, 1:], torch.zeros_like(new_b[:, 1:]))
+    # The cap holds: max_rank 3 stops growth there.
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        SeLoRAGrowth(model, optimizer, every=1, threshold=1e-9).step(loss_fn)
+    assert selora_ranks(model) == {"easy": 3, "hard": 3}
+
+
+def test_ranks_saved_and_rebuilt_on_ddpm(tmp_path):
+    model = tiny_ddpm()
+    reference = ddpm_out(model)
+    tp.inject(model, tp.AdapterConfig(method="selora"))
+    assert (ddpm_out(model) - reference).abs().max().item() <= 1e-5
+    layers = dict(adapter_layers(model))
+    assert any(l.is_conv for l in layers.values()) and any(not l.is_conv for l in layers.values())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, t = ddpm_input()
+    model.train()
+    loss_fn = lambda: (model(x, timesteps=t) - 1.0).pow(2).mean()  # noqa: E731
+    optimizer.zero_grad()
+    loss_fn().backward()
+    SeLoRAGrowth(model, optimizer, every=1, threshold=1e-9, max_rank=2).step(loss_fn)
+    optimizer.step()
+    ranks = selora_ranks(model)
+    assert set(ranks.values()) == {2}
+    model.eval()
+    train_steps(model, steps=1)
+    check_merge_unmerge_save_load(model, tmp_path / "adapter")  # load into a fresh model: identical outputs
+    fresh = tiny_ddpm()
+    tp.load_adapter(fresh, tmp_path / "adapter")
+    assert selora_ranks(fresh) == ranks
+
+
+def test_options_are_validated():
+    model, _ = regression_problem()
+    with pytest.raises(AdapterError, match="no selora layers"):
+        SeLoRAGrowth(model)
+    tp.inject(model, tp.AdapterConfig(method="selora"))
+    with pytest.raises(AdapterError, match="every"):
+        SeLoRAGrowth(model, every=0)
