@@ -1,0 +1,190 @@
+"""The engine end to end on CPU: fine-tune, segment, evaluate, synthesize, events, cancel and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from TensorPEFTLib.adapters import AdapterConfig
+from TensorPEFTLib.cli import main
+from TensorPEFTLib.data import read_volume
+from TensorPEFTLib.engine import EVENT_KINDS, EngineError, Events, TrainSettings, evaluate, finetune, segment, synthesize
+
+import synthetic
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def seg_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    synthetic.write_segmentation_dataset(str(root / "data"), n_train=4, n_test=2, seed=0)
+    val = root / "val"
+    os.makedirs(val / "imagesTr")
+    os.makedirs(val / "labelsTr")
+    for name in os.listdir(root / "data" / "imagesTs"):
+        os.link(root / "data" / "imagesTs" / name, val / "imagesTr" / name)
+        os.link(root / "data" / "labelsTs" / name, val / "labelsTr" / name)
+    model = synthetic.save_tiny_model(str(root / "unetr.safetensors"))
+    return root, model
+
+
+@pytest.fixture(scope="module")
+def trained_seg(seg_setup):
+    root, model = seg_setup
+    out = str(root / "adapter")
+    result = finetune(model, str(root / "data"), out, AdapterConfig(method="lora-pt", rank=2),
+                      TrainSettings(steps=40, lr=3e-3, eval_every=20, checkpoint_every=20, seed=0),
+                      val=str(root / "val"), device="cpu", events=Events(quiet=True), threads=2)
+    return root, model, out, result
+
+
+def test_finetune_raises_validation_dice_over_the_base_model(trained_seg):
+    root, model, out, result = trained_seg
+    assert result.status == "completed" and result.step == 40
+    base_masks, adapted_masks = str(root / "base_masks"), str(root / "adapted_masks")
+    segment(str(root / "data" / "imagesTs"), base_masks, model_source=model, device="cpu", min_component_mm3=0,
+            events=Events(quiet=True))
+    segment(str(root / "data" / "imagesTs"), adapted_masks, adapter=out, device="cpu", min_component_mm3=0,
+            events=Events(quiet=True))
+    base = evaluate(base_masks, str(root / "data" / "labelsTs"))["mean"]["dice"]
+    adapted = evaluate(adapted_masks, str(root / "data" / "labelsTs"))["mean"]["dice"]
+    assert adapted > base + 0.1, (base, adapted)
+    assert result.best is not None and result.best > 0.3
+
+
+def test_run_outputs_and_history(trained_seg):
+    _, _, out, result = trained_seg
+    for name in ("adapter_config.json", "adapter.safetensors", "history.json", "metrics.csv", "report.png",
+                 "last/adapter.safetensors", "checkpoint/trainer_state.pt"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert len(history["steps"]) == 40 and [e["step"] for e in history["evals"]] == [20, 40]
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["config"]["method"] == "lora-pt" and saved["base_model_source"].endswith("unetr.safetensors")
+    lines = open(os.path.join(out, "metrics.csv")).read().splitlines()
+    assert lines[0] == "step,loss,lr,seconds,val_dice" and len(lines) == 41
+
+
+def test_segment_writes_mask_on_the_input_grid(trained_seg, tmp_path):
+    root, _, out, _ = trained_seg
+    image = str(root / "data" / "imagesTs" / "case_ts00.nii.gz")
+    for target in ("mask.nii.gz", "mask.seg.nrrd"):
+        segment(image, str(tmp_path / target), adapter=out, device="cpu", events=Events(quiet=True))
+        mask, ref = read_volume(tmp_path / target), read_volume(image)
+        assert mask.shape[:3] == ref.shape[:3]
+        np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-4)  # oblique, anisotropic: same grid exactly
+        assert set(np.unique(mask.array)) <= {0, 1}
+
+
+def test_min_component_removes_small_islands():
+    from TensorPEFTLib.engine.segmentation import remove_small_components
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:12, 2:12, 2:12] = 1  # 1000 voxels
+    mask[15:17, 15:17, 15:17] = 1  # 8 voxels
+    kept = remove_small_components(mask, (2.0, 2.0, 2.0), 100.0)  # 8 voxels = 64 mm³ < 100 mm³
+    assert kept[3, 3, 3] == 1 and kept[15, 15, 15] == 0
+    assert remove_small_components(mask, (2.0, 2.0, 2.0), 0)[15, 15, 15] == 1
+
+
+def test_ddpm_finetune_loss_falls_and_synthesize_writes_requested_size(tmp_path):
+    data = synthetic.write_volume_dataset(str(tmp_path / "vol"), n=3)
+    model = synthetic.save_tiny_model(str(tmp_path / "ddpm.safetensors"), "ddpm")
+    out = str(tmp_path / "adapter")
+    result = finetune(model, data, out, AdapterConfig(method="tenvoo-l", rank=2),
+                      TrainSettings(steps=24, lr=3e-3, eval_every=8, seed=0), val=data, device="cpu",
+                      patch_size=(16, 16, 16), events=Events(quiet=True), threads=2)
+    evals = [e["val_loss"] for e in result.history["evals"]]
+    assert len(evals) == 3 and evals[-1] < evals[0], evals  # same noise and timesteps at every evaluation
+    paths = synthesize(str(tmp_path / "synth"), 2, adapter=out, steps=4, size=(16, 16, 12), device="cpu",
+                       events=Events(quiet=True))
+    assert len(paths) == 2 and os.path.isfile(tmp_path / "synth" / "samples.png")
+    volume = read_volume(paths[0])
+    assert volume.shape == (16, 16, 12) and np.isfinite(volume.array).all()
+    assert 0.0 <= volume.array.min() and volume.array.max() <= 1.0
+
+
+def _cli(*args, env_threads="1"):
+    env = {**os.environ, "OMP_NUM_THREADS": env_threads}
+    return [sys.executable, "-m", "TensorPEFTLib.cli", *args], env
+
+
+def test_events_stream_and_cancel_then_resume_match_an_uninterrupted_run(seg_setup, tmp_path):
+    root, model = seg_setup
+    common = ["finetune", "--model", model, "--data", str(root / "data"), "--method", "lora", "--rank", "2",
+              "--steps", "8", "--checkpoint-every", "2", "--eval-every", "100", "--device", "cpu", "--threads", "1",
+              "--seed", "3"]
+    # Uninterrupted reference run, events on stdout.
+    cmd, env = _cli(*common, "--out", str(tmp_path / "full"), "--events", "-")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert set(kinds) <= set(EVENT_KINDS) and kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("step") == 8 and "checkpoint" in kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"step", "steps", "loss", "lr", "eta_seconds", "time"} <= set(step)
+    assert events[0]["device"] == "cpu" and events[-1]["status"] == "completed"
+
+    # Interrupted run: SIGTERM after the third step, then --resume.
+    cmd, env = _cli(*common, "--out", str(tmp_path / "cut"), "--events", "-")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "step" and seen[-1]["step"] == 3:
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode == 130
+    assert seen[-1]["event"] == "done" and seen[-1]["status"] == "cancelled" and seen[-1]["step"] < 8
+    assert os.path.isfile(tmp_path / "cut" / "checkpoint" / "trainer_state.pt")
+    cmd, env = _cli(*common[:-2], "--seed", "3", "--out", str(tmp_path / "cut"), "--resume", "--quiet")
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = load_file(tmp_path / "full" / "last" / "adapter.safetensors")
+    b = load_file(tmp_path / "cut" / "last" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() == 0.0, key
+
+
+def test_bad_data_is_caught_before_training(seg_setup, tmp_path, capsys):
+    root, model = seg_setup
+    data = tmp_path / "bad"
+    synthetic.write_segmentation_dataset(str(data), n_train=2, n_test=0)
+    os.remove(data / "labelsTr" / "case_tr01.nii.gz")
+    code = main(["finetune", "--model", model, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2",
+                 "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "case_tr01" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o" / "adapter.safetensors")
+
+
+def test_existing_run_is_not_overwritten_and_bad_options(trained_seg, tmp_path, capsys):
+    root, model, out, _ = trained_seg
+    code = main(["finetune", "--model", model, "--data", str(root / "data"), "--out", out, "--steps", "2", "--quiet"])
+    assert code == 2 and "already holds a fine-tuning run" in capsys.readouterr().err
+    code = main(["finetune", "--model", model, "--data", str(root / "data"), "--out", str(tmp_path / "x"),
+                 "--resume", "--quiet"])
+    assert code == 2 and "no checkpoint to resume" in capsys.readouterr().err
+    code = main(["segment", "--image", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "m.nii.gz"),
+                 "--adapter", out])
+    assert code == 2 and "missing.nii.gz: no such image" in capsys.readouterr().err
+    with pytest.raises(EngineError, match="--device cuda"):
+        from TensorPEFTLib.engine.runtime import select_runtime
+
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        select_runtime("cuda")
