@@ -11,7 +11,6 @@ from torch import nn
 import TensorPEFTLib as tp
 from TensorPEFTLib.adapters import AdapterError, adapter_layers
 from TensorPEFTLib.adapters.quanta import (
-    QUANTA_EQUATION,
     ContractionPlan,
     QuanTALayer,
     balanced_factors,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import reduce
 from typing import Any, Sequence
 
 import torch
