@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "t_fft", "t_ifft", "t_product", "t_product_circulant", "t_product_thin", "t_transpose", "t_identity", "f_diagonal", "block_circulant",
-    "t_svd", "truncated_t_svd", "t_svd_product", "t_pinv", "fourier_bins_real",
+    "t_fft", "t_ifft", "t_product", "t_product_circulant", "circulant_operands", "t_product_thin", "t_transpose", "t_identity",
+    "f_diagonal", "block_circulant", "t_svd", "truncated_t_svd", "t_svd_product", "t_diag_transpose_product", "t_pinv", "fourier_bins_real",
 ]
 
 
@@ -87,38 +87,64 @@ def t_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return t_ifft(torch.matmul(t_fft(a), t_fft(b)), n)
 
 
-def t_product_circulant(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """t-product ``A * B`` without FFT: one batched matrix product against B's circulant arrangement.
+def t_product_circulant(a: torch.Tensor, b: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """Frontal slices ``start .. start + count − 1`` of the t-product ``A * B``, without FFT.
 
-    ``(A*B)_k = [A_0 … A_{n−1}] @ [B_k; B_{k−1}; …; B_{k−n+1}]`` (indices mod n), i.e. a ``(n1, n·n2)`` matrix times
-    n gathered ``(n·n2, n3)`` blocks. It costs 2·n²·n1·n2·n3 flops against the FFT route's O(n·log n) per entry,
-    but for a thin inner size n2 (a low-rank factor) those flops run in one dense GEMM, forwards and backwards, while
-    the FFT route must transform the full-size ``(n, n1, n3)`` result - memory-bound strided transforms that are
-    slower on CPUs. Exactly real, no rounding from transforms.
+    ``(A*B)_k = [A_0 … A_{n−1}] @ [B_k; B_{k−1}; …; B_{k−n+1}]`` (indices mod n): a ``(n1, n·n2)`` matrix times a
+    gathered ``(n·n2, n3)`` block per slice, all slices in one batched product. It costs 2·n·n1·n2·n3 flops per
+    slice against the FFT route's O(log n) per entry, but for a thin inner size n2 (a low-rank factor) those flops
+    run as dense GEMMs forwards and backwards, while the FFT route must transform the full-size ``(n, n1, n3)``
+    result (memory-bound strided transforms, slow on CPUs). Slices can be computed on their own, and the result is
+    exactly real.
 
     Args:
         a: real ``(n, n1, n2)``.
         b: real ``(n, n2, n3)``.
+        start, count: which slices (default all n).
 
     Returns:
-        real ``(n, n1, n3)``.
+        real ``(count, n1, n3)``.
     """
     _check_real_3way(a, "a")
     _check_real_3way(b, "b")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"t_product_circulant: shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit "
                          "(n, n1, n2) * (n, n2, n3)")
+    n = a.shape[0]
+    count = n - start if count is None else count
+    if not (0 <= start and count >= 1 and start + count <= n):
+        raise ValueError(f"t_product_circulant: slices {start}..{start + count - 1} out of range 0..{n - 1}")
+    a_row, b_circ = circulant_operands(a, b, start, count)
+    if count == 1:
+        return (a_row @ b_circ[0]).unsqueeze(0)
+    # bmm on an expanded view writes (count, n1, n3) in place; matmul(2-D, 3-D) would fold and copy the result.
+    return torch.bmm(a_row.expand(count, *a_row.shape), b_circ)
+
+
+def circulant_operands(a: torch.Tensor, b: torch.Tensor, start: int = 0, count: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two GEMM operands of :func:`t_product_circulant`: ``(A*B)_k = a_row @ b_circ[k − start]``.
+
+    Args:
+        a: ``(n, n1, n2)``; b: ``(n, n2, n3)``; start, count: slices (default all).
+
+    Returns:
+        ``a_row (n1, n·n2) = [A_0 … A_{n−1}]`` and ``b_circ (count, n·n2, n3)`` whose row block i of entry k is
+        ``B_{(k−i) mod n}``.
+    """
     n, n1, n2 = a.shape
-    shift = (torch.arange(n, device=a.device)[:, None] - torch.arange(n, device=a.device)[None, :]) % n
-    b_circ = b[shift].reshape(n, n * n2, b.shape[2])  # block k, row block i: B_{(k-i) mod n}
-    a_row = a.permute(1, 0, 2).reshape(n1, n * n2)  # [A_0 … A_{n-1}]
-    return torch.matmul(a_row, b_circ)
+    count = n - start if count is None else count
+    ks = torch.arange(start, start + count, device=a.device)
+    shift = (ks[:, None] - torch.arange(n, device=a.device)[None, :]) % n  # (count, n)
+    b_circ = b[shift].reshape(count, n * n2, b.shape[2])
+    a_row = a.permute(1, 0, 2).reshape(n1, n * n2)
+    return a_row, b_circ
 
 
-#: ``t_product_thin`` uses the circulant GEMM up to this n·n2 (inner size of the GEMM), the FFT route above it.
-#: Measured on a 2-core CPU for the paper UNETR's stacks (n = 48 and 12): the GEMM wins clearly at n·n2 ≤ 48 and is
-#: on par around 200-400, where the FFT's fixed memory traffic starts to pay off.
-CIRCULANT_MAX_INNER = 256
+#: ``t_product_thin`` (and the stack adapters) use the circulant GEMM up to this n·n2 (inner size of the GEMM), the
+#: FFT route above it. Measured on a shared 2-core CPU (1 thread), forward + backward of tCURLoRA's 48 × 768 × 768 stack:
+#: circulant 0.43 / 0.80 / 1.73 s against FFT 1.65 / 2.18 / 2.20 s at r = 4 / 8 / 16 (n·n2 = 192 / 384 / 768).
+CIRCULANT_MAX_INNER = 1024
 
 
 def t_product_thin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -257,10 +283,20 @@ def t_svd_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Te
     if s.shape != (n, u.shape[2]) or v.shape[0] != n or v.shape[2] != u.shape[2]:
         raise ValueError(f"t_svd_product: shapes {tuple(u.shape)}, {tuple(s.shape)}, {tuple(v.shape)} do not fit "
                          "(n, n1, r), (n, r), (n, n2, r)")
-    s_hat = torch.fft.rfft(s, dim=0)
-    v_hat = torch.fft.rfft(v, dim=0)
-    right = t_ifft(s_hat.unsqueeze(2) * v_hat.mH, n)  # S * Vᵀ, (n, r, n2)
-    return t_product_thin(u, right)
+    return t_product_thin(u, t_diag_transpose_product(s, v))
+
+
+def t_diag_transpose_product(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``f_diagonal(S) * Vᵀ`` (the thin right factor of a t-SVD), per frequency ``diag(Ŝ_f) V̂_fᴴ``.
+
+    Args:
+        s: real ``(n, r)``; v: real ``(n, n2, r)``.
+
+    Returns:
+        real ``(n, r, n2)``.
+    """
+    n = s.shape[0]
+    return t_ifft(torch.fft.rfft(s, dim=0).unsqueeze(2) * torch.fft.rfft(v, dim=0).mH, n)
 
 
 def t_pinv(a: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
