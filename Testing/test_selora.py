@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +137,33 @@ def test_options_are_validated():
     tp.inject(model, tp.AdapterConfig(method="selora"))
     with pytest.raises(AdapterError, match="every"):
         SeLoRAGrowth(model, every=0)
+
+
+def test_finetune_grows_ranks_through_the_trainer_and_resume_keeps_them(tmp_path):
+    """The engine's loop runs SeLoRA's hook: ranks are reported in step events, saved, and a resumed run rebuilds
+    the grown layers before its optimiser state is restored."""
+    import synthetic
+    from TensorPEFTLib.engine import Events, TrainSettings, finetune
+
+    data = synthetic.write_volume_dataset(str(tmp_path / "vol"), n=2)
+    model = synthetic.save_tiny_model(str(tmp_path / "ddpm.safetensors"), "ddpm")
+    cfg = tp.AdapterConfig(method="selora", options={"every": 2, "threshold": 1e-9, "max_rank": 3})
+    out = str(tmp_path / "run")
+    seen: list[dict] = []
+
+    class Capture(Events):
+        def emit(self, event, **fields):
+            seen.append({"event": event, **fields})
+
+    common = dict(device="cpu", patch_size=(16, 16, 16), threads=1)
+    first = finetune(model, data, out, cfg, TrainSettings(steps=4, lr=3e-3, eval_every=100, checkpoint_every=2),
+                     events=Capture(quiet=True), **common)
+    assert first.status == "completed"
+    reports = [e["selora_ranks"] for e in seen if e["event"] == "step" and "selora_ranks" in e]
+    assert [e["step"] for e in seen if e["event"] == "step" and "selora_ranks" in e] == [2, 4]
+    assert set(reports[0].values()) == {2} and set(reports[-1].values()) == {3}  # λ tiny: every layer grows to the cap
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert {m["rank"] for m in saved["layer_meta"].values()} == {3}
+    resumed = finetune(model, data, out, None, TrainSettings(steps=6, lr=3e-3, eval_every=100, checkpoint_every=2),
+                       events=Events(quiet=True), resume=True, **common)
+    assert resumed.status == "completed" and resumed.step == 6

@@ -29,7 +29,10 @@ from .registry import MethodSpec, per_layer, register
 
 #: Paper-code defaults: test every 40 steps. λ = 1.1 is our default (keep a rank whose gradient energy adds at least
 #: 10 % to the layer's Fisher score); the value could not be checked against the released code here.
-DEFAULTS = {"every": 40, "threshold": 1.1, "max_rank": None, "init_rank": 1}
+#: ``idle_fraction``: a layer whose Fisher score has fallen below this fraction of its own peak (over the tests so
+#: far) has converged; its FI_new / FI is then a ratio of float rounding noise that lands on either side of λ from
+#: one machine to the next, so a converged layer keeps its rank. Not in the paper; 0 restores the paper's rule.
+DEFAULTS = {"every": 40, "threshold": 1.1, "max_rank": None, "init_rank": 1, "idle_fraction": 1e-4}
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -167,17 +170,21 @@ class SeLoRAGrowth:
         optimizer: the optimiser over its trainable parameters (None: only the model is changed).
         every: test every this many calls to :meth:`step` (default: the config's option, 40).
         threshold: λ, keep the extra rank when FI_new / FI ≥ λ (default: the config's option).
+        idle_fraction: a layer whose FI fell below this fraction of its own peak FI keeps its rank
+            (default: the config's option, 1e-4; 0 = the paper's rule).
         max_rank: per-layer cap overriding the config's (never above min(out, in·kernel)).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, every: int | None = None,
-                 threshold: float | None = None, max_rank: int | None = None) -> None:
+                 threshold: float | None = None, max_rank: int | None = None,
+                 idle_fraction: float | None = None) -> None:
         state = getattr(model, "tensorpeft", None)
         options = {**DEFAULTS, **(state.config.options if state is not None else {})}
         self.model = model
         self.optimizer = optimizer
         self.every = int(every if every is not None else options["every"])
         self.threshold = float(threshold if threshold is not None else options["threshold"])
+        self.idle_fraction = float(idle_fraction if idle_fraction is not None else options["idle_fraction"])
         if self.every < 1 or not self.threshold > 0:
             raise AdapterError(f"selora needs every >= 1 and threshold > 0, got every={self.every}, threshold={self.threshold}")
         self.layers = selora_layers(model)
@@ -188,9 +195,32 @@ class SeLoRAGrowth:
                 layer.max_rank = min(int(max_rank), layer.rank_limit)
         self.calls = 0
         self.history: list[dict[str, Any]] = []
+        self.peak_fisher: dict[str, float] = {}
 
     def ranks(self) -> dict[str, int]:
         return {name: layer.rank for name, layer in self.layers.items()}
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Point the hook at the optimiser a trainer built after injection (its state is carried on growth)."""
+        self.optimizer = optimizer
+
+    def after_step(self, step: int, batch: Any, closure: Callable[[], torch.Tensor]) -> dict[str, Any]:
+        """Trainer hook, called after the optimiser step ``step`` (1-based) with a closure that recomputes the loss
+        on that step's batch. The trainer has cleared the gradients, so on a test step the Fisher scores come from a
+        fresh backward pass on the same batch. Uses the trainer's step count (not calls) so a resumed run tests on
+        the same steps. Returns ``{"selora_ranks": {...}}`` on test steps for the progress events."""
+        if step % self.every:
+            return {}
+        self.calls = step  # test() writes it into its history rows
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = None
+        with torch.enable_grad():
+            closure().backward()
+        grown = self.test(closure)
+        for p in self.model.parameters():
+            p.grad = None
+        return {"selora_ranks": self.ranks(), "selora_grew": sorted(grown)}
 
     def step(self, closure: Callable[[], torch.Tensor]) -> dict[str, int]:
         """Count one training step; on every ``every``-th run the Fisher test. Returns {layer: new rank} for the
@@ -230,7 +260,9 @@ class SeLoRAGrowth:
         for name, layer in candidates.items():
             after = layer.fisher_score()
             fi = before[name]
-            keep = after > 0 and (after / fi >= self.threshold if fi > 0 else True)
+            self.peak_fisher[name] = max(fi, self.peak_fisher.get(name, 0.0))
+            idle = fi < self.idle_fraction * self.peak_fisher[name]
+            keep = not idle and after > 0 and (after / fi >= self.threshold if fi > 0 else True)
             old_a, old_b = originals[name]
             if keep:
                 _swap_in_optimizer(self.optimizer, old_a, layer.lora_A, axis=0)
@@ -238,13 +270,20 @@ class SeLoRAGrowth:
                 grown[name] = layer.rank
             else:
                 layer.set_factors(old_a, old_b)
-            self.history.append({"call": self.calls, "layer": name, "fisher": fi, "fisher_new": after, "grew": keep})
+            self.history.append({"call": self.calls, "layer": name, "fisher": fi, "fisher_new": after, "grew": keep,
+                                 "idle": idle})
         # Everything but the new factors gets back the gradient of the real step (the trial pass accumulated into it).
         new_ids = {id(self.layers[n].lora_A) for n in grown} | {id(self.layers[n].lora_B) for n in grown}
         for p in trainable:
             if id(p) not in new_ids:
                 p.grad = saved_grads[id(p)]
         return grown
+
+
+def trainer_hook(model: nn.Module, cfg: AdapterConfig) -> SeLoRAGrowth:
+    """The growth hook for a training loop (``bind(optimizer)`` then ``after_step(step, batch, closure)``)."""
+    del cfg  # the options travel on the model's adapter state
+    return SeLoRAGrowth(model)
 
 
 def _selora_factory(name: str, module: nn.Module, cfg: AdapterConfig, meta: dict) -> SeLoRALayer:
@@ -261,4 +300,4 @@ SELORA = register(
     )
 )
 
-__all__ = ["SeLoRALayer", "SeLoRAGrowth", "selora_ranks", "selora_layers", "SELORA"]
+__all__ = ["SeLoRALayer", "SeLoRAGrowth", "trainer_hook", "selora_ranks", "selora_layers", "SELORA"]
