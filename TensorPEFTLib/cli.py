@@ -20,7 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [AdapterError, PresetError]
     for module, name in [("TensorPEFTLib.models", "CheckpointError"), ("TensorPEFTLib.data", "DataError"),
                          ("TensorPEFTLib.data", "VolumeError"), ("TensorPEFTLib.data", "DemoDataError"),
-                         ("TensorPEFTLib.engine", "EngineError")]:
+                         ("TensorPEFTLib.models", "ShippedModelError"), ("TensorPEFTLib.engine", "EngineError")]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -167,13 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="also show references and options")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("models", help="list the model presets", description="List the model presets.")
+    p = sub.add_parser("models", help="list the model presets and shipped pretrained models",
+                       description="List the model presets (random weights) and the pretrained models shipped with "
+                                   "TensorPEFT (demo-unetr, demo-ddpm), which --model accepts by name.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("params", help="count total / trainable / adapter parameters",
                        description="Count the parameters a method trains on a model preset.")
-    p.add_argument("--model", default="unetr-paper", help="model preset (default unetr-paper; see `tensorpeft models`)")
+    p.add_argument("--model", default="unetr-paper",
+                   help="model preset or shipped model (default unetr-paper; see `tensorpeft models`)")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
@@ -311,8 +314,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from .data import build_demo_cohort
 
-    summary = build_demo_cohort(args.out, seed=args.seed, n_train=args.train, n_test=args.test,
-                                progress=not args.quiet and not args.json)
+    sizes = {k: v for k, v in (("n_train", args.train), ("n_test", args.test)) if v is not None}
+    summary = build_demo_cohort(args.out, seed=args.seed, progress=not args.quiet and not args.json, **sizes)
     if args.json:
         _print_json(summary)
     else:
@@ -395,6 +398,99 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo_data)
+
+
+    p = sub.add_parser("pretrain", help="train a built-in demo model from scratch (recipes)",
+                       description="Run a pretraining recipe (demo-unetr, demo-ddpm) on the demo cohort and export fp16 "
+                                   "weights with a model card (recipe, data, steps, seed, metrics, SHA-256).")
+    p.add_argument("--recipe", required=True, help="demo-unetr or demo-ddpm")
+    p.add_argument("--out", required=True, help="folder for the run, the weights and the card")
+    p.add_argument("--cohort", default=None, help="an existing demo cohort (default: build one in OUT/cohort)")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
+    p.add_argument("--ship", action="store_true",
+                   help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
+    add_runtime_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="the whole product on the built-in demo: fine-tune, segment, synthesize",
+                       description="Build the demo cohort from real anatomy shipped in pip packages, fine-tune the shipped "
+                                   "UNETR (never trained on the hippocampus) on a few labelled subjects, segment held-out "
+                                   "subjects and compare with the base model (Dice, HD95); then fine-tune the shipped DDPM "
+                                   "with TenVOO-L and synthesize volumes. Nothing is downloaded.")
+    p.add_argument("--out", default="tensorpeft-demo", help="output folder (default ./tensorpeft-demo)")
+    p.add_argument("--method", default="lora-pt", help="adapter for the UNETR (default lora-pt; see `tensorpeft methods`)")
+    p.add_argument("--methods", default=None, metavar="A,B,...",
+                   help="compare several adapters on the same split in one table (overrides --method)")
+    p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
+    p.add_argument("--subjects", type=int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="UNETR fine-tuning steps (default 240; 4 with --quick)")
+    p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
+    p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
+    p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort and the training (default 0)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    add_runtime_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import DemoSettings, format_summary, run_demo
+
+    from .engine import EngineError
+
+    chosen: dict[str, Any] = dict(method=args.method, rank=args.rank, synthesis=not args.no_synthesis, seed=args.seed)
+    for flag, key, value in (("--subjects", "subjects", args.subjects), ("--steps", "seg_steps", args.steps)):
+        if value is not None:
+            if value < 1:
+                raise EngineError(f"{flag} must be at least 1, got {value}")
+            chosen[key] = value
+    if args.rank < 1:
+        raise EngineError(f"--rank must be at least 1, got {args.rank}")
+    if args.lr is not None:
+        chosen["seg_lr"] = args.lr
+    settings = DemoSettings.quick(**chosen) if args.quick else DemoSettings(**chosen)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    events = _events(args)
+    if args.json:
+        events.quiet = True
+    summary = run_demo(args.out, settings, methods=methods, device=args.device, threads=args.threads, events=events)
+    events.close()
+    if args.json:
+        _print_json(_json_summary(summary))
+    elif args.events != "-":
+        print(format_summary(summary))
+    return 0
+
+
+def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The final summary for machines: per model Dice/HD95 by group, trainable parameters, seconds, output paths."""
+    seg = summary["segmentation"]
+    models = [{"model": "base", **{g: v for g, v in seg["base"]["groups"].items()}}]
+    for r in seg["adapted"]:
+        models.append({"model": f"{r['method']} r={r['rank']}", "method": r["method"], "rank": r["rank"],
+                       "trainable": r["trainable"], "total_parameters": r["total_parameters"],
+                       "train_seconds": r["train_seconds"], "adapter": r["adapter"], "masks": r["masks"],
+                       **{g: v for g, v in r["groups"].items()}})
+    out = {"segmentation": models, "cases": seg["adapted"][0]["cases"], "base_cases": seg["base"]["cases"],
+           "png": seg["png"], "seconds": summary["seconds"], "summary": f"{summary['out']}/summary.json"}
+    if "synthesis" in summary:
+        out["synthesis"] = {k: summary["synthesis"][k] for k in
+                            ("method", "rank", "trainable", "total_parameters", "train_seconds", "sample_seconds",
+                             "mmd_to_target", "volumes", "png")}
+    return out
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .engine.pretrain import pretrain
+
+    events = _events(args)
+    card = pretrain(args.recipe, args.out, cohort=args.cohort, steps=args.steps, device=args.device,
+                    threads=args.threads, events=events, resume=args.resume, ship=args.ship)
+    events.close()
+    if args.events != "-":
+        print(json.dumps(card, indent=2))
+    return 0
 
 
 _EXTENSIONS.append(_add_job_commands)

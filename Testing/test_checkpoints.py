@@ -134,7 +134,7 @@ def test_shape_mismatch_head_suggests_out_channels_and_skip(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(target, path)
     msg = str(err.value)
-    assert "out.conv.conv.weight [5, 16, 1, 1, 1] vs model [2, 16, 1, 1, 1]" in msg
+    assert "out.conv.conv.weight [5, 8, 1, 1, 1] vs model [2, 8, 1, 1, 1]" in msg
     assert "unetr-small (out_channels=5)" in msg and "skip_mismatched" in msg
     report = load_checkpoint(target, path, skip_mismatched=True)  # transfer: new head, everything else loaded
     assert report["skipped"] == ["out.conv.conv.weight", "out.conv.conv.bias"]

@@ -65,7 +65,8 @@ def evaluate_segmentations(preds: list[str], refs: list[str]) -> list[dict[str, 
 
 def evaluate_synthesis(generated: list[np.ndarray], real: list[np.ndarray]) -> dict[str, float]:
     """MS-SSIM between each generated and each real volume (mean; higher = closer to real anatomy) and the MMD
-    between the two sets (lower = closer), both with MONAI. Volumes in [0, 1] of the same shape."""
+    between the two sets (lower = closer; NaN unless both sets have two volumes), both with MONAI. Volumes in [0, 1]
+    of the same shape."""
     from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 
     if not generated or not real:
@@ -84,8 +85,11 @@ def evaluate_synthesis(generated: list[np.ndarray], real: list[np.ndarray]) -> d
         for r in real:
             values.append(float(ms(torch.as_tensor(g)[None, None].float(), torch.as_tensor(r)[None, None].float()).mean()))
     # MONAI's MMD compares two batches of equal size: use as many volumes from each set as the smaller one has.
+    # It needs two volumes per set at least: with fewer, MMD is reported as NaN instead of failing the whole report.
     n = min(len(generated), len(real))
-    gen = torch.stack([torch.as_tensor(g).float().flatten() for g in generated[:n]])
-    ref = torch.stack([torch.as_tensor(r).float().flatten() for r in real[:n]])
-    mmd = float(MMDMetric()(gen, ref))
+    mmd = float("nan")
+    if n >= 2:
+        gen = torch.stack([torch.as_tensor(g).float().flatten() for g in generated[:n]])
+        ref = torch.stack([torch.as_tensor(r).float().flatten() for r in real[:n]])
+        mmd = float(MMDMetric()(gen, ref))
     return {"ms_ssim": float(np.mean(values)), "mmd": mmd, "generated": len(generated), "real": len(real)}

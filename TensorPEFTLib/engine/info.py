@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..adapters import AdapterConfig, all_methods, inject
-from ..models import PRESETS, build_model
+from ..models import PRESETS, build_model, is_shipped, model_card, shipped_models
 
 
 def list_methods() -> list[dict[str, str]]:
@@ -17,21 +17,40 @@ def list_methods() -> list[dict[str, str]]:
     ]
 
 
-def list_models() -> list[dict[str, Any]]:
-    """Every preset with its task, parameter count (counted on the meta device: no memory, no time) and patch."""
+def _preset_of(name: str) -> tuple[str, dict[str, Any]]:
+    """A preset name as is; a shipped model's name resolves to the preset (and overrides) on its model card."""
+    if name in PRESETS or not is_shipped(name):
+        return name, {}  # an unknown name gets build_model's error, which lists the presets
+    card = model_card(name)
+    return card["preset"], dict(card.get("overrides") or {})
+
+
+def _count(name: str) -> int:
     import torch
 
-    rows = []
-    for preset in PRESETS.values():
-        with torch.device("meta"):
-            model = build_model(preset.name)
-        rows.append({"name": preset.name, "task": preset.task, "parameters": sum(p.numel() for p in model.parameters()),
-                     "patch": "x".join(map(str, preset.patch_size)), "description": preset.description})
+    preset, overrides = _preset_of(name)
+    with torch.device("meta"):  # counted on the meta device: no memory, no time
+        model = build_model(preset, **overrides)
+    return sum(p.numel() for p in model.parameters())
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every preset (random weights) and every shipped pretrained model, with task, parameter count and patch."""
+    rows = [{"name": preset.name, "task": preset.task, "parameters": _count(preset.name),
+             "patch": "x".join(map(str, preset.patch_size)), "description": preset.description, "pretrained": False}
+            for preset in PRESETS.values()]
+    for shipped in shipped_models():
+        preset = PRESETS[shipped["preset"]]
+        rows.append({"name": shipped["name"], "task": preset.task, "parameters": _count(shipped["name"]),
+                     "patch": "x".join(map(str, preset.patch_size)), "pretrained": True,
+                     "description": f"pretrained {preset.name}, shipped ({shipped['megabytes']} MB): {shipped['description']}"})
     return rows
 
 
 def parameter_report(model_name: str, cfg: AdapterConfig) -> dict[str, Any]:
-    """Build a preset, inject ``cfg`` and count: total, trainable, adapter parameters and trainable %."""
-    model = build_model(model_name)
+    """Build a preset (or a shipped model's preset), inject ``cfg`` and count: total, trainable, adapter parameters
+    and trainable %. Weights are not loaded: counts do not depend on them."""
+    preset, overrides = _preset_of(model_name)
+    model = build_model(preset, **overrides)
     report = inject(model, cfg)
     return {"model": model_name, **report}

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..adapters import (AdapterConfig, inject, load_adapter, merge, model_family,
                         read_adapter_config, summary)
-from ..models import PRESETS
+from ..models import PRESETS, is_shipped
 from .events import Events
 from .runtime import EngineError, Runtime, select_runtime
 from .trainer import TrainResult, Trainer, TrainSettings, checkpoint_path
@@ -23,15 +23,17 @@ TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
 
 
 def resolve_model(source: str) -> nn.Module:
-    """A preset name (random weights), a file saved by TensorPEFT (spec inside), or a checkpoint fitting a preset."""
+    """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``), a file saved by
+    TensorPEFT (spec inside), or a checkpoint fitting a preset."""
     from ..models.checkpoints import load_model
 
     return load_model(source)
 
 
 def model_source_of(source: str) -> str:
-    """What an adapter records as its base: a preset name as is, a file as an absolute path."""
-    return source if source in PRESETS and not os.path.exists(source) else os.path.abspath(source)
+    """What an adapter records as its base: a preset or shipped model's name as is, a file as an absolute path."""
+    named = source in PRESETS or is_shipped(source)
+    return source if named and not os.path.exists(source) else os.path.abspath(source)
 
 
 def task_of(model: nn.Module) -> str:

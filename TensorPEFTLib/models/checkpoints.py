@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .presets import PRESETS, PresetError, build_model
+from .shipped import ShippedModelError, is_shipped, shipped_path
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "read_state_dict", "save_model", "load_model", "read_spec",
@@ -326,7 +327,8 @@ def _overrides(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """A model from a preset name (fresh weights), a file saved by :func:`save_model` (rebuilt from its spec, then
+    """A model from a preset name (fresh weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``; hash
+    checked), a file saved by :func:`save_model` (rebuilt from its spec, then
     loaded strictly), or a plain checkpoint that fits exactly one preset (that preset is built).
 
     ``overrides`` apply on top of a preset name only.
@@ -334,6 +336,11 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
     text = str(path_or_preset)
     if text in PRESETS and not os.path.exists(text):
         return build_model(text, **overrides)
+    if is_shipped(text) and not os.path.exists(text):
+        try:
+            text = str(shipped_path(text))  # SHA-256 checked against the model card
+        except ShippedModelError as err:
+            raise CheckpointError(str(err)) from None
     p = Path(text)
     if not p.exists():
         raise CheckpointError(f"{text}: neither a model preset ({', '.join(PRESETS)}) nor an existing file")

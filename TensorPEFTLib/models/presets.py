@@ -109,9 +109,9 @@ PRESETS: dict[str, Preset] = {
             patch_size=(128, 128, 128),
         ),
         Preset(
-            "unetr-small", "segmentation", "small UNETR for CPU work (4 blocks of width 192, 64³)",
+            "unetr-small", "segmentation", "small UNETR for CPU work (4 blocks of width 192, features 8, 64³)",
             make_unetr,
-            dict(num_layers=4, in_channels=1, out_channels=2, img_size=(64, 64, 64), feature_size=16,
+            dict(num_layers=4, in_channels=1, out_channels=2, img_size=(64, 64, 64), feature_size=8,
                  hidden_size=192, mlp_dim=768, num_heads=4, proj_type="conv", norm_name="instance", res_block=True),
             patch_size=(64, 64, 64),
         ),

@@ -1,0 +1,130 @@
+"""Pretraining recipes for the built-in demo models, and their export as shipped weights.
+
+``demo-unetr``: the ``unetr-small`` preset trained from a seeded initialisation on the demo cohort's *source* task
+(thalamus, caudate, putamen, pallidum; never the hippocampus), so fine-tuning to the hippocampus is a real transfer.
+``demo-ddpm``: the ``ddpm-small`` preset trained on the cohort's whole-brain synthesis set.
+
+The export is an fp16 safetensors file with the model spec inside plus a model card (JSON) holding the recipe, data,
+steps, seed, final metrics and the file's SHA-256; ``models.load_model("demo-unetr")`` checks that hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters import AdapterConfig, load_adapter
+from ..models import build_model
+from ..models.shipped import WEIGHTS_DIR, file_sha256
+from .events import Events
+from .runtime import EngineError
+from .trainer import TrainSettings
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    preset: str
+    task_folder: str  # inside the demo cohort
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int = 0
+    eval_every: int = 100
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("demo-unetr", "unetr-small", "subcortical", steps=1000, lr=5e-4, batch_size=2,
+               description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label)"),
+        Recipe("demo-ddpm", "ddpm-small", "synthesis", steps=800, lr=5e-4, batch_size=2, eval_every=100,
+               description="ddpm-small trained from scratch on 32³ whole brains (6 mm)"),
+    ]
+}
+
+
+def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: int | None = None,
+             device: str = "auto", threads: int | None = None, events: Events | None = None,
+             resume: bool = False, ship: bool = False) -> dict[str, Any]:
+    """Run a recipe; writes ``out/run`` (the training run) and ``out/<recipe>.safetensors`` + ``.json`` (card).
+
+    ``ship``: also copy both into the package's ``models/weights/`` (what ``tensorpeft demo`` loads) — for
+    maintainers refreshing the shipped models.
+    """
+    from ..data import build_demo_cohort
+    from ..models.checkpoints import save_model
+    from .jobs import finetune
+
+    if recipe_name not in RECIPES:
+        raise EngineError(f"unknown recipe {recipe_name!r}; choose one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[recipe_name]
+    events = events or Events()
+    os.makedirs(out, exist_ok=True)
+    if cohort is None:
+        cohort = os.path.join(out, "cohort")
+        if not os.path.isfile(os.path.join(cohort, "dataset.json")):
+            events.message(f"building the demo cohort in {cohort} ...")
+            build_demo_cohort(cohort, seed=0)
+    data = os.path.join(cohort, recipe.task_folder)
+
+    init = os.path.join(out, f"{recipe.name}-init.safetensors")
+    if not resume:
+        torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
+        save_model(build_model(recipe.preset, **recipe.overrides), init)
+    run = os.path.join(out, "run")
+    settings = TrainSettings(steps=steps or recipe.steps, lr=recipe.lr, eval_every=recipe.eval_every,
+                             checkpoint_every=recipe.eval_every, seed=recipe.seed, optimizer="adamw")
+    started = time.time()
+    result = finetune(init, data, run, AdapterConfig(method="full"), settings, val=None, device=device,
+                      events=events, resume=resume, overwrite=not resume, batch_size=recipe.batch_size,
+                      threads=threads)
+    if result.status != "completed":
+        raise EngineError(f"pretraining {recipe.name} was cancelled at step {result.step}; continue with --resume")
+
+    # The trained weights: a fresh model of the preset with the run's (full) adapter loaded, exported as fp16.
+    model = build_model(recipe.preset, **recipe.overrides)
+    load_adapter(model, run)
+    del model.tensorpeft  # drop the adapter bookkeeping: with "full" the weights are the whole state
+    model.half()
+    steps_done = result.step
+    losses = [row["loss"] for row in result.history["steps"][-50:]]
+    weights = os.path.join(out, f"{recipe.name}.safetensors")
+    save_model(model, weights, extra={"recipe": recipe.name})
+    card = {
+        "name": recipe.name, "preset": recipe.preset, "overrides": recipe.overrides, "description": recipe.description,
+        "recipe": {**asdict(recipe), "steps": steps_done}, "settings": asdict(settings),
+        "data": {"cohort": "tensorpeft demo-data (seed 0)", "task": recipe.task_folder},
+        "final_metrics": {"mean_training_loss_last_50_steps": round(sum(losses) / len(losses), 5)},
+        "training_seconds": round(time.time() - started, 1), "device": result.history["runtime"]["device_name"],
+        "torch": torch.__version__, "dtype": "float16", "sha256": file_sha256(weights),
+        "command": f"tensorpeft pretrain --recipe {recipe.name} --out {out}",
+    }
+    card_path = os.path.join(out, f"{recipe.name}.json")
+    with open(card_path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(card, handle, indent=2)
+    os.replace(card_path + ".tmp", card_path)
+    events.message(f"wrote {weights} and its model card {card_path}")
+    if ship:
+        ship_model(weights, card_path)
+        events.message(f"shipped: {WEIGHTS_DIR / os.path.basename(weights)}")
+    return card
+
+
+def ship_model(weights: str, card_path: str) -> None:
+    """Copy a pretrained model and its card into the package (atomically; the card last, so a half-copied pair is
+    never taken as valid: the hash check would refuse it anyway)."""
+    import shutil
+
+    os.makedirs(WEIGHTS_DIR, exist_ok=True)
+    for source in (weights, card_path):
+        target = WEIGHTS_DIR / os.path.basename(source)
+        shutil.copyfile(source, str(target) + ".tmp")
+        os.replace(str(target) + ".tmp", target)

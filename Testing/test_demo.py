@@ -1,0 +1,88 @@
+"""The README's main job (issue 7): shipped models with checked hashes, and `tensorpeft demo --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from TensorPEFTLib.data import read_volume
+from TensorPEFTLib.models import SHIPPED_MODELS, CheckpointError, load_model, model_card, shipped
+from TensorPEFTLib.models.shipped import WEIGHTS_DIR, file_sha256
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def test_shipped_models_are_small_fp16_and_match_their_cards():
+    total = 0
+    for name in SHIPPED_MODELS:
+        card = model_card(name)
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        assert file_sha256(path) == card["sha256"]
+        assert card["dtype"] == "float16" and card["recipe"]["steps"] >= 1 and "seed" in card["recipe"]
+        assert {"final_metrics", "data", "command", "preset"} <= set(card)
+        total += path.stat().st_size
+        model = load_model(name)  # by name, hash checked
+        from monai.networks.nets import UNETR, DiffusionModelUNet
+
+        assert isinstance(model, (UNETR, DiffusionModelUNet))
+        assert getattr(model, "tensorpeft_spec", {}).get("preset") == card["preset"]
+    assert total < 25e6, total
+
+
+def test_a_damaged_shipped_model_is_refused(tmp_path, monkeypatch):
+    for name in SHIPPED_MODELS:
+        shutil.copy(WEIGHTS_DIR / f"{name}.json", tmp_path)
+        shutil.copy(WEIGHTS_DIR / f"{name}.safetensors", tmp_path)
+    damaged = tmp_path / "demo-unetr.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in the weights
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", tmp_path)
+    shipped.shipped_path.cache_clear()
+    try:
+        with pytest.raises(CheckpointError, match="does not match its model card"):
+            load_model("demo-unetr")
+        os.remove(damaged)
+        with pytest.raises(CheckpointError, match="missing"):
+            load_model("demo-unetr")
+    finally:
+        shipped.shipped_path.cache_clear()
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "TensorPEFTLib.cli", "demo", "--quick", "--json", "--out", str(out), "--threads", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    base, adapted = summary["segmentation"]
+    assert base["model"] == "base" and adapted["method"] == "lora-pt" and adapted["rank"] == 1
+    assert {"heldout", "unseen-template"} <= set(adapted) and 0.0 <= adapted["heldout"]["dice"] <= 1.0
+    assert 0 < adapted["trainable"] < adapted["total_parameters"]
+    for row in summary["cases"]:  # masks on each image's exact grid
+        image = read_volume(out / "cohort" / "hippocampus" / "imagesTs" / f"{row['case']}.nii.gz")
+        mask = read_volume(os.path.join(adapted["masks"], f"{row['case']}.nii.gz"))
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+    syn = summary["synthesis"]
+    assert syn["method"] == "tenvoo-l" and len(syn["volumes"]) == 2 and all(os.path.isfile(v) for v in syn["volumes"])
+    assert np.isfinite(syn["mmd_to_target"]["base"]) and np.isfinite(syn["mmd_to_target"]["adapted"])
+    for png in (summary["png"], syn["png"]):
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(out / "summary.json"))["segmentation"]["adapted"][0]["method"] == "lora-pt"
+
+
+def test_demo_bad_options_are_one_line_errors(tmp_path, capsys):
+    from TensorPEFTLib.cli import main
+
+    assert main(["demo", "--quick", "--rank", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--rank must be at least 1" in err and "Traceback" not in err
+    assert main(["demo", "--quick", "--method", "nope", "--no-synthesis", "--out", str(tmp_path / "y")]) == 2
+    assert "nope" in capsys.readouterr().err
