@@ -3,24 +3,44 @@
     import TensorPEFTLib as tp
     model = tp.build_model("unetr-small")
     report = tp.inject(model, tp.AdapterConfig(method="lora-pt", rank=1))
+
+The public names are imported on first use (PEP 562), so torch-free parts — ``TensorPEFTLib.worker``,
+``TensorPEFTLib.slicer_io``, ``TensorPEFTLib.data`` IO — load without torch: the 3D Slicer module draws itself before
+PyTorch is even installed.
 """
 
-from .adapters import (
-    AdapterConfig,
-    AdapterError,
-    count_parameters,
-    inject,
-    load_adapter,
-    merge,
-    method_names,
-    save_adapter,
-    unmerge,
-)
-from .models import PRESETS, build_model
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "AdapterConfig": "adapters", "AdapterError": "adapters", "count_parameters": "adapters", "inject": "adapters",
+    "load_adapter": "adapters", "merge": "adapters", "method_names": "adapters", "save_adapter": "adapters",
+    "unmerge": "adapters", "PRESETS": "models", "build_model": "models",
+}
 
 __all__ = [
     "AdapterConfig", "AdapterError", "PRESETS", "build_model", "count_parameters", "inject", "load_adapter",
     "merge", "method_names", "save_adapter", "unmerge", "__version__",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .adapters import (AdapterConfig, AdapterError, count_parameters, inject, load_adapter, merge, method_names,
+                           save_adapter, unmerge)
+    from .models import PRESETS, build_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
