@@ -333,7 +333,8 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.parameterCountLabel.text = _("install the dependencies to count parameters")
             return
         source = tpw.DEMO_MODELS[p.modelKind] if p.useDemoModel else _path(p.checkpointPath)
-        preset = tpw.count_preset(p.modelKind, source)
+        # `tensorpeft params` counts a shipped model, a preset or the user's own checkpoint file as it is
+        preset = source if source and (source in tpw.DEMO_PRESETS or os.path.isfile(source)) else tpw.count_preset(p.modelKind, source)
         args = tpw.params_args(preset, p.method, p.rank, p.alpha or None)
         self.countJob = self.logic.startJob(args, name="parameter count",
                                             on_finished=lambda result, preset=preset: self.onParameterCount(result, preset))

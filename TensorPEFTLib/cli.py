@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="count total / trainable / adapter parameters",
                        description="Count the parameters a method trains on a model preset.")
     p.add_argument("--model", default="unetr-paper",
-                   help="model preset or shipped model (default unetr-paper; see `tensorpeft models`)")
+                   help="model preset, shipped model or checkpoint file (default unetr-paper; see `tensorpeft models`)")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)

@@ -73,3 +73,14 @@ def test_config_file_errors(capsys, tmp_path):
 def test_console_entry_point_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "TensorPEFTLib.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "methods" in result.stdout and "params" in result.stdout
+
+
+def test_params_counts_a_checkpoint_file_as_it_is(capsys, tmp_path):
+    """The Slicer panel counts a user's own checkpoint: params loads it instead of assuming the paper preset."""
+    from TensorPEFTLib.models import build_model, save_model
+
+    path = str(tmp_path / "mine.safetensors")
+    save_model(build_model("unetr-small", out_channels=3), path)
+    code, out, _ = run_cli(capsys, "params", "--model", path, "--method", "lora", "--rank", "2", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["base_total"] == sum(p.numel() for p in build_model("unetr-small", out_channels=3).parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..adapters import AdapterConfig, all_methods, inject
@@ -48,9 +49,16 @@ def list_models() -> list[dict[str, Any]]:
 
 
 def parameter_report(model_name: str, cfg: AdapterConfig) -> dict[str, Any]:
-    """Build a preset (or a shipped model's preset), inject ``cfg`` and count: total, trainable, adapter parameters
-    and trainable %. Weights are not loaded: counts do not depend on them."""
-    preset, overrides = _preset_of(model_name)
-    model = build_model(preset, **overrides)
+    """Build the model, inject ``cfg`` and count: total, trainable, adapter parameters and trainable %.
+
+    ``model_name``: a preset, a shipped model (built from its card's preset: counts do not depend on weights) or a
+    checkpoint file (loaded, so a user's own architecture is counted as it is)."""
+    if os.path.exists(model_name):
+        from ..models import load_model
+
+        model = load_model(model_name)
+    else:
+        preset, overrides = _preset_of(model_name)
+        model = build_model(preset, **overrides)
     report = inject(model, cfg)
     return {"model": model_name, **report}
