@@ -399,7 +399,6 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo_data)
 
-
     p = sub.add_parser("pretrain", help="train a built-in demo model from scratch (recipes)",
                        description="Run a pretraining recipe (demo-unetr, demo-ddpm) on the demo cohort and export fp16 "
                                    "weights with a model card (recipe, data, steps, seed, metrics, SHA-256).")
