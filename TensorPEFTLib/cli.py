@@ -256,7 +256,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     events = _events(args)
     result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), elastic=args.elastic,
+                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), elastic=args.elastic, flip=args.flip,
                       threads=args.threads)
     events.close()
     if result.status == "cancelled":
@@ -343,6 +343,9 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--patch-size", default=None, help="training patch, e.g. 64 or 128x128x96 (default: the model's size)")
     t.add_argument("--spacing", default=None, help="resample to this voxel size in mm first (default: keep)")
     t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
+    t.add_argument("--flip", choices=["all", "lr", "none"], default="all",
+                   help="random flips in segmentation training: all axes (LoRA-PT recipe, default), lr (left-right only, "
+                        "plausible for brain anatomy) or none")
     t.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
     t.add_argument("--checkpoint-every", type=int, default=50, help="write a resumable checkpoint every N steps")
     t.add_argument("--seed", type=int, default=0, help="seed: the same seed on CPU gives the same adapter")
@@ -420,7 +423,8 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--out", default="tensorpeft-demo", help="output folder (default ./tensorpeft-demo)")
     p.add_argument("--method", default="lora-pt", help="adapter for the UNETR (default lora-pt; see `tensorpeft methods`)")
     p.add_argument("--methods", default=None, metavar="A,B,...",
-                   help="compare several adapters on the same split in one table (overrides --method)")
+                   help="compare several adapters on the same split in one table, each NAME or NAME:RANK "
+                        "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
     p.add_argument("--subjects", type=int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="UNETR fine-tuning steps (default 240; 4 with --quick)")

@@ -79,6 +79,7 @@ def train_transforms(
     pos: float = 1.0,
     neg: float = 1.0,
     flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (0, 1, 2),
     shift: float = 0.1,
     scale: float = 0.1,
     elastic: bool = False,
@@ -90,7 +91,8 @@ def train_transforms(
     Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` → intensity normalisation
     (``percentile``: 0.5–99.5 % → [0, 1]; ``zscore``: non-zero voxels) → crop to the foreground of the image → pad
     to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg`` →
-    random flips on each axis (``flip_prob``) → intensity shift ±``shift`` and scale ±``scale`` → optional
+    random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
+    anatomically plausible flip for brain structures) → intensity shift ±``shift`` and scale ±``scale`` → optional
     ``Rand3DElasticd`` (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
     """
     mt = _monai()
@@ -108,7 +110,7 @@ def train_transforms(
                                   num_samples=num_samples, image_key="image", image_threshold=0.0),
     ]
     if flip_prob > 0:
-        steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
+        steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes]
     if shift > 0:
         steps.append(mt.RandShiftIntensityd("image", offsets=shift, prob=1.0))
     if scale > 0:

@@ -42,6 +42,7 @@ class DemoSettings:
     seg_steps: int = 240
     seg_lr: float = 1e-3
     seg_eval_every: int = 40
+    seg_flip: str = "lr"       # the cohort is RAS-aligned brains: only left-right flips give plausible anatomy
     syn_method: str = "tenvoo-l"
     syn_rank: int = 4
     syn_steps: int = 60
@@ -157,7 +158,7 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
     events.message(f"fine-tuning {SEG_MODEL} with {method} (rank {rank}) on {settings.subjects} subjects ...")
     started = time.time()
     result = finetune(SEG_MODEL, split["train"], run, cfg, train, val=split["val"], device=device, events=events,
-                      overwrite=True, threads=threads)
+                      overwrite=True, threads=threads, flip=settings.seg_flip)
     seconds = time.time() - started
     if result.status != "completed":
         raise EngineError(f"fine-tuning {method} was cancelled at step {result.step}")
@@ -284,6 +285,18 @@ def case_table(base: dict[str, Any], adapted: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def _method_and_rank(text: str, default_rank: int) -> tuple[str, int]:
+    """``lora-pt`` or ``tcurlora:8`` (a method with its own rank)."""
+    name, _, rank = text.partition(":")
+    try:
+        value = int(rank) if rank else default_rank
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise EngineError(f"--methods {text!r}: write NAME or NAME:RANK with a rank >= 1, e.g. tcurlora:8")
+    return name.strip(), value
+
+
 def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequence[str] | None = None,
              device: str = "auto", threads: int | None = None, events: Events | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
@@ -295,15 +308,15 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
     os.makedirs(out, exist_ok=True)
     for name in (SEG_MODEL,) + ((SYN_MODEL,) if settings.synthesis else ()):
         shipped_path(name)  # fail before any work if a shipped model is missing or damaged
-    methods = list(methods) if methods else [settings.method]
+    runs = [_method_and_rank(m, settings.rank) for m in (methods or [settings.method])]
     cohort = build_cohort(out, settings, events)
     split = split_hippocampus(cohort, out, settings)
 
     events.message(f"segmenting {len(split['groups'])} test subjects with {SEG_MODEL} as shipped ...")
     base = segment_and_score(SEG_MODEL, None, split, os.path.join(out, "masks", "base"), device=device,
                              threads=threads, events=events)
-    results = [finetune_segmentation(m, settings.rank, split, out, settings, device=device, threads=threads,
-                                     events=events) for m in methods]
+    results = [finetune_segmentation(m, r, split, out, settings, device=device, threads=threads, events=events)
+               for m, r in runs]
     first = results[0]
     report = overlay_report(os.path.join(out, "segmentation.png"), split, os.path.join(out, "masks", "base"), first)
     summary: dict[str, Any] = {

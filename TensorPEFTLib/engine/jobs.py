@@ -17,6 +17,8 @@ from .runtime import EngineError, Runtime, select_runtime
 from .trainer import TrainResult, Trainer, TrainSettings, checkpoint_path
 
 TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
+#: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right)
+FLIP_AXES = {"all": (0, 1, 2), "lr": (0,), "none": ()}
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -70,11 +72,16 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              val: str | None = None, device: str = "auto", amp: str = "auto", events: Events | None = None,
              resume: bool = False, overwrite: bool = False, batch_size: int | None = None,
              patch_size: Sequence[int] | None = None, pixdim: Sequence[float] | None = None, elastic: bool = False,
+             flip: str = "all",
              threads: int | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
+    ``flip``: random flips in segmentation training on ``all`` axes (the LoRA-PT recipe), ``lr`` (left-right only:
+    anatomically plausible for brain structures) or ``none``.
     """
+    if flip not in FLIP_AXES:
+        raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
     from ..data import find_cases, validate_cases
 
     events = events or Events()
@@ -119,7 +126,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         from .segmentation import SegmentationTask
 
         task: Any = SegmentationTask(train_cases, val_cases, patch_size=size, num_classes=num_classes, runtime=runtime,
-                                     batch_size=batch_size or 2, pixdim=pixdim, elastic=elastic)
+                                     batch_size=batch_size or 2, pixdim=pixdim, elastic=elastic,
+                                     flip_axes=FLIP_AXES[flip])
     else:
         from .synthesis import SynthesisTask
 

@@ -43,8 +43,12 @@ def view_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
 
 
 def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The mask voxel nearest to the mask's centroid (the volume's centre if it is empty). Not the centroid itself:
+    for a bilateral structure (both hippocampi) that lies on the midline, where a sagittal slice shows no mask."""
     if mask is not None and mask.any():
-        return tuple(int(round(c)) for c in np.argwhere(mask > 0).mean(axis=0))  # type: ignore[return-value]
+        voxels = np.argwhere(mask > 0)
+        nearest = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
+        return tuple(int(c) for c in nearest)  # type: ignore[return-value]
     return tuple(s // 2 for s in shape)  # type: ignore[return-value]
 
 
