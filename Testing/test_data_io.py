@@ -177,3 +177,19 @@ def test_monai_pipeline_and_inverse_put_prediction_on_the_input_grid(tmp_path, i
     np.testing.assert_allclose(np.asarray(back.affine, dtype=np.float64), original.affine, atol=1e-4)
     write_volume(tmp_path / "pred.nii.gz", torch.as_tensor(back[0]).to(torch.uint8), like=original)
     np.testing.assert_allclose(read_volume(tmp_path / "pred.nii.gz").affine, original.affine, atol=1e-5)
+
+
+def test_flip_axes_choose_which_random_flips_run():
+    """``--flip lr`` trains with left-right flips only (axis 0 after RAS orientation); ``none`` with no flips."""
+    from monai.transforms import RandFlipd
+
+    from TensorPEFTLib.data import train_transforms
+    from TensorPEFTLib.engine.jobs import FLIP_AXES
+
+    def flips(axes):
+        return [t.flipper.spatial_axis for t in train_transforms((16, 16, 16), flip_axes=axes).transforms
+                if isinstance(t, RandFlipd)]
+
+    assert flips(FLIP_AXES["all"]) == [0, 1, 2]
+    assert flips(FLIP_AXES["lr"]) == [0]
+    assert flips(FLIP_AXES["none"]) == []
