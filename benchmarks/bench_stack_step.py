@@ -17,7 +17,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,38 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import TensorPEFTLib as tp  # noqa: E402
-
-
-def parse_methods(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        name, _, rank = item.strip().partition(":")
-        out.append((name, int(rank or 1)))
-    return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from benchmarks.harness import cpu_name, fmt_load, load_average, monai_version, parse_methods, train_step  # noqa: E402
 
 
 def group_time(model: torch.nn.Module, reps: int, device: str) -> float:
@@ -98,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = parse_methods(args.methods)
     device = args.device
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     base = tp.build_model("unetr-paper", img_size=(args.patch,) * 3)
     models, opts, info = {}, {}, {}
     for name, rank in methods:
@@ -114,27 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     del base
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, *(args.patch,) * 3, generator=gen).to(device)
-    y = torch.randint(0, 2, (1, *(args.patch,) * 3), generator=gen).to(device)
+    batch = {"x": torch.randn(1, 1, *(args.patch,) * 3, generator=gen).to(device),
+             "y": torch.randint(0, 2, (1, *(args.patch,) * 3), generator=gen).to(device)}
     times: dict[str, list[float]] = {k: [] for k in models}
     for round_ in range(args.warmup + args.steps):
         for key, model in models.items():
-            t = step(model, opts[key], x, y, device)
+            t, _ = train_step(model, opts[key], batch, device)
             if round_ >= args.warmup:
                 times[key].append(t)
             print(f"# round {round_} {key}: {t:.2f} s", file=sys.stderr, flush=True)
     for key, model in models.items():
         info[key]["group_s"] = group_time(model, args.group_reps, device)
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_after = load_average()
 
     ref_key = next((k for k in models if k.startswith("lora ")), next(iter(models)))
     ref = statistics.median(times[ref_key])
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
     print(f"Training step of unetr-paper at {args.patch}³, batch 1 (forward + backward + Adam), {dev_name}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), MONAI {_monai_version()}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), MONAI {monai_version()}, "
           f"{datetime.date.today().isoformat()}")
     print(f"Rounds: {args.warmup} warm-up + {args.steps} timed, methods interleaved. Load average before/after: "
-          f"{_fmt_load(load_before)} / {_fmt_load(load_after)}.")
+          f"{fmt_load(load_before)} / {fmt_load(load_after)}.")
     print()
     print("| method | trainable | adapter | inject (s) | step median (s) | steps (s) | vs lora | all ΔW materialised, fwd+bwd (s) |")
     print("|---|---:|---:|---:|---:|---|---:|---:|")
@@ -146,19 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key} | {row['trainable']:,} | {row['adapter']:,} | {row['inject_s']:.1f} | {med:.2f} | {steps} | "
               f"{med / ref:.3f}× | {group} |")
     return 0
-
-
-def _monai_version() -> str:
-    try:
-        import monai
-
-        return monai.__version__
-    except ImportError:
-        return "not installed"
-
-
-def _fmt_load(load: tuple[float, float, float] | None) -> str:
-    return "n/a" if load is None else ", ".join(f"{v:.2f}" for v in load)
 
 
 if __name__ == "__main__":
