@@ -16,7 +16,7 @@ from TensorPEFTLib.adapters.quanta import QuanTALayer, TENVOO_CHANNEL_TABLE, qua
 from TensorPEFTLib.adapters.tenvoo import TenVOOLayer, tenvoo_parameter_count
 
 from adapter_checks import check_merge_unmerge_save_load, ddpm_out, train_steps
-from conftest import tiny_ddpm
+from conftest import ddpm_input, tiny_ddpm
 
 VARIANTS = ["tenvoo-l", "tenvoo-q"]
 
@@ -188,3 +188,19 @@ def test_channel_sizes_and_errors():
     assert layer.in_factors == (4, 3, 3) and layer.out_factors == (17, 2, 1)
     with pytest.raises(AdapterError, match="grouped"):
         TenVOOLayer(nn.Conv3d(8, 8, 3, groups=2), tp.AdapterConfig(method="tenvoo-l"), "g", "l")
+
+
+@pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q", "quanta"])
+def test_frozen_copy_cancels_under_bf16_autocast(method):
+    """Under autocast (the engine's default on CUDA) the network is still contracted in float32: ΔW is exactly zero
+    at injection and the adapted model's output equals the base model's under the same autocast."""
+    model = tiny_ddpm()
+    x, t = ddpm_input()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x, timesteps=t).float()
+    tp.inject(model, tp.AdapterConfig(method=method, rank=3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(not layer.delta_weight().any() for _, layer in adapter_layers(model))
+        adapted = model(x, timesteps=t).float()
+    assert (adapted - reference).abs().max().item() <= 1e-5
