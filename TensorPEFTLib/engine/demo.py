@@ -47,8 +47,8 @@ class DemoSettings:
     syn_rank: int = 4
     syn_steps: int = 60
     syn_lr: float = 1e-3
-    syn_count: int = 4
-    syn_sampler_steps: int = 50
+    syn_count: int = 3
+    syn_sampler_steps: int = 25    # DDIM steps; 50 pushed the 2-core CPU demo past 10 minutes (base + adapted samples)
     synthesis: bool = True
     seed: int = 0
     cohort: dict[str, Any] = field(default_factory=dict)  # build_demo_cohort overrides
