@@ -46,7 +46,7 @@ class DemoSettings:
     syn_method: str = "tenvoo-l"
     syn_rank: int = 4
     syn_steps: int = 60
-    syn_lr: float = 1e-3
+    syn_lr: float = 1e-4            # 1e-3 turned the samples into blobs within 60 steps (the TenVOO paper: 1e-5..5e-5)
     syn_count: int = 3
     syn_sampler_steps: int = 25    # DDIM steps; 50 pushed the 2-core CPU demo past 10 minutes (base + adapted samples)
     synthesis: bool = True
