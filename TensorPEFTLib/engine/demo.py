@@ -180,7 +180,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
     """Fine-tune the shipped DDPM towards the ICBM 2009c brains, synthesize, and compare MMD before/after."""
     from ..data import find_cases, read_volume
     from .evaluate import evaluate_synthesis
-    from .jobs import _unit, finetune, synthesize
+    from .jobs import finetune, synthesize, unit_range_like
 
     data = os.path.join(cohort, "synthesis-icbm")
     run = os.path.join(out, f"ddpm-{settings.syn_method}-r{settings.syn_rank}")
@@ -203,7 +203,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
     base = synthesize(os.path.join(out, "synthesis-base"), settings.syn_count, model_source=SYN_MODEL, **common)
     real = [np.asarray(read_volume(c["image"]).array, np.float32) for c in find_cases(data, require_labels=False)]
     shape = np.asarray(read_volume(adapted[0]).array).shape
-    real = [_unit(v, shape) for v in real]
+    real = [unit_range_like(v, shape) for v in real]
 
     def mmd(paths: list[str]) -> float:
         gen = [np.asarray(read_volume(p).array, np.float32) for p in paths]

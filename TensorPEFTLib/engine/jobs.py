@@ -292,11 +292,11 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
     if kind != "synthesis":
         raise EngineError(f"--kind {kind!r}: choose auto, segmentation or synthesis")
     gen = [np.asarray(read_volume(p).array, dtype=np.float32) for p in preds]
-    real = [_unit(np.asarray(read_volume(r).array, dtype=np.float32), gen[0].shape) for r in refs]
+    real = [unit_range_like(np.asarray(read_volume(r).array, dtype=np.float32), gen[0].shape) for r in refs]
     return {"kind": kind, "mean": evaluate_synthesis(gen, real)}
 
 
-def _unit(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def unit_range_like(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """A real volume brought to the generated volumes' [0, 1] range and shape (MONAI transforms, as in training)."""
     from monai.transforms import ResizeWithPadOrCrop, ScaleIntensityRangePercentiles
 
