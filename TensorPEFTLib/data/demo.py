@@ -317,9 +317,11 @@ def _rng(seed: int, task: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), task, index]))
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
+    path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -440,7 +442,7 @@ def build_demo_cohort(
         "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")],
     }
     hippo_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(hippo_dir / "dataset.json", hippo_json)
+    write_json(hippo_dir / "dataset.json", hippo_json)
     tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
                                              "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen}}
 
@@ -465,7 +467,7 @@ def build_demo_cohort(
             s_training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz",
                                "name": name, "template": "mni152"})
             tick()
-        _write_json(source_dir / "dataset.json", {
+        write_json(source_dir / "dataset.json", {
             "name": "TensorPEFT demo: subcortical source task",
             "description": "Pre-training task: deep grey nuclei (Harvard-Oxford thalamus, caudate, putamen, pallidum, "
                            "left+right) on simulated T1 subjects; hippocampus and amygdala are never labelled, so "
@@ -499,7 +501,7 @@ def build_demo_cohort(
             files += 1
             s_training.append({"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": template_key})
             tick()
-        _write_json(synth_dir / "dataset.json", {
+        write_json(synth_dir / "dataset.json", {
             "name": f"TensorPEFT demo: brain synthesis ({template_key})",
             "description": f"Whole-brain T1 volumes at {synth_spacing:g} mm ({'x'.join(map(str, synth_shape))}) for "
                            + purpose,
@@ -519,7 +521,7 @@ def build_demo_cohort(
                       n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target, source_multiclass=source_multiclass, seg_shape=list(seg_shape),
                       seg_spacing=seg_spacing, synth_shape=list(synth_shape), synth_spacing=synth_spacing,
                       rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
-    _write_json(out / "dataset.json", {
+    write_json(out / "dataset.json", {
         "name": "TensorPEFT demo cohort", "tensorpeft_demo": True,
         "tasks": {k: os.path.basename(v["path"]) for k, v in tasks.items()},
         "parameters": parameters, "sources": sources,

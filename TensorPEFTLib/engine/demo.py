@@ -85,10 +85,9 @@ def build_cohort(out: str, settings: DemoSettings, events: Events) -> str:
 
 
 def _write_datalist(path: str, training: list[dict[str, Any]]) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"training": training}, handle, indent=1)
-    os.replace(tmp, path)
+    from ..data.demo import write_json
+
+    write_json(path, {"training": training})
     return path
 
 
@@ -138,11 +137,11 @@ def _scores(masks: str, split: dict[str, Any]) -> dict[str, Any]:
 
 
 def segment_and_score(model: str | None, adapter: str | None, split: dict[str, Any], masks: str, *, device: str,
-                      threads: int | None, events: Events) -> dict[str, Any]:
+                      threads: int | None) -> dict[str, Any]:
     from .jobs import segment
 
-    quiet = Events(quiet=True)
-    segment(split["images"], masks, model_source=model, adapter=adapter, device=device, threads=threads, events=quiet)
+    segment(split["images"], masks, model_source=model, adapter=adapter, device=device, threads=threads,
+            events=Events(quiet=True))
     return _scores(masks, split)
 
 
@@ -164,7 +163,7 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
         raise EngineError(f"fine-tuning {method} was cancelled at step {result.step}")
     saved = json.load(open(os.path.join(run, "adapter_config.json"), encoding="utf-8"))
     scores = segment_and_score(None, run, split, os.path.join(out, "masks", f"{method}-r{rank}"), device=device,
-                               threads=threads, events=events)
+                               threads=threads)
     return {"method": method, "rank": rank, "adapter": run, "train_seconds": round(seconds, 1),
             "trainable": saved["trainable"], "adapter_parameters": saved["adapter_parameters"],
             "total_parameters": saved["total_parameters"], "best_val_dice": result.best,
@@ -300,6 +299,7 @@ def _method_and_rank(text: str, default_rank: int) -> tuple[str, int]:
 def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequence[str] | None = None,
              device: str = "auto", threads: int | None = None, events: Events | None = None) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
+    from ..data.demo import write_json
     from ..models import shipped_path
 
     settings = settings or DemoSettings()
@@ -314,7 +314,7 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
 
     events.message(f"segmenting {len(split['groups'])} test subjects with {SEG_MODEL} as shipped ...")
     base = segment_and_score(SEG_MODEL, None, split, os.path.join(out, "masks", "base"), device=device,
-                             threads=threads, events=events)
+                             threads=threads)
     results = [finetune_segmentation(m, r, split, out, settings, device=device, threads=threads, events=events)
                for m, r in runs]
     first = results[0]
@@ -329,9 +329,7 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
         summary["synthesis"] = finetune_synthesis(cohort, out, settings, device=device, threads=threads, events=events)
     summary["seconds"] = round(time.time() - started, 1)
     path = os.path.join(out, "summary.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    write_json(path, summary)
     return summary
 
 

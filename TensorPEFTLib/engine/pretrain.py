@@ -10,7 +10,6 @@ steps, seed, final metrics and the file's SHA-256; ``models.load_model("demo-une
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +59,7 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
     maintainers refreshing the shipped models.
     """
     from ..data import build_demo_cohort
+    from ..data.demo import write_json
     from ..models.checkpoints import save_model
     from .jobs import finetune
 
@@ -108,9 +108,7 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
         "command": f"tensorpeft pretrain --recipe {recipe.name} --out {out}",
     }
     card_path = os.path.join(out, f"{recipe.name}.json")
-    with open(card_path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(card, handle, indent=2)
-    os.replace(card_path + ".tmp", card_path)
+    write_json(card_path, card)
     events.message(f"wrote {weights} and its model card {card_path}")
     if ship:
         ship_model(weights, card_path)
