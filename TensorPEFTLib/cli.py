@@ -256,7 +256,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     events = _events(args)
     result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), elastic=args.elastic, flip=args.flip,
+                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), affine=args.affine, elastic=args.elastic,
+                      flip=args.flip,
                       threads=args.threads)
     events.close()
     if result.status == "cancelled":
@@ -342,6 +343,9 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps (default 1)")
     t.add_argument("--patch-size", default=None, help="training patch, e.g. 64 or 128x128x96 (default: the model's size)")
     t.add_argument("--spacing", default=None, help="resample to this voxel size in mm first (default: keep)")
+    t.add_argument("--affine", action="store_true",
+                   help="random rotation (±10°), scaling (±10 %%) and shift (±8 voxels) of each training patch: advised "
+                        "with few subjects, so the model learns what a structure looks like rather than where it sits")
     t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
     t.add_argument("--flip", choices=["all", "lr", "none"], default="all",
                    help="random flips in segmentation training: all axes (LoRA-PT recipe, default), lr (left-right only, "

@@ -193,3 +193,36 @@ def test_flip_axes_choose_which_random_flips_run():
     assert flips(FLIP_AXES["all"]) == [0, 1, 2]
     assert flips(FLIP_AXES["lr"]) == [0]
     assert flips(FLIP_AXES["none"]) == []
+
+
+def test_affine_augmentation_moves_image_and_label_together(tmp_path):
+    """``affine=True``: with a volume no larger than the patch the crop alone never moves the anatomy; the random
+    affine does, by voxels, and the label stays on the image's bright structure."""
+    from TensorPEFTLib.data import train_transforms
+
+    image = np.full((24, 24, 24), 0.2, np.float32)
+    label = np.zeros((24, 24, 24), np.uint8)
+    image[8:14, 10:16, 9:13] = 1.0
+    label[8:14, 10:16, 9:13] = 1
+    eye = np.eye(4)
+    write_volume(tmp_path / "img.nii.gz", image, eye)
+    write_volume(tmp_path / "lab.nii.gz", label, eye)
+    case = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+    def centroids(affine: bool) -> list[np.ndarray]:
+        pipeline = train_transforms((24, 24, 24), affine=affine, flip_prob=0.0, shift=0.0, scale=0.0,
+                                    crop_foreground=False, seed=3)
+        out = []
+        for _ in range(8):
+            sample = pipeline(case)
+            sample = sample[0] if isinstance(sample, list) else sample
+            img, lab = np.asarray(sample["image"])[0], np.asarray(sample["label"])[0] > 0
+            assert lab.sum() > 20
+            assert img[lab].mean() > 0.8 > img[~lab].mean()  # the label is where the structure is
+            out.append(np.argwhere(lab).mean(0))
+        return out
+
+    still = centroids(False)
+    assert max(np.abs(c - still[0]).max() for c in still) < 1e-6
+    moved = centroids(True)
+    assert max(np.abs(c - moved[0]).max() for c in moved) > 2.0

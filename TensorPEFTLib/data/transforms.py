@@ -82,6 +82,7 @@ def train_transforms(
     flip_axes: Sequence[int] = (0, 1, 2),
     shift: float = 0.1,
     scale: float = 0.1,
+    affine: bool = False,
     elastic: bool = False,
     crop_foreground: bool = True,
     seed: int | None = None,
@@ -92,8 +93,13 @@ def train_transforms(
     (``percentile``: 0.5–99.5 % → [0, 1]; ``zscore``: non-zero voxels) → crop to the foreground of the image → pad
     to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg`` →
     random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
-    anatomically plausible flip for brain structures) → intensity shift ±``shift`` and scale ±``scale`` → optional
-    ``Rand3DElasticd`` (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
+    anatomically plausible flip for brain structures) → optional ``RandAffined`` (``affine``: rotation ±10°, scale
+    ±10 %, shift ±8 voxels, p=0.8) → intensity shift ±``shift`` and scale ±``scale`` → optional ``Rand3DElasticd``
+    (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
+
+    ``affine`` matters most with a handful of subjects whose volumes are barely larger than the patch: the random crop
+    then hardly moves the anatomy, and a UNETR (absolute position embeddings) learns *where* a structure sits in the
+    patch instead of what it looks like, so it misses it on a subject that is scaled or rotated a little.
     """
     mt = _monai()
     keys = ["image", "label"]
@@ -111,6 +117,9 @@ def train_transforms(
     ]
     if flip_prob > 0:
         steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes]
+    if affine:
+        steps.append(mt.RandAffined(keys, prob=0.8, rotate_range=(np.deg2rad(10.0),) * 3, scale_range=(0.1,) * 3,
+                                    translate_range=(8,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"))
     if shift > 0:
         steps.append(mt.RandShiftIntensityd("image", offsets=shift, prob=1.0))
     if scale > 0:

@@ -71,14 +71,15 @@ def num_classes_of(model: nn.Module) -> int:
 def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, settings: TrainSettings, *,
              val: str | None = None, device: str = "auto", amp: str = "auto", events: Events | None = None,
              resume: bool = False, overwrite: bool = False, batch_size: int | None = None,
-             patch_size: Sequence[int] | None = None, pixdim: Sequence[float] | None = None, elastic: bool = False,
-             flip: str = "all",
+             patch_size: Sequence[int] | None = None, pixdim: Sequence[float] | None = None, affine: bool = False,
+             elastic: bool = False, flip: str = "all",
              threads: int | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
     ``flip``: random flips in segmentation training on ``all`` axes (the LoRA-PT recipe), ``lr`` (left-right only:
-    anatomically plausible for brain structures) or ``none``.
+    anatomically plausible for brain structures) or ``none``. ``affine``: random rotation / scaling / shift of each
+    training patch (see :func:`~TensorPEFTLib.data.train_transforms`), advised with few subjects.
     """
     if flip not in FLIP_AXES:
         raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
@@ -126,7 +127,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         from .segmentation import SegmentationTask
 
         task: Any = SegmentationTask(train_cases, val_cases, patch_size=size, num_classes=num_classes, runtime=runtime,
-                                     batch_size=batch_size or 2, pixdim=pixdim, elastic=elastic,
+                                     batch_size=batch_size or 2, pixdim=pixdim, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip])
     else:
         from .synthesis import SynthesisTask

@@ -28,7 +28,7 @@ class SegmentationTask:
 
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, patch_size: Sequence[int], num_classes: int,
                  runtime: Runtime, batch_size: int = 2, pixdim: Sequence[float] | None = None,
-                 sw_batch_size: int = 2, overlap: float = 0.25, elastic: bool = False,
+                 sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2)) -> None:
         from monai.data import CacheDataset
         from monai.losses import DiceCELoss
@@ -38,7 +38,8 @@ class SegmentationTask:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.num_classes, self.runtime, self.batch_size = num_classes, runtime, batch_size
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
-        self.train_transform = train_transforms(self.patch_size, pixdim=pixdim, elastic=elastic, flip_axes=flip_axes)
+        self.train_transform = train_transforms(self.patch_size, pixdim=pixdim, affine=affine, elastic=elastic,
+                                                flip_axes=flip_axes)
         # CacheDataset keeps the deterministic prefix (load, orient, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
