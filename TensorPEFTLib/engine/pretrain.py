@@ -35,6 +35,8 @@ class Recipe:
     batch_size: int
     seed: int = 0
     eval_every: int = 100
+    affine: bool = False  # random affine augmentation of the training patches (segmentation)
+    flip: str = "all"     # random flips (segmentation): all / lr / none
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -42,8 +44,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
-        Recipe("demo-unetr", "unetr-small", "subcortical", steps=1000, lr=5e-4, batch_size=2,
-               description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label)"),
+        # Affine augmentation and left-right flips only: the source volumes are barely larger than the patch, and
+        # without random affines the UNETR learned where the nuclei sit in the patch rather than what they look like
+        # (the first shipped model, 1000 steps at 5e-4 without them, capped the hippocampus fine-tune near Dice 0.6).
+        Recipe("demo-unetr", "unetr-small", "subcortical", steps=1500, lr=1e-3, batch_size=2, affine=True, flip="lr",
+               description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label), "
+                           "random affine + left-right flip augmentation"),
         Recipe("demo-ddpm", "ddpm-small", "synthesis", steps=800, lr=5e-4, batch_size=2, eval_every=100,
                description="ddpm-small trained from scratch on 32³ whole brains (6 mm)"),
     ]
@@ -85,7 +91,7 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
     started = time.time()
     result = finetune(init, data, run, AdapterConfig(method="full"), settings, val=None, device=device,
                       events=events, resume=resume, overwrite=not resume, batch_size=recipe.batch_size,
-                      threads=threads)
+                      affine=recipe.affine, flip=recipe.flip, threads=threads)
     if result.status != "completed":
         raise EngineError(f"pretraining {recipe.name} was cancelled at step {result.step}; continue with --resume")
 
