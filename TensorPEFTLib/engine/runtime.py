@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -34,20 +35,46 @@ class Runtime:
                 "threads": self.threads, "gpu_memory_gb": self.memory_gb}
 
 
-def free_cores() -> int:
-    """Cores this process may use minus those busy with other work (1-minute load), at least 1.
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies summed over every CPU, from /proc/stat (Linux)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values), values[3] + values[4]  # idle + iowait
 
-    Two torch threads on a 2-core machine where another process holds a core made a step 5x slower here.
+
+def busy_cores(interval: float = 0.25) -> float | None:
+    """How many cores other work keeps busy right now: CPU time used over ``interval`` seconds (this process sleeps
+    meanwhile, so it is not counted). None where /proc/stat does not exist."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(interval)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def free_cores() -> int:
+    """Cores this process may use minus those busy with other work right now, at least 1.
+
+    Two torch threads on a 2-core machine where another process holds a core made a step 5x slower here. The load is
+    measured from CPU time over a quarter second, not the 1-minute load average: that average stays near 1.0 on an
+    idle VM (kernel threads waiting count) and remembers the last minute of this very program, so the demo's own
+    base-model segmentation used to leave its fine-tune on one thread.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, cores - busy)
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, cores - int(round(busy)))
 
 
 def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None = None) -> Runtime:
