@@ -88,6 +88,7 @@ class TensorPEFTParameterNode:
     learningRate: Annotated[float, WithinRange(0.000001, 0.5)] = 0.001
     steps: Annotated[int, WithinRange(1, 100000)] = 300
     patchSize: Annotated[int, WithinRange(0, 512)] = 0
+    augmentAffine: bool = True  # few scans: learn what a structure looks like, not where it sits in the patch
     dataSource: Annotated[str, Choice(DATA_SOURCES)] = DATA_SOURCES[0]
     dataFolder: pathlib.Path
     device: Annotated[str, Choice(list(tpw.DEVICE_CHOICES))] = "auto"
@@ -446,7 +447,8 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = tpw.FinetuneRequest(model=self.modelSource(), data=data, out=out, method=p.method, rank=p.rank,
                                           alpha=p.alpha or None, lr=p.learningRate, steps=p.steps,
                                           patch_size=p.patchSize or None, device=p.device, resume=p.resume,
-                                          overwrite=overwrite)
+                                          overwrite=overwrite,
+                                          affine=p.augmentAffine and p.modelKind == "UNETR")
             args = tpw.finetune_args(request)
             p.adapterFolder = pathlib.Path(out)
             self.startUserJob(args, "fine-tune", onSuccess=lambda result: self.onFinetuneDone(result, out))

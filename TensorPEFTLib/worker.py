@@ -106,6 +106,8 @@ class FinetuneRequest:
     eval_every: int | None = None
     checkpoint_every: int | None = None
     threads: int | None = None
+    affine: bool = False  # random affine augmentation (advised with few subjects; `finetune --affine`)
+    flip: str | None = None  # None: the CLI default (all axes); "lr" for brains, "none"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -133,6 +135,8 @@ class FinetuneRequest:
                               "(imagesTr/, labelsTr/) or add volume/segmentation pairs from the scene")
         if not self.out:
             raise WorkerError("no adapter folder: choose where the adapter is written")
+        if self.flip not in (None, "all", "lr", "none"):
+            raise WorkerError(f"flip {self.flip!r}: choose all, lr (left-right, for brains) or none")
 
 
 def finetune_args(req: FinetuneRequest) -> list[str]:
@@ -153,6 +157,10 @@ def finetune_args(req: FinetuneRequest) -> list[str]:
         args += ["--checkpoint-every", str(int(req.checkpoint_every))]
     if req.threads:
         args += ["--threads", str(int(req.threads))]
+    if req.affine:
+        args.append("--affine")
+    if req.flip:
+        args += ["--flip", req.flip]
     if req.resume:
         args.append("--resume")
     elif req.overwrite:

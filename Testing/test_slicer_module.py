@@ -220,12 +220,13 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     data = tmp_path / "train"
     data.mkdir()
     request = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "a"), method="tcurlora",
-                                  rank=8, alpha=16, lr=5e-4, steps=40, patch_size=96, device="GPU", overwrite=True)
+                                  rank=8, alpha=16, lr=5e-4, steps=40, patch_size=96, device="GPU", overwrite=True,
+                                  affine=True, flip="lr")
     argv = tpw.cli_command("python", tpw.finetune_args(request))
     assert argv[:3] == ["python", "-m", "TensorPEFTLib.cli"]
     text = " ".join(argv)
     for piece in ("finetune --model demo-unetr", "--method tcurlora --rank 8", "--lr 0.0005", "--steps 40",
-                  "--device cuda", "--alpha 16", "--patch-size 96", "--overwrite", "--events -"):
+                  "--device cuda", "--alpha 16", "--patch-size 96", "--overwrite", "--affine", "--flip lr", "--events -"):
         assert piece in text
     request.resume = True
     assert "--resume" in tpw.finetune_args(request) and "--overwrite" not in tpw.finetune_args(request)
@@ -233,6 +234,7 @@ def test_finetune_command_is_the_cli_one(tmp_path):
 
     args = build_parser().parse_args(tpw.finetune_args(request))
     assert (args.method, args.rank, args.device, args.events) == ("tcurlora", 8, "cuda", "-")
+    assert args.affine and args.flip == "lr"
     assert build_parser().parse_args(tpw.params_args("unetr-small", "lora", 4, 8.0)).json
 
 
@@ -243,6 +245,7 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     ({"model": "/nowhere/model.pt"}, "/nowhere/model.pt: checkpoint file not found"),
     ({"data": "/nowhere/train"}, "/nowhere/train: training data not found"),
     ({"patch_size": 8}, "patch size 8"),
+    ({"flip": "up"}, "flip 'up': choose all, lr"),
 ])
 def test_bad_finetune_input_is_one_clear_line(tmp_path, change, message):
     fields = {"model": "demo-unetr", "data": str(tmp_path), "out": str(tmp_path / "a"), **change}
