@@ -431,7 +431,7 @@ def _add_job_commands(sub: Any) -> None:
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
     p.add_argument("--subjects", type=int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="UNETR fine-tuning steps (default 240; 4 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="UNETR fine-tuning steps (default 400; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
     p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")

@@ -86,3 +86,13 @@ def test_demo_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "--rank must be at least 1" in err and "Traceback" not in err
     assert main(["demo", "--quick", "--method", "nope", "--no-synthesis", "--out", str(tmp_path / "y")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_tables_show_a_rank_only_for_methods_that_have_one():
+    from TensorPEFTLib.engine.demo import segmentation_table
+
+    scores = {"groups": {"heldout": {"dice": 0.5, "hd95": 3.0, "n": 1}}}
+    rows = [{"method": m, "rank": r, "trainable": 10, "total_parameters": 100, "train_seconds": 1.0, **scores}
+            for m, r in (("full", 1), ("lora-pt", 1), ("ssf", 1))]
+    lines = segmentation_table(scores, rows).splitlines()
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| full", "| lora-pt r=1", "| ssf"]

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Adapters on the demo task: hippocampus from 5 labelled subjects", "",
         f"Shipped `demo-unetr` (unetr-small pretrained on thalamus/caudate/putamen/pallidum), fine-tuned with each "
         f"method on the same {len(seg['train_subjects'])} subjects for {settings.seg_steps} steps (lr {settings.seg_lr:g}, "
-        f"Adam, poly decay, Dice + CE, batch 2, 64³ patches, left-right flips); the best of {len(seg['val_subjects'])} "
+        f"Adam, poly decay, Dice + CE, batch 2, 64³ patches, left-right flips"
+        f"{', random affine' if settings.seg_affine else ''}); the best of {len(seg['val_subjects'])} "
         f"validation subjects' Dice picks the checkpoint; segmentation of the held-out subjects by sliding window, "
         f"components under 1000 mm³ removed. Dice and HD95 (mm) are means over each group's subjects; `heldout`: new "
         f"deformations of the training template, `unseen-template`: a template no training subject uses.", "",

@@ -39,10 +39,11 @@ class DemoSettings:
     rank: int = 1
     subjects: int = 5          # labelled training subjects for the fine-tune
     val_subjects: int = 2      # further labelled subjects that pick the best adapter during training
-    seg_steps: int = 240
+    seg_steps: int = 400       # validation Dice still rose from 240 to 400 steps (0.736 -> 0.765 on the demo split)
     seg_lr: float = 1e-3
     seg_eval_every: int = 40
     seg_flip: str = "lr"       # the cohort is RAS-aligned brains: only left-right flips give plausible anatomy
+    seg_affine: bool = True    # without it the UNETR learns where the hippocampus sits in the patch (see train_transforms)
     syn_method: str = "tenvoo-l"
     syn_rank: int = 4
     syn_steps: int = 60
@@ -157,7 +158,8 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
     events.message(f"fine-tuning {SEG_MODEL} with {method} (rank {rank}) on {settings.subjects} subjects ...")
     started = time.time()
     result = finetune(SEG_MODEL, split["train"], run, cfg, train, val=split["val"], device=device, events=events,
-                      overwrite=True, threads=threads, flip=settings.seg_flip)
+                      overwrite=True, threads=threads, flip=settings.seg_flip,
+                      affine=settings.seg_affine)
     seconds = time.time() - started
     if result.status != "completed":
         raise EngineError(f"fine-tuning {method} was cancelled at step {result.step}")
@@ -245,12 +247,17 @@ def overlay_report(path: str, split: dict[str, Any], base_masks: str, adapted: d
                     ax.contour(plane > 0, levels=[0.5], colors=colour, linewidths=1.2)
             ax.set_axis_off()
             ax.set_title(f"{name} ({row['group']})\n{view}" if view == "coronal" else view, fontsize=8)
-    fig.suptitle(f"reference (green), base model (blue), {adapted['method']} r={adapted['rank']} (red)", fontsize=10)
+    fig.suptitle(f"reference (green), base model (blue), {method_label(adapted['method'], adapted['rank'])} (red)", fontsize=10)
     return _save(fig, plt, path)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def method_label(method: str, rank: int) -> str:
+    """``lora-pt r=1``; ``full`` and ``ssf`` have no rank, so none is shown."""
+    return method if method in ("full", "ssf") else f"{method} r={rank}"
 
 
 def segmentation_table(base: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -267,7 +274,7 @@ def segmentation_table(base: dict[str, Any], results: list[dict[str, Any]]) -> s
     lines.append(row(f"{SEG_MODEL} (no adapter)", "0", "-", base))
     for r in results:
         share = 100.0 * r["trainable"] / r["total_parameters"]
-        lines.append(row(f"{r['method']} r={r['rank']}", f"{r['trainable']:,} ({share:.1f} %)", f"{r['train_seconds']:.0f}", r))
+        lines.append(row(method_label(r["method"], r["rank"]), f"{r['trainable']:,} ({share:.1f} %)", f"{r['train_seconds']:.0f}", r))
     return "\n".join(lines)
 
 
