@@ -184,6 +184,22 @@ def test_save_and_load_model_round_trip_with_spec(tmp_path):
     assert _same(load_model(tmp_path / "ddpm.safetensors"), ddpm)
 
 
+def test_saving_the_same_model_gives_the_same_bytes(tmp_path):
+    # safetensors writes its metadata in hash-map order, which changes between calls; a shipped model's SHA-256
+    # (and "a recipe reproduces its file") needs the bytes to depend on the weights and metadata alone.
+    from safetensors import safe_open
+
+    model = build_model("ddpm-small", channels=(32, 32, 64))
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(8)]
+    for path in paths:
+        save_model(model, path, extra={"recipe": "demo", "steps": 3})
+    contents = {path.read_bytes() for path in paths}
+    assert len(contents) == 1
+    with safe_open(str(paths[0]), "pt") as handle:  # still a valid file with every metadata key
+        assert json.loads(handle.metadata()["extra"]) == {"recipe": "demo", "steps": 3}
+    assert _same(load_model(paths[0]), model)
+
+
 def test_load_model_from_preset_or_plain_checkpoint(tmp_path, small):
     assert load_model("ddpm-small").tensorpeft_preset == "ddpm-small"
     torch.save({"state_dict": small.state_dict()}, tmp_path / "plain.pt")

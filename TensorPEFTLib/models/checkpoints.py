@@ -271,7 +271,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
 
     A model with injected adapters is refused: merge them into a plain model first, or use ``save_adapter``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
@@ -285,16 +285,31 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
         metadata["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
+    payload = canonical_safetensors(save(tensors, metadata=metadata))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=str(p.parent))
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return str(p)
+
+
+def canonical_safetensors(payload: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in sorted key order.
+
+    safetensors keeps the metadata in a hash map whose order changes from one call to the next, so the same weights
+    gave files with different bytes (and SHA-256). Tensor offsets are relative to the data block, which stays as
+    it is; the header is padded with spaces to a multiple of 8 bytes, as safetensors does.
+    """
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + size:]
 
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any] | None:
