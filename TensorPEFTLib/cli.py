@@ -275,7 +275,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     events = _events(args)
     records = segment(args.image, args.out, model_source=args.model, adapter=args.adapter, device=args.device,
                       amp=args.amp, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                      min_component_mm3=args.min_component, events=events, threads=args.threads)
+                      min_component_mm3=args.min_component, mirror=args.mirror, events=events, threads=args.threads)
     events.close()
     if args.json:
         _print_json(records)
@@ -369,6 +369,9 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--min-component", type=float, default=1000.0,
                    help="remove connected components smaller than this many mm³ (default 1000, as LoRA-PT; 0 = keep all)")
+    p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
+                   help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
+                        "passes; all: 8). auto (default): the flips the adapter was trained with, none without one")
     p.add_argument("--json", action="store_true", help="print the written masks as JSON")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_segment)

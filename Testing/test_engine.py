@@ -85,6 +85,39 @@ def test_segment_writes_mask_on_the_input_grid(trained_seg, tmp_path):
         assert set(np.unique(mask.array)) <= {0, 1}
 
 
+def test_segment_mirrors_along_the_axes_the_adapter_was_trained_flipped_on(trained_seg, tmp_path):
+    root, model, out, _ = trained_seg
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["flip"] == "all"  # finetune's default
+    image = str(root / "data" / "imagesTs" / "case_ts00.nii.gz")
+    quiet = Events(quiet=True)
+    assert segment(image, str(tmp_path / "a.nii.gz"), adapter=out, device="cpu", events=quiet)[0]["mirror"] == "all"
+    assert segment(image, str(tmp_path / "b.nii.gz"), model_source=model, device="cpu", events=quiet)[0]["mirror"] == "none"
+    one = segment(image, str(tmp_path / "c.nii.gz"), adapter=out, mirror="lr", device="cpu", events=quiet)[0]
+    assert one["mirror"] == "lr"
+    with pytest.raises(EngineError, match="--mirror 'ap'"):
+        segment(image, str(tmp_path / "d.nii.gz"), adapter=out, mirror="ap", device="cpu", events=quiet)
+
+
+def test_mirrored_prediction_of_a_symmetric_image_is_symmetric():
+    import torch
+
+    from TensorPEFTLib.engine.segmentation import predict_probabilities
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(1, 2, 3, padding=1)  # random weights: not mirror-symmetric
+    half = torch.rand(1, 1, 8, 12, 10)
+    image = torch.cat([half, half.flip(2)], dim=2)  # symmetric under a left-right (axis 0) flip
+    plain = predict_probabilities(model, image, (16, 12, 10))
+    mirrored = predict_probabilities(model, image, (16, 12, 10), mirror_axes=(0,))
+    assert not torch.allclose(plain, plain.flip(2), atol=1e-3)
+    torch.testing.assert_close(mirrored, mirrored.flip(2))  # flipped back before averaging
+    torch.testing.assert_close(mirrored.sum(1), torch.ones(1, 16, 12, 10))
+    every = predict_probabilities(model, image, (16, 12, 10), mirror_axes=(0, 1, 2))
+    expected = sum(torch.softmax(model(image.flip(d) if d else image), 1).flip(d) if d else torch.softmax(model(image), 1)
+                   for d in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]) / 8
+    torch.testing.assert_close(every, expected)
+
+
 def test_min_component_removes_small_islands():
     from TensorPEFTLib.engine.segmentation import remove_small_components
 

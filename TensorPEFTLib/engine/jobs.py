@@ -17,8 +17,10 @@ from .runtime import EngineError, Runtime, select_runtime
 from .trainer import TrainResult, Trainer, TrainSettings, checkpoint_path
 
 TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
-#: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right)
+#: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right); the same
+#: names choose the axes of test-time mirroring in ``segment --mirror``
 FLIP_AXES = {"all": (0, 1, 2), "lr": (0,), "none": ()}
+MIRROR_CHOICES = ("auto",) + tuple(FLIP_AXES)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -142,6 +144,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         "trainable": report["trainable"], "adapter_parameters": report["adapter"], "total_parameters": report["total"],
         "train_cases": len(train_cases), "val_cases": len(val_cases),
     }
+    if task_kind == "segmentation":
+        meta.update(flip=flip, affine=affine, elastic=elastic)  # segment --mirror auto mirrors along the same axes
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         meta["spacing"] = list(_first_spacing(train_cases, size))
@@ -208,15 +212,19 @@ def _image_list(image: str) -> list[str]:
 
 def segment(image: str, out: str, *, model_source: str | None = None, adapter: str | None = None,
             device: str = "auto", amp: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5,
-            min_component_mm3: float = 1000.0, events: Events | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+            min_component_mm3: float = 1000.0, mirror: str = "auto", events: Events | None = None,
+            threads: int | None = None) -> list[dict[str, Any]]:
     """Segment an image or every image of a folder; masks are written on each image's own grid.
 
     ``out``: a file path for a single image (``.nii.gz``, ``.nrrd`` or ``.seg.nrrd``), else a folder where each mask
-    keeps its image's case name (``<case>.nii.gz``).
+    keeps its image's case name (``<case>.nii.gz``). ``mirror``: test-time mirroring along ``lr``, ``all`` or
+    ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
     """
     from ..data import case_name
     from .segmentation import segment_images
 
+    if mirror not in MIRROR_CHOICES:
+        raise EngineError(f"--mirror {mirror!r}: choose one of {', '.join(MIRROR_CHOICES)}")
     events = events or Events()
     images = _image_list(image)
     runtime = select_runtime(device, amp, threads)
@@ -231,9 +239,14 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
         outputs = [os.path.join(out, case_name(p) + ".nii.gz") for p in images]
     patch = tuple(saved.get("patch_size") or model_input_size(model))
     pixdim = saved.get("pixdim")
-    events.emit("start", kind="segment", images=len(images), out=out, **runtime.describe())
+    if mirror == "auto":
+        mirror = saved.get("flip") or "none"
+    events.emit("start", kind="segment", images=len(images), out=out, mirror=mirror, **runtime.describe())
     records = segment_images(model, images, outputs, runtime, events, patch_size=patch, pixdim=pixdim,
-                             sw_batch_size=sw_batch_size, overlap=overlap, min_component_mm3=min_component_mm3)
+                             sw_batch_size=sw_batch_size, overlap=overlap, min_component_mm3=min_component_mm3,
+                             mirror_axes=FLIP_AXES[mirror])
+    for record in records:
+        record["mirror"] = mirror
     events.emit("done", status="completed", out=out, masks=[r["mask"] for r in records])
     return records
 

@@ -6,6 +6,7 @@ MONAI pipelines; predictions are mapped back with MONAI's ``Invertd`` and writte
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, Sequence
@@ -100,6 +101,29 @@ def sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[i
     return sliding_window_inference(image, tuple(patch_size), sw_batch_size, model, overlap=overlap, mode="gaussian")
 
 
+def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,
+                          overlap: float = 0.25, mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+    """Class probabilities by sliding-window inference; image (B, C, X, Y, Z) → softmax (B, K, X, Y, Z), float32.
+
+    ``mirror_axes`` (spatial axes, 0 = left-right after RAS orientation): test-time mirroring as in nnU-Net, the
+    softmax averaged over the image and its flips along every combination of these axes (2^len passes), each flipped
+    back first. Use the axes the model was trained flipped on: it has learned both orientations there, and the
+    average cancels part of its errors that are not mirror-symmetric.
+    """
+    spatial = [2 + int(axis) for axis in mirror_axes]
+    total: torch.Tensor | None = None
+    passes = 0
+    for count in range(len(spatial) + 1):
+        for dims in itertools.combinations(spatial, count):
+            logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap)
+            probs = torch.softmax(logits.float(), dim=1)
+            probs = probs.flip(dims) if dims else probs
+            total = probs if total is None else total + probs
+            passes += 1
+    assert total is not None
+    return total / passes
+
+
 def mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
     """Mean Dice over foreground classes 1..K-1 (a class absent from both counts as 1)."""
     scores = []
@@ -137,8 +161,11 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volu
 
 def segment_images(model: nn.Module, images: list[str], outputs: list[str], runtime: Runtime, events: Events, *,
                    patch_size: Sequence[int], pixdim: Sequence[float] | None = None, sw_batch_size: int = 4,
-                   overlap: float = 0.5, min_component_mm3: float = 1000.0) -> list[dict[str, Any]]:
-    """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image."""
+                   overlap: float = 0.5, min_component_mm3: float = 1000.0,
+                   mirror_axes: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image.
+
+    ``mirror_axes``: test-time mirroring (see :func:`predict_probabilities`)."""
     from monai.data import MetaTensor  # noqa: F401 - Invertd needs the tracked metadata
 
     from ..data import inference_transforms, inverse_transforms, read_volume, write_volume
@@ -155,7 +182,8 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
         while True:
             try:
                 with torch.no_grad(), runtime.autocast():
-                    logits = sliding_window(model, image.to(runtime.device), patch_size, batch, overlap)
+                    probs = predict_probabilities(model, image.to(runtime.device), patch_size, batch, overlap,
+                                                  mirror_axes)
                 break
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(err):
@@ -166,7 +194,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
                     raise EngineError(f"{path}: out of GPU memory even with --sw-batch-size 1; use --device cpu") from None
                 batch = max(1, batch // 2)
                 events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
-        pred = logits.argmax(1).to(torch.uint8).cpu()
+        pred = probs.argmax(1).to(torch.uint8).cpu()
         data["pred"] = _as_meta(pred, data["image"])
         inverted = post(data)["pred"]
         mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
