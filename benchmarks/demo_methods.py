@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         f"method on the same {len(seg['train_subjects'])} subjects for {settings.seg_steps} steps (lr {settings.seg_lr:g}, "
         f"Adam, poly decay, Dice + CE, batch 2, 64³ patches, left-right flips"
         f"{', random affine' if settings.seg_affine else ''}); the best of {len(seg['val_subjects'])} "
-        f"validation subjects' Dice picks the checkpoint; segmentation of the held-out subjects by sliding window, "
-        f"components under 1000 mm³ removed. Dice and HD95 (mm) are means over each group's subjects; `heldout`: new "
-        f"deformations of the training template, `unseen-template`: a template no training subject uses.", "",
+        f"validation subjects' Dice picks the checkpoint; segmentation of the held-out subjects by sliding window "
+        f"with test-time mirroring along the flipped axis (`segment --mirror auto`), components under 1000 mm³ "
+        f"removed. Dice and HD95 (mm) are means over each group's subjects; `heldout`: new deformations of the "
+        f"training template, `unseen-template`: a template no training subject uses.", "",
         seg["table"], "",
         f"- Command: `{command}`",
         f"- Machine: {machine_line(args.device)}; load average before {fmt_load(load_before)}, after {fmt_load(load_after)}",
