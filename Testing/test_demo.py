@@ -56,9 +56,10 @@ def test_a_damaged_shipped_model_is_refused(tmp_path, monkeypatch):
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "TensorPEFTLib.cli", "demo", "--quick", "--json", "--out", str(out), "--threads", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # As the README runs it: from a working folder, into the default relative ./tensorpeft-demo
+    out = tmp_path / "tensorpeft-demo"
+    cmd = [sys.executable, "-m", "TensorPEFTLib.cli", "demo", "--quick", "--json", "--threads", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     base, adapted = summary["segmentation"]

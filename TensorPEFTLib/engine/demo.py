@@ -95,7 +95,9 @@ def _write_datalist(path: str, training: list[dict[str, Any]]) -> str:
 def split_hippocampus(cohort: str, out: str, settings: DemoSettings) -> dict[str, Any]:
     """Training / validation datalists (absolute paths) from the cohort's labelled subjects; the test subjects with
     their groups."""
-    task = os.path.join(cohort, "hippocampus")
+    # Absolute: a datalist's relative paths are read relative to the datalist's own folder (splits/), so paths
+    # relative to the working folder broke the README's `make demo` (default --out ./tensorpeft-demo).
+    task = os.path.abspath(os.path.join(cohort, "hippocampus"))
     meta = json.load(open(os.path.join(task, "dataset.json"), encoding="utf-8"))
 
     def absolute(entry: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +314,7 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
     settings = settings or DemoSettings()
     events = events or Events()
     started = time.time()
+    out = os.path.abspath(out)  # every path in the summary is absolute, wherever it is read from
     os.makedirs(out, exist_ok=True)
     for name in (SEG_MODEL,) + ((SYN_MODEL,) if settings.synthesis else ()):
         shipped_path(name)  # fail before any work if a shipped model is missing or damaged
@@ -327,7 +330,7 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
     first = results[0]
     report = overlay_report(os.path.join(out, "segmentation.png"), split, os.path.join(out, "masks", "base"), first)
     summary: dict[str, Any] = {
-        "out": os.path.abspath(out), "settings": asdict(settings), "device": device,
+        "out": out, "settings": asdict(settings), "device": device,
         "segmentation": {"model": SEG_MODEL, "train_subjects": split["train_names"], "val_subjects": split["val_names"],
                          "base": base, "adapted": results, "png": report,
                          "table": segmentation_table(base, results), "cases": case_table(base, first)},
