@@ -111,17 +111,17 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Seq
     average cancels part of its errors that are not mirror-symmetric.
     """
     spatial = [2 + int(axis) for axis in mirror_axes]
-    total: torch.Tensor | None = None
-    passes = 0
-    for count in range(len(spatial) + 1):
-        for dims in itertools.combinations(spatial, count):
-            logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap)
-            probs = torch.softmax(logits.float(), dim=1)
-            probs = probs.flip(dims) if dims else probs
-            total = probs if total is None else total + probs
-            passes += 1
-    assert total is not None
-    return total / passes
+    flips = [dims for count in range(len(spatial) + 1) for dims in itertools.combinations(spatial, count)]
+
+    def probabilities(dims: tuple[int, ...]) -> torch.Tensor:
+        logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.flip(dims) if dims else probs
+
+    total = probabilities(flips[0])  # flips[0] is () : the image as it is
+    for dims in flips[1:]:
+        total += probabilities(dims)
+    return total / len(flips)
 
 
 def mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
