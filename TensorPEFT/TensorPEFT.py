@@ -85,8 +85,8 @@ class TensorPEFTParameterNode:
     method: Annotated[str, Choice(list(tpw.METHODS))] = "lora-pt"
     rank: Annotated[int, WithinRange(1, 64)] = 1
     alpha: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
-    learningRate: Annotated[float, WithinRange(0.000001, 0.5)] = 0.001
-    steps: Annotated[int, WithinRange(1, 100000)] = 300
+    learningRate: Annotated[float, WithinRange(0.0, 0.5)] = 0.0  # 0: finetune's default for the method
+    steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: finetune's default for the number of cases
     patchSize: Annotated[int, WithinRange(0, 512)] = 0
     augmentAffine: bool = True  # few scans: learn what a structure looks like, not where it sits in the patch
     dataSource: Annotated[str, Choice(DATA_SOURCES)] = DATA_SOURCES[0]
@@ -320,7 +320,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warning = ""
         if on_cpu:
             preset = tpw.count_preset(p.modelKind, tpw.DEMO_MODELS[p.modelKind] if p.useDemoModel else _path(p.checkpointPath))
-            warning = tpw.cpu_warning(preset, p.steps, p.patchSize or None)
+            warning = tpw.cpu_warning(preset, p.steps or 400, p.patchSize or None)  # 0: the default 400
         self.ui.cpuWarningLabel.text = warning
         self.ui.cpuWarningLabel.visible = bool(warning)
 
@@ -445,7 +445,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 data = _path(p.dataFolder)
             request = tpw.FinetuneRequest(model=self.modelSource(), data=data, out=out, method=p.method, rank=p.rank,
-                                          alpha=p.alpha or None, lr=p.learningRate, steps=p.steps,
+                                          alpha=p.alpha or None, lr=p.learningRate or None, steps=p.steps or None,
                                           patch_size=p.patchSize or None, device=p.device, resume=p.resume,
                                           overwrite=overwrite,
                                           affine=p.augmentAffine and p.modelKind == "UNETR")

@@ -20,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [AdapterError, PresetError]
     for module, name in [("TensorPEFTLib.models", "CheckpointError"), ("TensorPEFTLib.data", "DataError"),
                          ("TensorPEFTLib.data", "VolumeError"), ("TensorPEFTLib.data", "DemoDataError"),
+                         ("TensorPEFTLib.data.preprocess", "PreprocessingError"),
                          ("TensorPEFTLib.models", "ShippedModelError"), ("TensorPEFTLib.engine", "EngineError")]:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
@@ -74,7 +75,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(format_table(rows, ["name", "task", "parameters", "patch", "description"]))
+        print(format_table(rows, ["name", "task", "parameters", "patch", "spacing", "description"],
+                           ["name", "task", "parameters", "patch", "working grid", "description"]))
     return 0
 
 
@@ -256,9 +258,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     events = _events(args)
     result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-                      patch_size=_size(args.patch_size), pixdim=_spacing(args.spacing), affine=args.affine, elastic=args.elastic,
-                      flip=args.flip,
-                      threads=args.threads)
+                      patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
+                      elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads)
     events.close()
     if result.status == "cancelled":
         print(f"cancelled at step {result.step}; checkpoint kept in {args.out} (continue with --resume)", file=sys.stderr)
@@ -281,7 +282,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         _print_json(records)
     elif not args.quiet and args.events != "-":
         for r in records:
-            print(f"{r['mask']}  ({r['foreground_ml']:.2f} ml foreground)")
+            print(f"{r['mask']}  ({r['foreground_ml']:.2f} ml foreground, {r['seconds']:.0f} s)")
     return 0
 
 
@@ -335,23 +336,31 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="adapter folder to write")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate, decayed polynomially (default 1e-3)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps (default: 400 for up to 8 segmentation cases, 50 per case beyond; 300 synthesis)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate, decayed polynomially (default: 1e-3 segmentation; 1e-4 synthesis, 5e-5 full)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
     t.add_argument("--batch-size", type=int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")
     t.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps (default 1)")
     t.add_argument("--patch-size", default=None, help="training patch, e.g. 64 or 128x128x96 (default: the model's size)")
-    t.add_argument("--spacing", default=None, help="resample to this voxel size in mm first (default: keep)")
-    t.add_argument("--affine", action="store_true",
-                   help="random rotation (±10°), scaling (±10 %%) and shift (±8 voxels) of each training patch: advised "
-                        "with few subjects, so the model learns what a structure looks like rather than where it sits")
+    t.add_argument("--spacing", default=None,
+                   help="working voxel size in mm, e.g. 1.5 or 1x1x1.2: every case is resampled to it (default: the "
+                        "spacing the model records, else the median of the training cases)")
+    t.add_argument("--affine", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rotation (±10°), scaling (±10 %%) and shift (±8 voxels) of each training patch (default "
+                        "on: with few subjects the model then learns what a structure looks like, not where it sits)")
     t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
-    t.add_argument("--flip", choices=["all", "lr", "none"], default="all",
-                   help="random flips in segmentation training: all axes (LoRA-PT recipe, default), lr (left-right only, "
-                        "plausible for brain anatomy) or none")
-    t.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
-    t.add_argument("--checkpoint-every", type=int, default=50, help="write a resumable checkpoint every N steps")
+    t.add_argument("--flip", choices=["all", "lr", "none"], default="lr",
+                   help="random flips in segmentation training: lr (left-right only, plausible for brain anatomy; "
+                        "default), all axes (the LoRA-PT recipe) or none")
+    t.add_argument("--no-val", action="store_true",
+                   help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
+                        "the best adapter)")
+    t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: a tenth of the steps)")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write a resumable checkpoint every N steps (default: as --eval-every)")
     t.add_argument("--seed", type=int, default=0, help="seed: the same seed on CPU gives the same adapter")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -359,8 +368,10 @@ def _add_job_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("segment", help="segment an image or a folder of images",
-                       description="Segment images with a UNETR and an adapter (merged first: no overhead). Masks are "
-                                   "written on each image's own grid.")
+                       description="Segment images with a UNETR and an adapter (merged first: no overhead). Each scan, "
+                                   "whole head or brain at any voxel size, orientation and intensity range, is resampled "
+                                   "to the working grid the adapter (or model) records, intensity-scaled on its "
+                                   "foreground and cropped to it; masks are written on each image's own grid.")
     p.add_argument("--image", required=True, help="image file or folder")
     p.add_argument("--out", required=True, help="mask file (single image) or folder")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")

@@ -95,8 +95,8 @@ class FinetuneRequest:
     method: str = "lora-pt"
     rank: int = 1
     alpha: float | None = None  # None or 0: the method's default (alpha = rank)
-    lr: float = 1e-3
-    steps: int = 300
+    lr: float | None = None  # None or 0: finetune's default for the task and method
+    steps: int | None = None  # None or 0: finetune's default for the number of cases
     patch_size: int | None = None  # None or 0: the model's own size
     device: str = "auto"  # panel choice: auto / GPU / CPU
     val: str | None = None
@@ -106,8 +106,9 @@ class FinetuneRequest:
     eval_every: int | None = None
     checkpoint_every: int | None = None
     threads: int | None = None
-    affine: bool = False  # random affine augmentation (advised with few subjects; `finetune --affine`)
-    flip: str | None = None  # None: the CLI default (all axes); "lr" for brains, "none"
+    affine: bool = True  # random affine augmentation (finetune's default; False passes --no-affine)
+    flip: str | None = None  # None: the CLI default (left-right); "all", "none"
+    spacing: float | None = None  # None or 0: the model's working spacing
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -116,10 +117,12 @@ class FinetuneRequest:
             raise WorkerError(f"rank {self.rank}: choose a rank of 1 or more")
         if self.alpha is not None and self.alpha < 0:
             raise WorkerError(f"alpha {self.alpha}: choose 0 (the default, alpha = rank) or a positive value")
-        if not (0 < float(self.lr) < 1):
-            raise WorkerError(f"learning rate {self.lr}: choose a value between 0 and 1, e.g. 0.001")
-        if int(self.steps) < 1:
-            raise WorkerError(f"steps {self.steps}: choose 1 or more")
+        if self.lr and not (0 < float(self.lr) < 1):
+            raise WorkerError(f"learning rate {self.lr}: choose 0 (the default) or a value between 0 and 1, e.g. 0.001")
+        if self.steps is not None and int(self.steps) < 0:
+            raise WorkerError(f"steps {self.steps}: choose 0 (the default for the number of cases) or more")
+        if self.spacing is not None and self.spacing < 0:
+            raise WorkerError(f"spacing {self.spacing}: choose 0 (the model's working spacing) or a voxel size in mm")
         if self.patch_size is not None and self.patch_size != 0 and self.patch_size < 16:
             raise WorkerError(f"patch size {self.patch_size}: choose 0 (the model's size) or at least 16 voxels")
         if self.device not in DEVICE_CHOICES:
@@ -143,8 +146,14 @@ def finetune_args(req: FinetuneRequest) -> list[str]:
     """``tensorpeft finetune`` arguments for ``req`` (validated first), always with ``--events -``."""
     req.validate()
     args = ["finetune", "--model", req.model, "--data", req.data, "--out", req.out,
-            "--method", req.method, "--rank", str(int(req.rank)), "--lr", f"{float(req.lr):g}",
-            "--steps", str(int(req.steps)), "--device", DEVICE_CHOICES[req.device], "--seed", str(int(req.seed))]
+            "--method", req.method, "--rank", str(int(req.rank)), "--device", DEVICE_CHOICES[req.device],
+            "--seed", str(int(req.seed))]
+    if req.lr:
+        args += ["--lr", f"{float(req.lr):g}"]
+    if req.steps:
+        args += ["--steps", str(int(req.steps))]
+    if req.spacing:
+        args += ["--spacing", f"{float(req.spacing):g}"]
     if req.alpha:
         args += ["--alpha", f"{float(req.alpha):g}"]
     if req.patch_size:
@@ -157,8 +166,8 @@ def finetune_args(req: FinetuneRequest) -> list[str]:
         args += ["--checkpoint-every", str(int(req.checkpoint_every))]
     if req.threads:
         args += ["--threads", str(int(req.threads))]
-    if req.affine:
-        args.append("--affine")
+    if not req.affine:
+        args.append("--no-affine")
     if req.flip:
         args += ["--flip", req.flip]
     if req.resume:

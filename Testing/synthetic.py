@@ -21,8 +21,9 @@ def oblique_affine(spacing=(1.2, 1.0, 1.5), angle=0.3, origin=(-20.0, 12.0, 5.0)
     return affine
 
 
-def blob_case(rng: np.random.Generator, shape=(36, 34, 30)) -> tuple[np.ndarray, np.ndarray]:
-    """An image with a bright ellipsoid (label 1) and a dimmer distractor blob (label 0) in noise."""
+def blob_case(rng: np.random.Generator, shape=(36, 34, 34)) -> tuple[np.ndarray, np.ndarray]:
+    """An image with a bright ellipsoid (label 1) and a dimmer distractor blob (label 0) in noise. At the default
+    oblique affine's 1.5 mm slices, 34 slices (51 mm) still cover the tiny UNETR's 32-voxel patch."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
     centre = np.array(shape) / 2 + rng.uniform(-4, 4, size=3)
     radii = rng.uniform(5, 7, size=3)

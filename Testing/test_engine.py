@@ -87,13 +87,13 @@ def test_segment_writes_mask_on_the_input_grid(trained_seg, tmp_path):
 
 def test_segment_mirrors_along_the_axes_the_adapter_was_trained_flipped_on(trained_seg, tmp_path):
     root, model, out, _ = trained_seg
-    assert json.load(open(os.path.join(out, "adapter_config.json")))["flip"] == "all"  # finetune's default
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["flip"] == "lr"  # finetune's default
     image = str(root / "data" / "imagesTs" / "case_ts00.nii.gz")
     quiet = Events(quiet=True)
-    assert segment(image, str(tmp_path / "a.nii.gz"), adapter=out, device="cpu", events=quiet)[0]["mirror"] == "all"
+    assert segment(image, str(tmp_path / "a.nii.gz"), adapter=out, device="cpu", events=quiet)[0]["mirror"] == "lr"
     assert segment(image, str(tmp_path / "b.nii.gz"), model_source=model, device="cpu", events=quiet)[0]["mirror"] == "none"
-    one = segment(image, str(tmp_path / "c.nii.gz"), adapter=out, mirror="lr", device="cpu", events=quiet)[0]
-    assert one["mirror"] == "lr"
+    one = segment(image, str(tmp_path / "c.nii.gz"), adapter=out, mirror="all", device="cpu", events=quiet)[0]
+    assert one["mirror"] == "all"
     with pytest.raises(EngineError, match="--mirror 'ap'"):
         segment(image, str(tmp_path / "d.nii.gz"), adapter=out, mirror="ap", device="cpu", events=quiet)
 

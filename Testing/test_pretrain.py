@@ -21,7 +21,8 @@ def source_cohort(tmp_path_factory):
     from TensorPEFTLib.data import build_demo_cohort
 
     out = tmp_path_factory.mktemp("cohort")
-    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=2, n_synthesis=0, n_synthesis_target=0)
+    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=2, n_synthesis=0, n_synthesis_target=0,
+                      seg_spacings=((3.0, 3.0, 3.0),))
     return str(out)
 
 
@@ -37,6 +38,9 @@ def test_a_short_recipe_run_twice_gives_the_same_weights_and_a_true_card(tmp_pat
     assert card["recipe"]["flip"] == recipe.flip and card["dtype"] == "float16"
     model = load_model(str(weights))
     assert model.tensorpeft_spec["preset"] == recipe.preset
+    # the working grid travels with the weights and is on the card: segment resamples every scan to it
+    assert card["preprocessing"]["spacing"] == [1.5, 1.5, 1.5] == list(recipe.spacing)
+    assert model.tensorpeft_spec["preprocessing"] == card["preprocessing"]
     assert not hasattr(model, "tensorpeft")  # exported without the adapter bookkeeping
 
 

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Adapters on the demo task: hippocampus from 5 labelled subjects", "",
         f"Shipped `demo-unetr` (unetr-small pretrained on thalamus/caudate/putamen/pallidum), fine-tuned with each "
-        f"method on the same {len(seg['train_subjects'])} subjects for {settings.seg_steps} steps (lr {settings.seg_lr:g}, "
-        f"Adam, poly decay, Dice + CE, batch 2, 64³ patches, left-right flips"
-        f"{', random affine' if settings.seg_affine else ''}); the best of {len(seg['val_subjects'])} "
+        f"method on the same {len(seg['train_subjects'])} whole-brain subjects with `finetune`'s defaults: "
+        f"{seg['adapted'][0]['steps']} steps (lr {seg['adapted'][0]['lr']:g}, Adam, poly decay, Dice + CE, batch 2, 64³ "
+        f"patches at 1.5 mm, left-right flips, random affine); the best of {len(seg['val_subjects'])} "
         f"validation subjects' Dice picks the checkpoint; segmentation of the held-out subjects by sliding window "
         f"with test-time mirroring along the flipped axis (`segment --mirror auto`), components under 1000 mm³ "
         f"removed. Dice and HD95 (mm) are means over each group's subjects; `heldout`: new deformations of the "

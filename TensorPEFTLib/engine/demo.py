@@ -39,11 +39,12 @@ class DemoSettings:
     rank: int = 1
     subjects: int = 5          # labelled training subjects for the fine-tune
     val_subjects: int = 2      # further labelled subjects that pick the best adapter during training
-    seg_steps: int = 400       # validation Dice still rose from 240 to 400 steps (0.736 -> 0.765 on the demo split)
-    seg_lr: float = 1e-3
-    seg_eval_every: int = 40
-    seg_flip: str = "lr"       # the cohort is RAS-aligned brains: only left-right flips give plausible anatomy
-    seg_affine: bool = True    # without it the UNETR learns where the hippocampus sits in the patch (see train_transforms)
+    # None: what `tensorpeft finetune` chooses without flags (the demo is an example of the defaults, not a special
+    # case): 400 steps for 5 subjects, lr 1e-3, a tenth of the steps between validations, left-right flips, random
+    # affine, a quarter of the labelled subjects held out for validation
+    seg_steps: int | None = None
+    seg_lr: float | None = None
+    seg_eval_every: int | None = None
     syn_method: str = "tenvoo-l"
     syn_rank: int = 4
     syn_steps: int = 60
@@ -93,8 +94,8 @@ def _write_datalist(path: str, training: list[dict[str, Any]]) -> str:
 
 
 def split_hippocampus(cohort: str, out: str, settings: DemoSettings) -> dict[str, Any]:
-    """Training / validation datalists (absolute paths) from the cohort's labelled subjects; the test subjects with
-    their groups."""
+    """The datalist (absolute paths) of the labelled subjects handed to ``finetune`` (which holds out its own
+    validation subjects, as it does for a user); the test subjects with their groups."""
     # Absolute: a datalist's relative paths are read relative to the datalist's own folder (splits/), so paths
     # relative to the working folder broke the README's `make demo` (default --out ./tensorpeft-demo).
     task = os.path.abspath(os.path.join(cohort, "hippocampus"))
@@ -108,16 +109,14 @@ def split_hippocampus(cohort: str, out: str, settings: DemoSettings) -> dict[str
     if len(labelled) < settings.subjects + settings.val_subjects:
         raise EngineError(f"{task}: {len(labelled)} labelled subjects, the demo needs --subjects {settings.subjects} "
                           f"+ {settings.val_subjects} for validation")
-    train = labelled[:settings.subjects]
-    val = labelled[settings.subjects:settings.subjects + settings.val_subjects]
+    given = labelled[:settings.subjects + settings.val_subjects]
     splits = os.path.join(out, "splits")
     os.makedirs(splits, exist_ok=True)
     return {
-        "train": _write_datalist(os.path.join(splits, "train.json"), train),
-        "val": _write_datalist(os.path.join(splits, "val.json"), val) if val else None,
+        "train": _write_datalist(os.path.join(splits, "labelled.json"), given),
         "images": os.path.join(task, "imagesTs"), "labels": os.path.join(task, "labelsTs"),
         "groups": {e["name"]: e.get("group", "heldout") for e in meta["test"]},
-        "train_names": [e["name"] for e in train], "val_names": [e["name"] for e in val],
+        "labelled_names": [e["name"] for e in given],
     }
 
 
@@ -156,12 +155,12 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
     run = os.path.join(out, f"unetr-{method}-r{rank}")
     cfg = AdapterConfig(method=method, rank=rank)
     train = TrainSettings(steps=settings.seg_steps, lr=settings.seg_lr, eval_every=settings.seg_eval_every,
-                          checkpoint_every=settings.seg_steps, seed=settings.seed)
-    events.message(f"fine-tuning {SEG_MODEL} with {method} (rank {rank}) on {settings.subjects} subjects ...")
+                          checkpoint_every=None, seed=settings.seed)
+    events.message(f"fine-tuning {SEG_MODEL} with {method} (rank {rank}) on {len(split['labelled_names'])} labelled "
+                   "subjects (finetune's defaults) ...")
     started = time.time()
-    result = finetune(SEG_MODEL, split["train"], run, cfg, train, val=split["val"], device=device, events=events,
-                      overwrite=True, threads=threads, flip=settings.seg_flip,
-                      affine=settings.seg_affine)
+    result = finetune(SEG_MODEL, split["train"], run, cfg, train, device=device, events=events, overwrite=True,
+                      threads=threads)
     seconds = time.time() - started
     if result.status != "completed":
         raise EngineError(f"fine-tuning {method} was cancelled at step {result.step}")
@@ -169,6 +168,8 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
     scores = segment_and_score(None, run, split, os.path.join(out, "masks", f"{method}-r{rank}"), device=device,
                                threads=threads)
     return {"method": method, "rank": rank, "adapter": run, "train_seconds": round(seconds, 1),
+            "train_subjects": saved.get("train_names", []), "val_subjects": saved.get("val_names", []),
+            "steps": saved.get("train_steps"), "lr": saved.get("train_lr"),
             "trainable": saved["trainable"], "adapter_parameters": saved["adapter_parameters"],
             "total_parameters": saved["total_parameters"], "best_val_dice": result.best,
             "report": os.path.join(run, "report.png"), "masks": os.path.join(out, "masks", f"{method}-r{rank}"),
@@ -331,7 +332,8 @@ def run_demo(out: str, settings: DemoSettings | None = None, *, methods: Sequenc
     report = overlay_report(os.path.join(out, "segmentation.png"), split, os.path.join(out, "masks", "base"), first)
     summary: dict[str, Any] = {
         "out": out, "settings": asdict(settings), "device": device,
-        "segmentation": {"model": SEG_MODEL, "train_subjects": split["train_names"], "val_subjects": split["val_names"],
+        "segmentation": {"model": SEG_MODEL, "train_subjects": first["train_subjects"],
+                         "val_subjects": first["val_subjects"],
                          "base": base, "adapted": results, "png": report,
                          "table": segmentation_table(base, results), "cases": case_table(base, first)},
     }

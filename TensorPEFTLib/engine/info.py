@@ -35,15 +35,26 @@ def _count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _spacing_text(preprocessing: dict[str, Any] | None) -> str:
+    """``1.5 mm RAS`` (a model's working grid) or ``-`` when it records none."""
+    spacing = (preprocessing or {}).get("spacing")
+    if not spacing:
+        return "-"
+    text = f"{spacing[0]:g}" if len(set(spacing)) == 1 else "x".join(f"{s:g}" for s in spacing)
+    return f"{text} mm {(preprocessing or {}).get('orientation', 'RAS')}"
+
+
 def list_models() -> list[dict[str, Any]]:
     """Every preset (random weights) and every shipped pretrained model, with task, parameter count and patch."""
     rows = [{"name": preset.name, "task": preset.task, "parameters": _count(preset.name),
-             "patch": "x".join(map(str, preset.patch_size)), "description": preset.description, "pretrained": False}
+             "patch": "x".join(map(str, preset.patch_size)), "spacing": "-", "description": preset.description,
+             "pretrained": False}
             for preset in PRESETS.values()]
     for shipped in shipped_models():
         preset = PRESETS[shipped["preset"]]
         rows.append({"name": shipped["name"], "task": preset.task, "parameters": _count(shipped["name"]),
                      "patch": "x".join(map(str, preset.patch_size)), "pretrained": True,
+                     "spacing": _spacing_text(shipped.get("preprocessing")),
                      "description": f"pretrained {preset.name}, shipped ({shipped['megabytes']} MB): {shipped['description']}"})
     return rows
 

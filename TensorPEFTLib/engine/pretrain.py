@@ -37,6 +37,7 @@ class Recipe:
     eval_every: int = 100
     affine: bool = False  # random affine augmentation of the training patches (segmentation)
     flip: str = "all"     # random flips (segmentation): all / lr / none
+    spacing: tuple[float, float, float] | None = None  # working voxel size (segmentation), recorded in the model
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -49,9 +50,14 @@ RECIPES: dict[str, Recipe] = {
         # (the first shipped model, 1000 steps at 5e-4 without them, capped the hippocampus fine-tune near Dice 0.6).
         # 3000 steps, not 1500: at 1500 the loss was still falling (0.156 over the last 50 steps, 0.097 at 3000), and
         # the longer-trained base lifted the demo fine-tune's best validation Dice from 0.769 to 0.828.
+        # Whole-brain subjects (0.9-1.5 mm, any orientation and intensity range) resampled to 1.5 mm: a 64³ patch
+        # covers 96 mm, both hippocampi; patches come from anywhere in the brain, so the model learns to say "no"
+        # everywhere else too (the crop-trained model it replaces found nothing on a whole-brain scan).
         Recipe("demo-unetr", "unetr-small", "subcortical", steps=3000, lr=1e-3, batch_size=2, affine=True, flip="lr",
-               description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label), "
-                           "random affine + left-right flip augmentation"),
+               spacing=(1.5, 1.5, 1.5),
+               description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label) in "
+                           "whole-brain T1s resampled to 1.5 mm RAS, foreground intensity scaling, random affine + "
+                           "left-right flip augmentation"),
         Recipe("demo-ddpm", "ddpm-small", "synthesis", steps=800, lr=5e-4, batch_size=2, eval_every=100,
                description="ddpm-small trained from scratch on 32³ whole brains (6 mm)"),
     ]
@@ -83,22 +89,32 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
             build_demo_cohort(cohort, seed=0)
     data = os.path.join(cohort, recipe.task_folder)
 
+    from ..data.preprocess import Preprocessing
+
+    preprocessing = Preprocessing(spacing=recipe.spacing).to_dict() if recipe.spacing else None
+
+    def fresh() -> torch.nn.Module:
+        model = build_model(recipe.preset, **recipe.overrides)
+        if preprocessing:
+            model.tensorpeft_spec["preprocessing"] = preprocessing
+        return model
+
     init = os.path.join(out, f"{recipe.name}-init.safetensors")
     if not resume:
         torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
-        save_model(build_model(recipe.preset, **recipe.overrides), init)
+        save_model(fresh(), init)
     run = os.path.join(out, "run")
     settings = TrainSettings(steps=steps or recipe.steps, lr=recipe.lr, eval_every=recipe.eval_every,
                              checkpoint_every=recipe.eval_every, seed=recipe.seed, optimizer="adamw")
     started = time.time()
-    result = finetune(init, data, run, AdapterConfig(method="full"), settings, val=None, device=device,
-                      events=events, resume=resume, overwrite=not resume, batch_size=recipe.batch_size,
-                      affine=recipe.affine, flip=recipe.flip, threads=threads)
+    result = finetune(init, data, run, AdapterConfig(method="full"), settings, val=None, auto_val=False,
+                      device=device, events=events, resume=resume, overwrite=not resume,
+                      batch_size=recipe.batch_size, affine=recipe.affine, flip=recipe.flip, threads=threads)
     if result.status != "completed":
         raise EngineError(f"pretraining {recipe.name} was cancelled at step {result.step}; continue with --resume")
 
     # The trained weights: a fresh model of the preset with the run's (full) adapter loaded, exported as fp16.
-    model = build_model(recipe.preset, **recipe.overrides)
+    model = fresh()
     load_adapter(model, run)
     del model.tensorpeft  # drop the adapter bookkeeping: with "full" the weights are the whole state
     model.half()
@@ -109,6 +125,7 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
     card = {
         "name": recipe.name, "preset": recipe.preset, "overrides": recipe.overrides, "description": recipe.description,
         "recipe": {**asdict(recipe), "steps": steps_done}, "settings": asdict(settings),
+        "preprocessing": preprocessing,
         "data": {"cohort": "tensorpeft demo-data (seed 0)", "task": recipe.task_folder},
         "final_metrics": {"mean_training_loss_last_50_steps": round(sum(losses) / len(losses), 5)},
         "training_seconds": round(time.time() - started, 1), "device": result.history["runtime"]["device_name"],

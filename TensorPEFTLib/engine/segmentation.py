@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,23 +28,28 @@ class SegmentationTask:
     higher_is_better = True
 
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, patch_size: Sequence[int], num_classes: int,
-                 runtime: Runtime, batch_size: int = 2, pixdim: Sequence[float] | None = None,
+                 runtime: Runtime, batch_size: int = 2, preprocessing: Any = None,
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2)) -> None:
         from monai.data import CacheDataset
         from monai.losses import DiceCELoss
 
         from ..data import train_transforms, val_transforms
+        from ..data.preprocess import Preprocessing
 
+        prep = preprocessing or Preprocessing()
+        self.preprocessing = prep
         self.patch_size = tuple(int(p) for p in patch_size)
         self.num_classes, self.runtime, self.batch_size = num_classes, runtime, batch_size
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
-        self.train_transform = train_transforms(self.patch_size, pixdim=pixdim, affine=affine, elastic=elastic,
+        self.train_transform = train_transforms(self.patch_size, pixdim=prep.spacing, intensity=prep.intensity,
+                                                crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
                                                 flip_axes=flip_axes)
-        # CacheDataset keeps the deterministic prefix (load, orient, normalise, crop, pad) in memory; only the random
+        # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
-        self.val_data = CacheDataset(val_cases, val_transforms(pixdim=pixdim), progress=False, num_workers=0) if val_cases else None
+        val_pre = val_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground)
+        self.val_data = CacheDataset(val_cases, val_pre, progress=False, num_workers=0) if val_cases else None
         self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -94,15 +99,41 @@ class SegmentationTask:
 
 
 def sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,
-                   overlap: float = 0.25) -> torch.Tensor:
-    """MONAI sliding-window inference with Gaussian blending; image (B, C, X, Y, Z) → logits (B, K, X, Y, Z)."""
+                   overlap: float = 0.25, on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """MONAI sliding-window inference with Gaussian blending; image (B, C, X, Y, Z) → logits (B, K, X, Y, Z).
+    ``on_batch`` is called after each window batch (progress)."""
     from monai.inferers import sliding_window_inference
 
-    return sliding_window_inference(image, tuple(patch_size), sw_batch_size, model, overlap=overlap, mode="gaussian")
+    predictor: Any = model
+    if on_batch is not None:
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            out = model(window)
+            on_batch()
+            return out
+
+    return sliding_window_inference(image, tuple(patch_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+
+
+def window_count(shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window places on a volume of ``shape`` (spatial)."""
+    count = 1
+    for size, roi in zip(shape, patch_size):
+        if size <= roi:
+            continue
+        interval = max(int(roi * (1 - overlap)), 1)
+        count *= int(math.ceil((size - roi) / interval)) + 1
+    return count
+
+
+def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The tensor dims to flip for test-time mirroring along ``mirror_axes`` (spatial; every combination)."""
+    spatial = [2 + int(axis) for axis in mirror_axes]
+    return [dims for count in range(len(spatial) + 1) for dims in itertools.combinations(spatial, count)]
 
 
 def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,
-                          overlap: float = 0.25, mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+                          overlap: float = 0.25, mirror_axes: Sequence[int] = (),
+                          on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Class probabilities by sliding-window inference; image (B, C, X, Y, Z) → softmax (B, K, X, Y, Z), float32.
 
     ``mirror_axes`` (spatial axes, 0 = left-right after RAS orientation): test-time mirroring as in nnU-Net, the
@@ -110,11 +141,11 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Seq
     back first. Use the axes the model was trained flipped on: it has learned both orientations there, and the
     average cancels part of its errors that are not mirror-symmetric.
     """
-    spatial = [2 + int(axis) for axis in mirror_axes]
-    flips = [dims for count in range(len(spatial) + 1) for dims in itertools.combinations(spatial, count)]
+    flips = mirror_flips(mirror_axes)
 
     def probabilities(dims: tuple[int, ...]) -> torch.Tensor:
-        logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap)
+        logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap,
+                                on_batch)
         probs = torch.softmax(logits.float(), dim=1)
         return probs.flip(dims) if dims else probs
 
@@ -159,33 +190,84 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volu
     return out
 
 
+def check_image(path: str, volume: Any, preprocessing: Any, patch_size: Sequence[int]) -> None:
+    """Refuse, with one line naming the file, a scan the model cannot segment: not 3D, voxels more than 3x off the
+    working spacing, or smaller than one patch once resampled."""
+    from ..data.preprocess import PreprocessingError, check_spacing, resampled_shape
+
+    shape = tuple(volume.shape)
+    squeezed = [n for n in shape if n > 1]
+    if len(shape) < 3 or len(squeezed) < 3:
+        raise PreprocessingError(f"{path}: a {len(squeezed)}D image ({'x'.join(map(str, shape))}); segment needs a 3D "
+                                 "volume: export the whole series, not one slice")
+    if len(shape) > 3 and any(n > 1 for n in shape[3:]):
+        raise PreprocessingError(f"{path}: a 4D image ({'x'.join(map(str, shape))}); segment needs one 3D volume: "
+                                 "split the series and pass one volume")
+    check_spacing(path, volume.affine, preprocessing.spacing)
+    extent = resampled_shape(shape, volume.affine, preprocessing.spacing)
+    if any(e < p for e, p in zip(extent, patch_size)):
+        where = "x".join(f"{s:g}" for s in preprocessing.spacing) + " mm" if preprocessing.spacing else "its own grid"
+        raise PreprocessingError(f"{path}: {'x'.join(map(str, extent))} voxels at {where}, smaller than the model's "
+                                 f"{'x'.join(map(str, patch_size))} patch; give a scan with a larger field of view")
+
+
 def segment_images(model: nn.Module, images: list[str], outputs: list[str], runtime: Runtime, events: Events, *,
-                   patch_size: Sequence[int], pixdim: Sequence[float] | None = None, sw_batch_size: int = 4,
+                   patch_size: Sequence[int], preprocessing: Any = None, sw_batch_size: int = 4,
                    overlap: float = 0.5, min_component_mm3: float = 1000.0,
                    mirror_axes: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image.
 
-    ``mirror_axes``: test-time mirroring (see :func:`predict_probabilities`)."""
+    Each image is resampled to the working grid (``preprocessing``: a :class:`~TensorPEFTLib.data.preprocess.
+    Preprocessing`), intensity-scaled on its foreground and cropped to it; the sliding window runs on that crop
+    and the prediction goes back onto the image's own grid and orientation. Progress: a ``step`` event per window
+    batch (``step``/``steps`` window batches of image ``image_index``/``images``, ``eta_seconds``); the image's last one also
+    carries its record (mask, foreground volume). ``mirror_axes``: test-time mirroring (see
+    :func:`predict_probabilities`)."""
+    import time
+
     from monai.data import MetaTensor  # noqa: F401 - Invertd needs the tracked metadata
 
     from ..data import inference_transforms, inverse_transforms, read_volume, write_volume
+    from ..data.preprocess import Preprocessing, PreprocessingError
 
-    pre = inference_transforms(pixdim=pixdim)
+    prep = preprocessing or Preprocessing()
+    pre = inference_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground)
     post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=True)
     model.eval()
+    headers = [read_volume(path, header_only=True) for path in images]
+    for path, header in zip(images, headers):  # every input checked before the first is segmented
+        check_image(path, header, prep, patch_size)
     records = []
-    events.start_bar(len(images), "segmenting")
-    for index, (path, out_path) in enumerate(zip(images, outputs)):
+    for index, (path, out_path, reference) in enumerate(zip(images, outputs, headers)):
         data = pre({"image": path})
         image = data["image"][None].float()
+        if not torch.any(image > 0):
+            raise PreprocessingError(f"{path}: no foreground found (the image has no contrast); check that it is the "
+                                     "right file and not empty")
         batch = sw_batch_size
         while True:
+            passes = len(mirror_flips(mirror_axes))
+            total = passes * int(math.ceil(window_count(image.shape[2:], patch_size, overlap) / batch))
+            done, started = [0], time.perf_counter()
+            name = os.path.basename(path)
+            events.start_bar(total, f"{name} ({index + 1}/{len(images)})" if len(images) > 1 else name)
+
+            def on_batch() -> None:
+                done[0] += 1
+                elapsed = time.perf_counter() - started
+                eta = elapsed / done[0] * (total - done[0])
+                events.update_bar(1)
+                if done[0] < total:
+                    events.emit("step", step=done[0], steps=total, image_index=index + 1, images=len(images),
+                                eta_seconds=round(eta, 1), stage="sliding window")
+
             try:
                 with torch.no_grad(), runtime.autocast():
                     probs = predict_probabilities(model, image.to(runtime.device), patch_size, batch, overlap,
-                                                  mirror_axes)
+                                                  mirror_axes, on_batch)
                 break
             except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+                events.close_bar()
                 if not is_out_of_memory(err):
                     raise
                 if runtime.device.type == "cuda":
@@ -194,22 +276,21 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
                     raise EngineError(f"{path}: out of GPU memory even with --sw-batch-size 1; use --device cpu") from None
                 batch = max(1, batch // 2)
                 events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
+        events.close_bar()
         pred = probs.argmax(1).to(torch.uint8).cpu()
         data["pred"] = _as_meta(pred, data["image"])
         inverted = post(data)["pred"]
         mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
-        reference = read_volume(path, header_only=True)
         if tuple(mask.shape) != tuple(reference.shape[:3]):
             raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
         mask = remove_small_components(mask, reference.spacing, min_component_mm3)
         write_volume(out_path, mask, like=reference)
         voxel_ml = float(np.prod(reference.spacing)) / 1000.0
         record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
-                  "sw_batch_size": batch}
+                  "sw_batch_size": batch, "window_batches": done[0],
+                  "seconds": round(time.perf_counter() - started, 2)}
         records.append(record)
-        events.emit("step", step=index + 1, steps=len(images), **record)
-        events.update_bar(1)
-    events.close_bar()
+        events.emit("step", step=total, steps=total, image_index=index + 1, images=len(images), eta_seconds=0.0, **record)
     return records
 
 

@@ -41,20 +41,25 @@ EXIT_CANCELLED = 130
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings. Defaults follow the LoRA-PT recipe (Adam, lr 1e-3, poly 0.9, weight decay 1e-5)."""
+    """Optimisation settings. Defaults follow the LoRA-PT recipe (Adam, lr 1e-3, poly 0.9, weight decay 1e-5).
+    ``finetune`` chooses ``steps``, ``lr``, ``eval_every`` and ``checkpoint_every`` left at None for the task, the
+    method and the number of subjects (``jobs.default_steps`` / ``default_lr``); the Trainer itself needs them set."""
 
-    steps: int = 300
-    lr: float = 1e-3
+    steps: int | None = 300
+    lr: float | None = 1e-3
     weight_decay: float = 1e-5
     optimizer: str = "adam"  # adam | adamw
     poly_power: float = 0.9
     accumulate: int = 1
-    eval_every: int = 50
-    checkpoint_every: int = 50
+    eval_every: int | None = 50
+    checkpoint_every: int | None = 50
     grad_clip: float | None = 1.0
     seed: int = 0
 
     def validate(self) -> None:
+        if self.steps is None or self.lr is None or self.eval_every is None or self.checkpoint_every is None:
+            raise EngineError("TrainSettings: steps, lr, eval_every and checkpoint_every must be set (finetune "
+                              "chooses them when left None)")
         if self.steps < 1:
             raise EngineError(f"--steps must be >= 1, got {self.steps}")
         if not self.lr > 0:

@@ -262,7 +262,10 @@ def _spec_of(model: nn.Module) -> dict[str, Any]:
     if not spec or "preset" not in spec:
         raise CheckpointError("this model has no TensorPEFT spec (build it with build_model(preset, ...)); "
                               "save its state dict instead: torch.save(model.state_dict(), path)")
-    return {"preset": spec["preset"], "overrides": dict(spec.get("overrides", {}))}
+    out = {"preset": spec["preset"], "overrides": dict(spec.get("overrides", {}))}
+    if spec.get("preprocessing"):  # the working spacing / orientation / intensity scale the weights were trained at
+        out["preprocessing"] = dict(spec["preprocessing"])
+    return out
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> str:
@@ -313,7 +316,8 @@ def canonical_safetensors(payload: bytes) -> bytes:
 
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The spec (``{"preset", "overrides"}``) stored in a file written by :func:`save_model`, or None."""
+    """The spec (``{"preset", "overrides"}``, and ``"preprocessing"`` where the model records its working grid)
+    stored in a file written by :func:`save_model`, or None."""
     p = Path(path)
     if p.is_dir():
         p = _bundle_weights(p)
@@ -366,6 +370,8 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
         except PresetError as err:
             raise CheckpointError(f"{p}: stored spec cannot be built ({err})") from None
         load_checkpoint(model, p)
+        if isinstance(spec.get("preprocessing"), dict):
+            model.tensorpeft_spec["preprocessing"] = dict(spec["preprocessing"])
         return model
     state, _ = read_state_dict(p)
     fits = fitting_presets(state)

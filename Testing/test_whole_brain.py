@@ -1,0 +1,280 @@
+"""Scans as users bring them: working spacing, any orientation and intensity range, foreground normalisation and
+crop, the recipe defaults, and clear refusals of scans a model cannot segment."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from TensorPEFTLib.cli import main
+from TensorPEFTLib.data import read_volume, write_volume
+from TensorPEFTLib.data.preprocess import (Preprocessing, PreprocessingError, check_spacing, foreground_mask,
+                                           normalise_foreground, plan_spacing, ras_spacing, resampled_shape)
+
+import synthetic
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def _head(shape=(60, 70, 56), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoidal 'brain' with a brighter core ('white matter') and a small bright target, in Rician-like noise."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.asarray(shape) / 2
+    r = (((grid - centre) / (np.asarray(shape) * 0.36)) ** 2).sum(-1)
+    brain = r <= 1
+    image = np.abs(rng.normal(0.0, 0.03, shape)).astype(np.float32)
+    image[brain] += 0.5
+    image[r <= 0.4] += 0.3
+    target = (((grid - centre - np.array([6, 0, 0])) / 4.0) ** 2).sum(-1) <= 1
+    image[target] += 0.2
+    return image, target.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def test_foreground_mask_finds_the_head_whatever_the_range_and_offset():
+    image, _ = _head()
+    truth = foreground_mask(image)
+    assert 0.2 < truth.mean() < 0.4  # the ellipsoid, not the noise
+    for gain, offset in ((1.0, 0.0), (4095.0, 0.0), (1234.5, 300.0), (1e-3, -5.0)):
+        mask = foreground_mask(image * gain + offset)
+        dice = 2 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
+        assert dice > 0.999, (gain, offset, dice)  # float32 rounding moves a few border voxels at most
+    assert not foreground_mask(np.full((20, 20, 20), 7.0, np.float32)).any()  # no contrast, no foreground
+
+
+def test_foreground_normalisation_ignores_field_of_view_and_scanner_range():
+    image, _ = _head()
+    ref = normalise_foreground(image)
+    assert ref.min() == 0.0 and ref.max() == 1.0
+    padded = np.pad(image, 40, mode="constant")  # the same head with four times the air around it
+    wide = normalise_foreground(padded)[40:-40, 40:-40, 40:-40]
+    brain = foreground_mask(image)
+    assert np.abs(wide - ref)[brain].max() < 0.02
+    scaled = normalise_foreground(image * 4095.0 + 100.0)
+    assert np.abs(scaled - ref).max() < 1e-4
+    # whole-volume percentiles, by contrast, move with the field of view
+    lo, hi = np.percentile(padded, [0.5, 99.5])
+    assert abs(lo - np.percentile(image, 0.5)) > 0 or abs(hi - np.percentile(image, 99.5)) > 1e-3
+
+
+def test_spacing_planning_and_checks():
+    assert plan_spacing([(1.0, 1.0, 1.2), (0.9, 0.9, 1.5), (1.1, 1.0, 1.2)]) == (1.0, 1.0, 1.2)
+    sagittal = np.array([[0, 0, 1.3, 0], [-0.9, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])  # i→P, j→S, k→R
+    assert ras_spacing(sagittal) == (1.3, 0.9, 1.0)
+    check_spacing("scan.nii.gz", np.diag([1.0, 1.0, 1.2, 1.0]), (1.5, 1.5, 1.5))
+    with pytest.raises(PreprocessingError, match=r"scan\.nii\.gz: voxel size 1x1x5 mm is more than 3x off"):
+        check_spacing("scan.nii.gz", np.diag([1.0, 1.0, 5.0, 1.0]), (1.5, 1.5, 1.5))
+    assert resampled_shape((100, 100, 100), np.diag([1.0, 1.0, 1.0, 1.0]), (2.0, 2.0, 2.0)) == (50, 50, 50)
+    prep = Preprocessing(spacing=(1.5, 1.5, 1.5))
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    with pytest.raises(PreprocessingError, match="intensity"):
+        Preprocessing(intensity="minmax")
+
+
+def _orientations(image: np.ndarray, spacing: float = 1.0) -> dict[str, np.ndarray]:
+    """The same head's affines stored RAS, LPS and 15° oblique, and the arrays to store with them."""
+    from scipy.ndimage import affine_transform
+
+    shape = np.asarray(image.shape)
+    ras = np.diag([spacing] * 3 + [1.0])
+    ras[:3, 3] = -spacing * (shape - 1) / 2
+    lps = ras.copy()
+    lps[:3, :3] = np.diag([-spacing, -spacing, spacing])
+    lps[:3, 3] = ras[:3, 3] * np.array([-1, -1, 1])
+    angle = np.deg2rad(15.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot * spacing
+    oblique[:3, 3] = -rot @ (spacing * (shape - 1) / 2)
+    # the oblique grid's voxel (i,j,k) sits at world oblique @ ijk: sample the RAS array there
+    to_ras = np.linalg.inv(ras) @ oblique
+    oblique_array = affine_transform(image, to_ras[:3, :3], to_ras[:3, 3], order=1)
+    return {"ras": (image, ras), "lps": (image[::-1, ::-1, :].copy(), lps), "oblique": (oblique_array, oblique)}
+
+
+def test_any_storage_gives_the_model_the_same_voxels_and_masks_go_back(tmp_path):
+    from TensorPEFTLib.data import inference_transforms, inverse_transforms
+
+    image, _ = _head()
+    pre = inference_transforms(pixdim=(2.0, 2.0, 2.0))
+    post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=True)
+    seen = {}
+    for name, (array, affine) in _orientations(image).items():
+        path = str(tmp_path / f"{name}.nii.gz")
+        write_volume(path, array, affine)
+        data = pre({"image": path})
+        seen[name] = np.asarray(data["image"][0])
+        # a 'prediction' on the working grid (the bright core) lands on the stored grid of each variant
+        data["pred"] = (data["image"] > 0.55).float()
+        back = np.asarray(post(data)["pred"][0])
+        assert back.shape == array.shape
+        direct = normalise_foreground(array) > 0.55
+        dice = 2 * np.logical_and(back > 0, direct).sum() / ((back > 0).sum() + direct.sum())
+        assert dice > 0.85, (name, dice)
+    assert seen["ras"].shape == seen["lps"].shape
+    assert np.abs(seen["ras"] - seen["lps"]).max() < 1e-4  # LPS is only a relabelling of the same voxels
+    core = seen["ras"] > 0.55
+    assert abs(int((seen["oblique"] > 0.55).sum()) - int(core.sum())) < 0.1 * core.sum()
+    assert seen["ras"].shape[0] < 45  # cropped to the head (60 voxels at 1 mm = 30 at 2 mm, plus a margin)
+
+
+# ----------------------------------------------------------------------------------------------- recipe defaults
+
+
+def test_recipe_defaults_for_few_subjects():
+    from TensorPEFTLib.engine.jobs import default_lr, default_steps, split_validation
+
+    assert default_steps("segmentation", 5) == 400 and default_steps("segmentation", 20) == 1000
+    assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "tenvoo-l") == 1e-4
+    cases = [{"image": f"c{i}.nii.gz"} for i in range(7)]
+    train, val = split_validation(cases, seed=0)
+    assert len(train) == 5 and len(val) == 2 and not {c["image"] for c in train} & {c["image"] for c in val}
+    assert split_validation(cases, seed=0) == (train, val)  # seeded: --resume sees the same split
+    assert split_validation(cases[:3], seed=0) == (cases[:3], [])
+
+
+@pytest.fixture(scope="module")
+def defaults_run(tmp_path_factory):
+    """`finetune` with no recipe flags on 4 oblique, anisotropic cases (the tiny model records no spacing)."""
+    from TensorPEFTLib.engine import Events, TrainSettings, finetune
+    from TensorPEFTLib.adapters import AdapterConfig
+
+    root = tmp_path_factory.mktemp("defaults")
+    synthetic.write_segmentation_dataset(str(root / "data"), n_train=4, n_test=1, seed=1)
+    model = synthetic.save_tiny_model(str(root / "unetr.safetensors"))
+    out = str(root / "run")
+    finetune(model, str(root / "data"), out, AdapterConfig(method="lora", rank=2),
+             TrainSettings(steps=4, lr=None, eval_every=None, checkpoint_every=None), device="cpu",
+             events=Events(quiet=True), threads=1)
+    return root, model, out
+
+
+def test_finetune_defaults_plan_the_spacing_split_and_flip(defaults_run):
+    root, _, out = defaults_run
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["preprocessing"]["spacing"] == [1.2, 1.0, 1.5]  # the cases' median (nnU-Net planning)
+    assert saved["preprocessing"]["intensity"] == "foreground"
+    assert saved["train_cases"] == 3 and saved["val_cases"] == 1 and len(saved["val_names"]) == 1
+    assert saved["flip"] == "lr" and saved["affine"] is True and saved["train_lr"] == 1e-3
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert history["evals"], "a held-out case was scored during training"
+
+
+def test_a_recorded_working_spacing_is_used_and_spacing_overrides_it(tmp_path):
+    import torch
+
+    from TensorPEFTLib.adapters import AdapterConfig
+    from TensorPEFTLib.engine import Events, TrainSettings, finetune
+    from TensorPEFTLib.models import build_model
+    from TensorPEFTLib.models.checkpoints import save_model
+
+    synthetic.write_segmentation_dataset(str(tmp_path / "data"), n_train=2, n_test=0, seed=2)
+    torch.manual_seed(0)
+    model = build_model("unetr-small", **synthetic.TINY_UNETR)
+    model.tensorpeft_spec["preprocessing"] = Preprocessing(spacing=(1.4, 1.4, 1.4)).to_dict()
+    path = save_model(model, str(tmp_path / "pretrained.safetensors"))
+    runs = {}
+    for name, spacing in (("recorded", None), ("override", (1.0, 1.1, 1.2))):
+        out = str(tmp_path / name)
+        finetune(path, str(tmp_path / "data"), out, AdapterConfig(method="lora", rank=1),
+                 TrainSettings(steps=1, eval_every=1, checkpoint_every=1), spacing=spacing, device="cpu",
+                 events=Events(quiet=True), threads=1)
+        runs[name] = json.load(open(os.path.join(out, "adapter_config.json")))["preprocessing"]["spacing"]
+    assert runs == {"recorded": [1.4, 1.4, 1.4], "override": [1.0, 1.1, 1.2]}
+
+
+def test_segment_reports_window_progress_and_writes_on_the_input_grid(defaults_run, tmp_path):
+    from TensorPEFTLib.engine import Events, segment
+
+    root, _, out = defaults_run
+    image = str(root / "data" / "imagesTs" / "case_ts00.nii.gz")
+    events = tmp_path / "events.jsonl"
+    sink = Events(str(events), quiet=True)
+    records = segment(image, str(tmp_path / "mask.nii.gz"), adapter=out, device="cpu", events=sink, threads=1)
+    sink.close()
+    mask, ref = read_volume(records[0]["mask"]), read_volume(image)
+    assert mask.shape == ref.shape and np.allclose(mask.affine, ref.affine)
+    steps = [json.loads(line) for line in events.read_text().splitlines() if '"step"' in line]
+    assert len(steps) >= 2 and steps[-1]["step"] == steps[-1]["steps"] and steps[-1]["mask"] == records[0]["mask"]
+    assert all("eta_seconds" in e and e["images"] == 1 for e in steps)
+    assert records[0]["mirror"] == "lr"  # the adapter was trained with left-right flips
+
+
+def _bad(tmp_path, name: str, array: np.ndarray, affine: np.ndarray) -> str:
+    path = str(tmp_path / name)
+    if array.ndim == 3 or array.ndim == 4:
+        write_volume(path, array, affine)
+    else:  # a 2D slice: write_volume refuses it, as it should; write it with nibabel
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(array, affine), path)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("slice", "2D image"),
+    ("series", "4D image"),
+    ("thick", "more than 3x off"),
+    ("small", "smaller than the model's"),
+    ("empty", "no foreground found"),
+])
+def test_segment_refuses_what_it_cannot_segment(defaults_run, tmp_path, capsys, case, expected):
+    root, _, out = defaults_run
+    affine = np.diag([1.2, 1.0, 1.5, 1.0])
+    arrays = {
+        "slice": (np.random.default_rng(0).random((40, 40)).astype(np.float32), affine),
+        "series": (np.random.default_rng(0).random((40, 40, 30, 3)).astype(np.float32), affine),
+        "thick": (np.random.default_rng(0).random((40, 40, 10)).astype(np.float32), np.diag([1.2, 1.0, 6.0, 1.0])),
+        "small": (np.random.default_rng(0).random((20, 40, 40)).astype(np.float32), affine),
+        "empty": (np.zeros((40, 40, 40), np.float32), affine),
+    }
+    image = _bad(tmp_path, f"{case}.nii.gz", *arrays[case])
+    target = tmp_path / "masks" / "mask.nii.gz"
+    code = main(["segment", "--adapter", out, "--image", image, "--out", str(target), "--threads", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and image in err[0] and expected in err[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not target.exists() and not any(p.name.startswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+# ----------------------------------------------------------------------------------------------- demo cohort
+
+
+def test_whole_brain_subjects_and_evaluation_variants(tmp_path):
+    from TensorPEFTLib.data.demo import (SCANNER_RANGES, STORAGE_DIRECTIONS, build_whole_brain_eval, scanner_range,
+                                         whole_brain_grid)
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        grid, drawn = whole_brain_grid(rng, oblique_deg=10.0)
+        seen.add(drawn["storage"])
+        extent = np.abs(grid.affine[:3, :3]) @ np.asarray(grid.shape)
+        assert extent.min() >= 150.0 and 0.9 <= min(grid.spacing) and max(grid.spacing) <= 1.5
+        assert np.allclose(grid.direction.T @ grid.direction, np.eye(3), atol=1e-9)
+    assert seen == set(STORAGE_DIRECTIONS)
+    image = np.linspace(0, 700.0, 1000, dtype=np.float32).reshape(10, 10, 10)
+    stored = {kind: scanner_range(image, kind) for kind in SCANNER_RANGES}
+    assert stored["12bit"].dtype == np.int16 and stored["12bit"].max() == 4095
+    assert stored["unit"].max() == 1.0 and stored["raw"].max() == 700.0
+
+    variants = (("ras", "RAS", 4.0, "12bit"), ("lps", "LPS", 4.0, "raw"), ("oblique", "oblique", 4.5, "unit"))
+    summary = build_whole_brain_eval(tmp_path / "eval", templates=("icbm2009c",), variants=variants, reference_mm=2.0)
+    meta = json.load(open(tmp_path / "eval" / "dataset.json"))
+    assert summary["cases"] == 3 and {c["variant"] for c in meta["test"]} == {"ras", "lps", "oblique"}
+    volumes = {c["variant"]: (read_volume(tmp_path / "eval" / c["image"]), read_volume(tmp_path / "eval" / c["label"]))
+               for c in meta["test"]}
+    ras_img, ras_lbl = volumes["ras"]
+    lps_img, lps_lbl = volumes["lps"]
+    assert ras_img.array.max() == 4095 and np.isclose(volumes["oblique"][0].array.max(), 1.0)
+    # the same brain: LPS is the RAS array flipped on two axes, labels to the voxel
+    assert np.array_equal(lps_lbl.array, ras_lbl.array[::-1, ::-1, :])
+    assert ras_lbl.array.sum() > 20 and abs(int(volumes["oblique"][1].array.sum()) * 4.5 ** 3
+                                            - int(ras_lbl.array.sum()) * 4.0 ** 3) < 0.35 * ras_lbl.array.sum() * 64
