@@ -282,6 +282,8 @@ class Progress:
     trainable: int | None = None
     first_step_at: float | None = None
     first_step: int = 0
+    image_index: int = 0  # segment: which image the window-batch steps belong to (1-based), of ``images``
+    images: int = 0
 
     def update(self, event: dict[str, Any], now: float | None = None) -> None:
         kind = event.get("event")
@@ -296,6 +298,8 @@ class Progress:
             self.trainable = event.get("trainable", self.trainable)
         elif kind == "step":
             self.status = "running"
+            if event.get("images"):
+                self.image_index, self.images = int(event.get("image_index") or 1), int(event["images"])
             self.step = int(event.get("step", self.step))
             self.steps = int(event.get("steps") or self.steps)
             if event.get("loss") is not None:
@@ -332,12 +336,17 @@ class Progress:
     def fraction(self) -> float:
         if self.status == "completed":
             return 1.0
-        return min(1.0, self.step / self.steps) if self.steps else 0.0
+        within = min(1.0, self.step / self.steps) if self.steps else 0.0
+        if self.images:  # segment: window batches of one image at a time
+            return min(1.0, (self.image_index - 1 + within) / self.images)
+        return within
 
     def text(self) -> str:
         if self.status == "starting":
             return "starting the worker (loading torch and the model) ..."
         parts = [f"step {self.step}/{self.steps}" if self.steps else f"step {self.step}"]
+        if self.images:
+            parts = [f"image {self.image_index}/{self.images}", f"window batch {self.step}/{self.steps}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.metric is not None:

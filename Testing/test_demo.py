@@ -32,6 +32,9 @@ def test_shipped_models_are_small_fp16_and_match_their_cards():
 
         assert isinstance(model, (UNETR, DiffusionModelUNet))
         assert getattr(model, "tensorpeft_spec", {}).get("preset") == card["preset"]
+        if card["preset"].startswith("unetr"):  # the working grid segment resamples every scan to
+            assert card["preprocessing"]["spacing"] == [1.5, 1.5, 1.5] and card["preprocessing"]["orientation"] == "RAS"
+            assert model.tensorpeft_spec["preprocessing"] == card["preprocessing"]
     assert total < 25e6, total
 
 

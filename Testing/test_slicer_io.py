@@ -204,7 +204,8 @@ def test_real_segment_command_keeps_oblique_geometry(scene, tmp_path):
     """The real worker path (MONAI orientation + inverse in `tensorpeft segment`) on an oblique anisotropic volume."""
     from TensorPEFTLib import cli
 
-    volume, _ = sio.make_synthetic_case(scene, name="input", with_segmentation=False)
+    # at least one 64³ patch of unetr-small (a smaller scan is refused: see test_whole_brain)
+    volume, _ = sio.make_synthetic_case(scene, name="input", shape=(72, 66, 64), with_segmentation=False)
     image = sio.write_volume_node(volume, tmp_path / "input.nrrd")
     mask = str(tmp_path / "input_mask.nrrd")
     code = cli.main(["segment", "--image", image, "--out", mask, "--model", "unetr-small", "--device", "cpu",

@@ -226,8 +226,9 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     assert argv[:3] == ["python", "-m", "TensorPEFTLib.cli"]
     text = " ".join(argv)
     for piece in ("finetune --model demo-unetr", "--method tcurlora --rank 8", "--lr 0.0005", "--steps 40",
-                  "--device cuda", "--alpha 16", "--patch-size 96", "--overwrite", "--affine", "--flip lr", "--events -"):
+                  "--device cuda", "--alpha 16", "--patch-size 96", "--overwrite", "--flip lr", "--events -"):
         assert piece in text
+    assert "--no-affine" not in text  # affine is finetune's default; only switching it off needs a flag
     request.resume = True
     assert "--resume" in tpw.finetune_args(request) and "--overwrite" not in tpw.finetune_args(request)
     from TensorPEFTLib.cli import build_parser  # the real parser accepts every flag
@@ -235,6 +236,12 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     args = build_parser().parse_args(tpw.finetune_args(request))
     assert (args.method, args.rank, args.device, args.events) == ("tcurlora", 8, "cuda", "-")
     assert args.affine and args.flip == "lr"
+    # the panel's defaults (0 = auto) leave steps, lr and affine to finetune, so the GUI runs the CLI's recipe
+    auto = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "b"), lr=0, steps=0)
+    plain = build_parser().parse_args(tpw.finetune_args(auto))
+    assert plain.steps is None and plain.lr is None and plain.affine and plain.flip == "lr"
+    off = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "c"), affine=False)
+    assert not build_parser().parse_args(tpw.finetune_args(off)).affine
     assert build_parser().parse_args(tpw.params_args("unetr-small", "lora", 4, 8.0)).json
 
 
@@ -548,3 +555,13 @@ def test_device_probe_runs_as_a_module():
     assert report["torch"] and isinstance(report["gpus"], list)
     line, on_cpu = tpw.describe_device(report)
     assert on_cpu == (not report["gpus"] and not report["mps"]) and line
+
+
+def test_segment_progress_counts_window_batches_across_images():
+    progress = tpw.Progress()
+    progress.update({"event": "start", "kind": "segment", "images": 2})
+    progress.update({"event": "step", "step": 3, "steps": 12, "image_index": 1, "images": 2, "eta_seconds": 9.0})
+    assert progress.fraction == pytest.approx(3 / 12 / 2)
+    assert "image 1/2" in progress.text() and "window batch 3/12" in progress.text() and "ETA" in progress.text()
+    progress.update({"event": "step", "step": 6, "steps": 12, "image_index": 2, "images": 2, "eta_seconds": 4.0})
+    assert progress.fraction == pytest.approx(0.75)

@@ -278,3 +278,15 @@ def test_whole_brain_subjects_and_evaluation_variants(tmp_path):
     assert np.array_equal(lps_lbl.array, ras_lbl.array[::-1, ::-1, :])
     assert ras_lbl.array.sum() > 20 and abs(int(volumes["oblique"][1].array.sum()) * 4.5 ** 3
                                             - int(ras_lbl.array.sum()) * 4.0 ** 3) < 0.35 * ras_lbl.array.sum() * 64
+
+
+def test_figures_show_any_stored_scan_in_ras_planes():
+    from TensorPEFTLib.engine.report import as_ras
+
+    image, _ = _head(shape=(12, 14, 10))
+    variants = _orientations(image)
+    lps, lps_affine = variants["lps"]
+    assert np.array_equal(as_ras(lps, lps_affine), image)
+    sagittal = np.transpose(image, (1, 2, 0))[::-1].copy()  # stored i→P, j→S, k→R
+    affine = np.array([[0, 0, 1.0, 0], [-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
+    assert np.array_equal(as_ras(sagittal, affine), image)

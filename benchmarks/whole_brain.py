@@ -78,13 +78,14 @@ def merged_cost_ratio(adapter: str, image: str, repeats: int = 3) -> dict:
 
 def overlay(path: str, cases: list[dict], folder: str, masks: str) -> str:
     from TensorPEFTLib.data import read_volume
-    from TensorPEFTLib.engine.report import _figure, _save, centre_of, view_slice
+    from TensorPEFTLib.engine.report import _figure, _save, as_ras, centre_of, view_slice
 
     plt, (fig, axes) = _figure(len(cases), 3, figsize=(10, 3.6 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases):
-        image = np.asarray(read_volume(os.path.join(folder, case["image"])).array, np.float32)
-        ref = np.asarray(read_volume(os.path.join(folder, case["label"])).array)
-        ours = np.asarray(read_volume(os.path.join(masks, case["name"] + ".nii.gz")).array)
+        stored = read_volume(os.path.join(folder, case["image"]))
+        image = as_ras(np.asarray(stored.array, np.float32), stored.affine)
+        ref = as_ras(read_volume(os.path.join(folder, case["label"])).array, stored.affine)
+        ours = as_ras(read_volume(os.path.join(masks, case["name"] + ".nii.gz")).array, stored.affine)
         centre = centre_of(ref, ref.shape)
         for ax, (view, axis) in zip(row, (("coronal", 1), ("axial", 2), ("sagittal", 0))):
             ax.imshow(view_slice(image, view, centre[axis]), cmap="gray")
@@ -94,9 +95,9 @@ def overlay(path: str, cases: list[dict], folder: str, masks: str) -> str:
                     ax.contour(plane > 0, levels=[0.5], colors=colour, linewidths=1.0)
             ax.set_axis_off()
             title = f"{case['name']} (Dice {case['dice']:.3f})\n" if axis == 1 else ""
-            ax.set_title(f"{title}voxel axes {view}-ish", fontsize=8)
-    fig.suptitle("whole-brain scans of an unseen template, each on its own stored grid: reference hippocampus "
-                 "(green), segment's mask (red)", fontsize=9)
+            ax.set_title(f"{title}{view}", fontsize=8)
+    fig.suptitle("whole-brain scans of unseen templates (the mask on each scan's own grid, shown in its closest RAS "
+                 "planes; the oblique one stays tilted): reference hippocampus (green), segment's mask (red)", fontsize=9)
     return _save(fig, plt, path)
 
 

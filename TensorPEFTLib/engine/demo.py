@@ -59,7 +59,8 @@ class DemoSettings:
     def quick(cls, **overrides: Any) -> "DemoSettings":
         """Tiny everything: proves the pipeline end to end in about a minute on 2 CPU cores (used by the tests)."""
         base = dict(subjects=2, val_subjects=1, seg_steps=4, seg_eval_every=2, syn_steps=2, syn_count=2,
-                    syn_sampler_steps=3, cohort=dict(n_test=1, n_unseen=1, n_synthesis_target=2))
+                    syn_sampler_steps=3,
+                    cohort=dict(n_test=1, n_unseen=1, n_synthesis_target=2, seg_spacings=((1.5, 1.5, 1.5),)))
         base.update(overrides)
         return cls(**base)
 
@@ -78,7 +79,8 @@ def build_cohort(out: str, settings: DemoSettings, events: Events) -> str:
     marker = os.path.join(cohort, "dataset.json")
     if os.path.isfile(marker):
         saved = json.load(open(marker, encoding="utf-8")).get("parameters", {})
-        if saved.get("seed") == settings.seed and all(saved.get(k) == v for k, v in params.items()):
+        same = all(saved.get(k) == json.loads(json.dumps(v)) for k, v in params.items())  # tuples saved as lists
+        if saved.get("seed") == settings.seed and same:
             events.message(f"using the demo cohort in {cohort}")
             return cohort
     events.message(f"building the demo cohort in {cohort} ...")
@@ -227,7 +229,7 @@ def overlay_report(path: str, split: dict[str, Any], base_masks: str, adapted: d
     """One row per test group (its first subject): coronal slice through the hippocampi with the reference (green),
     the base model's mask (blue) and the adapted model's mask (red)."""
     from ..data import read_volume
-    from .report import _figure, _save, centre_of, view_slice
+    from .report import _figure, _save, as_ras, centre_of, view_slice
 
     picks: dict[str, dict[str, Any]] = {}
     for row in adapted["cases"]:
@@ -236,10 +238,13 @@ def overlay_report(path: str, split: dict[str, Any], base_masks: str, adapted: d
     plt, (fig, axes) = _figure(len(rows), 3, figsize=(10, 3.4 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
         name = row["case"]
-        image = np.asarray(read_volume(os.path.join(split["images"], name + ".nii.gz")).array, np.float32)
-        ref = np.asarray(read_volume(os.path.join(split["labels"], name + ".nii.gz")).array)
-        base = np.asarray(read_volume(os.path.join(base_masks, name + ".nii.gz")).array)
-        ours = np.asarray(read_volume(os.path.join(adapted["masks"], name + ".nii.gz")).array)
+        stored = read_volume(os.path.join(split["images"], name + ".nii.gz"))
+
+        def load(folder: str) -> np.ndarray:  # each mask on the scan's grid, shown in RAS planes
+            return as_ras(read_volume(os.path.join(folder, name + ".nii.gz")).array, stored.affine)
+
+        image = as_ras(np.asarray(stored.array, np.float32), stored.affine)
+        ref, base, ours = load(split["labels"]), load(base_masks), load(adapted["masks"])
         centre = centre_of(ref, ref.shape)
         for ax, view in zip(ax_row, ("coronal", "axial", "sagittal")):
             index = centre[{"axial": 2, "coronal": 1, "sagittal": 0}[view]]

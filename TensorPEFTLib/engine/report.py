@@ -42,6 +42,15 @@ def view_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     return np.rot90(plane)  # first axis to columns, second axis pointing up
 
 
+def as_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A stored volume's array reordered to the closest RAS axes (a permutation and flips, no resampling), so that
+    ``view_slice`` shows true axial / coronal / sagittal planes of a scan stored LPS, sagittally or oblique."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(np.asarray(affine)), axcodes2ornt(("R", "A", "S")))
+    return apply_orientation(np.asarray(array), transform)
+
+
 def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
     """The mask voxel nearest to the mask's centroid (the volume's centre if it is empty). Not the centroid itself:
     for a bilateral structure (both hippocampi) that lies on the midline, where a sagittal slice shows no mask."""
