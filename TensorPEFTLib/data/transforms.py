@@ -119,8 +119,9 @@ def train_transforms(
 ):
     """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
 
-    Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` → intensity normalisation
-    (``percentile``: 0.5–99.5 % → [0, 1]; ``zscore``: non-zero voxels) → crop to the foreground of the image → pad
+    Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` (onto a world-aligned RAS grid) →
+    intensity normalisation (``foreground``: the head/brain's 0.5–99.5 % → [0, 1], background 0; ``percentile``: the
+    same over the whole volume; ``zscore``: non-zero voxels) → crop to the head/brain foreground (+8 voxels) → pad
     to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg`` →
     random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
     anatomically plausible flip for brain structures) → optional ``RandAffined`` (``affine``: rotation ±10°, scale
