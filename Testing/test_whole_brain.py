@@ -77,21 +77,31 @@ def test_spacing_planning_and_checks():
         Preprocessing(intensity="minmax")
 
 
-def _orientations(image: np.ndarray, spacing: float = 1.0) -> dict[str, np.ndarray]:
-    """The same head's affines stored RAS, LPS and 15° oblique, and the arrays to store with them."""
+def _rotation(deg) -> np.ndarray:
+    ax, ay, az = np.deg2rad(deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _orientations(image: np.ndarray, spacing: float = 1.0, tilt=(0.0, 0.0, 15.0),
+                  origin=(0.0, 0.0, 0.0)) -> dict[str, np.ndarray]:
+    """The same head's affines stored RAS, LPS and oblique (``tilt`` degrees about x, y, z), centred on ``origin``
+    (world mm), and the arrays to store with them."""
     from scipy.ndimage import affine_transform
 
     shape = np.asarray(image.shape)
+    centre = np.asarray(origin, dtype=float)
     ras = np.diag([spacing] * 3 + [1.0])
-    ras[:3, 3] = -spacing * (shape - 1) / 2
+    ras[:3, 3] = centre - spacing * (shape - 1) / 2
     lps = ras.copy()
     lps[:3, :3] = np.diag([-spacing, -spacing, spacing])
-    lps[:3, 3] = ras[:3, 3] * np.array([-1, -1, 1])
-    angle = np.deg2rad(15.0)
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    lps[:3, 3] = centre + spacing * (shape - 1) / 2 * np.array([1, 1, -1])
+    rot = _rotation(tilt)
     oblique = np.eye(4)
     oblique[:3, :3] = rot * spacing
-    oblique[:3, 3] = -rot @ (spacing * (shape - 1) / 2)
+    oblique[:3, 3] = centre - rot @ (spacing * (shape - 1) / 2)
     # the oblique grid's voxel (i,j,k) sits at world oblique @ ijk: sample the RAS array there
     to_ras = np.linalg.inv(ras) @ oblique
     oblique_array = affine_transform(image, to_ras[:3, :3], to_ras[:3, 3], order=1)
@@ -122,6 +132,40 @@ def test_any_storage_gives_the_model_the_same_voxels_and_masks_go_back(tmp_path)
     core = seen["ras"] > 0.55
     assert abs(int((seen["oblique"] > 0.55).sum()) - int(core.sum())) < 0.1 * core.sum()
     assert seen["ras"].shape[0] < 45  # cropped to the head (60 voxels at 1 mm = 30 at 2 mm, plus a margin)
+
+
+class _Threshold:
+    """A 'model' whose prediction is known: foreground where the normalised image is above 0.55 (the bright core)."""
+
+    def __call__(self, x):
+        import torch
+
+        return torch.cat([0.55 - x, x - 0.55], dim=1) * 20.0
+
+    def eval(self):
+        return self
+
+
+@pytest.mark.parametrize("tilt, origin", [((0.0, 0.0, 15.0), (0.0, 0.0, 0.0)), ((12.0, -17.0, 9.0), (-30.0, 45.0, 20.0))])
+def test_segment_puts_the_mask_back_on_every_stored_grid(tmp_path, tilt, origin):
+    """The product path (resample, normalise, crop, sliding window, paste, invert) against the same threshold
+    applied to each stored scan directly: a displaced or flipped mask would lose the overlap."""
+    from TensorPEFTLib.engine import Events
+    from TensorPEFTLib.engine.runtime import select_runtime
+    from TensorPEFTLib.engine.segmentation import segment_images
+
+    image, _ = _head(shape=(64, 72, 60))
+    for name, (array, affine) in _orientations(image, tilt=tilt, origin=origin).items():
+        path, out = str(tmp_path / f"{name}.nii.gz"), str(tmp_path / f"{name}_mask.nii.gz")
+        write_volume(path, array, affine)
+        segment_images(_Threshold(), [path], [out], select_runtime("cpu", "off", 1), Events(quiet=True),
+                       patch_size=(16, 16, 16), preprocessing=Preprocessing(spacing=(2.0, 2.0, 2.0)),
+                       min_component_mm3=0)
+        mask = read_volume(out)
+        assert mask.shape == array.shape and np.allclose(mask.affine, affine)
+        direct = normalise_foreground(array) > 0.55
+        dice = 2 * np.logical_and(mask.array > 0, direct).sum() / ((mask.array > 0).sum() + direct.sum())
+        assert dice > 0.85, (name, tilt, dice)
 
 
 # ----------------------------------------------------------------------------------------------- recipe defaults
