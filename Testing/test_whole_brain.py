@@ -15,6 +15,7 @@ from TensorPEFTLib.data.preprocess import (Preprocessing, PreprocessingError, ch
                                            normalise_foreground, plan_spacing, ras_spacing, resampled_shape)
 
 import synthetic
+from TensorPEFTLib.data.demo import _rotation  # the cohort's own rotation (radians about x, y, z)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -77,14 +78,6 @@ def test_spacing_planning_and_checks():
         Preprocessing(intensity="minmax")
 
 
-def _rotation(deg) -> np.ndarray:
-    ax, ay, az = np.deg2rad(deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _orientations(image: np.ndarray, spacing: float = 1.0, tilt=(0.0, 0.0, 15.0),
                   origin=(0.0, 0.0, 0.0)) -> dict[str, np.ndarray]:
     """The same head's affines stored RAS, LPS and oblique (``tilt`` degrees about x, y, z), centred on ``origin``
@@ -98,7 +91,7 @@ def _orientations(image: np.ndarray, spacing: float = 1.0, tilt=(0.0, 0.0, 15.0)
     lps = ras.copy()
     lps[:3, :3] = np.diag([-spacing, -spacing, spacing])
     lps[:3, 3] = centre + spacing * (shape - 1) / 2 * np.array([1, 1, -1])
-    rot = _rotation(tilt)
+    rot = _rotation(np.deg2rad(tilt))
     oblique = np.eye(4)
     oblique[:3, :3] = rot * spacing
     oblique[:3, 3] = centre - rot @ (spacing * (shape - 1) / 2)

@@ -197,6 +197,8 @@ def inverse_transforms(pre, keys: Sequence[str] | str = "pred", orig_key: str = 
     pre-processed image lands on the original image's grid: then ``write_volume(path, pred, like=read_volume(image))``.
 
     Usage: ``post = inverse_transforms(pre); d["pred"] = logits_or_mask (MetaTensor-like, channel first); d = post(d)``.
+    Build ``pre`` with ``crop_foreground=False``: after an oblique scan's resampling, MONAI's inverse of the crop
+    puts the prediction in the wrong place (``segment_images`` crops and pastes back itself).
     """
     mt = _monai()
     return mt.Compose([mt.Invertd(keys=keys, transform=pre, orig_keys=orig_key, nearest_interp=nearest,

@@ -253,8 +253,8 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
             raise PreprocessingError(f"{path}: no foreground found (the image has no contrast); check that it is the "
                                      "right file and not empty")
         batch = sw_batch_size
+        passes = len(mirror_flips(mirror_axes))
         while True:
-            passes = len(mirror_flips(mirror_axes))
             total = passes * int(math.ceil(window_count(image.shape[2:], patch_size, overlap) / batch))
             done, started = [0], time.perf_counter()
             name = os.path.basename(path)
