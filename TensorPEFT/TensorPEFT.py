@@ -436,8 +436,11 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             out = _path(p.adapterFolder) or self.logic.newRunFolder(p.modelKind, p.method, p.rank)
             overwrite = False
-            if not p.resume and os.path.isfile(os.path.join(out, "adapter_config.json")):
-                if not slicer.util.confirmOkCancelDisplay(_("{out} already holds an adapter. Replace it?").format(out=out)):
+            # a finished run (its adapter) or a cancelled one (only its checkpoint: the adapter is written at the end)
+            earlier = os.path.isfile(os.path.join(out, "adapter_config.json")) or os.path.isdir(os.path.join(out, "checkpoint"))
+            if not p.resume and earlier:
+                if not slicer.util.confirmOkCancelDisplay(_("{out} already holds a fine-tuning run. Replace it? "
+                                                            "(Tick Resume to continue it instead.)").format(out=out)):
                     return
                 overwrite = True
             if p.dataSource == DATA_SOURCES[0]:

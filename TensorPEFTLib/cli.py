@@ -49,6 +49,38 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str], headers: Se
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--threads 0`` is an argument error, not a silent 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def overlap_fraction(text: str) -> float:
+    """argparse type for ``--overlap``: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1 (e.g. 0.5), got {text}")
+    return value
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -153,10 +185,18 @@ def cmd_params(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument mistake is one line on stderr (what is wrong, where the help is) and exit code 2, not the whole
+    usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tensorpeft",
         description="Parameter-efficient fine-tuning of 3D medical models (UNETR segmentation, 3D DDPM synthesis).",
         epilog="Run `tensorpeft COMMAND --help` for a command's options.",
@@ -205,10 +245,12 @@ def _size(text: str | None) -> tuple[int, int, int] | None:
         values = ()
     if len(values) == 1:
         values = values * 3
-    if len(values) != 3 or min(values) < 1:
-        from .engine import EngineError
+    from .engine import EngineError
 
+    if len(values) != 3:
         raise EngineError(f"size {text!r}: give one number (e.g. 64) or three (e.g. 128x128x96)")
+    if min(values) < 1:
+        raise EngineError(f"size {text!r}: every side must be >= 1 (e.g. 64 or 128x128x96)")
     return values  # type: ignore[return-value]
 
 
@@ -240,7 +282,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:N, mps or cpu")
     group.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: the free cores)")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads (default: every core this process may use, whatever the load; pass fewer "
+                            "when other work shares the machine). On CPU the same seed, thread count, torch and "
+                            "machine give the same adapter bytes; another thread count gives a slightly different "
+                            "one. --resume uses the run's recorded count.")
     group.add_argument("--events", metavar="FILE|-", default=None,
                        help="write JSON-lines progress events (start, step, eval, checkpoint, done, error) to FILE or stdout (-)")
     group.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
@@ -303,6 +349,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
     result = evaluate(args.pred, args.ref, kind=args.kind)
+    lone = result.get("unmatched_references") or []
+    if lone:
+        names = ", ".join(os_basename(r) for r in lone[:5]) + (" ..." if len(lone) > 5 else "")
+        print(f"note: {len(lone)} reference(s) have no prediction and are not in the mean: {names}", file=sys.stderr)
     if args.json:
         _print_json(result)
     elif result["kind"] == "segmentation":
@@ -313,9 +363,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def os_basename(path: str) -> str:
+    import os
+
+    return os.path.basename(path)
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from .data import build_demo_cohort
+    from .engine.outputs import check_output_folder
 
+    check_output_folder(args.out, option="demo-data OUT")
     sizes = {k: v for k, v in (("n_train", args.train), ("n_test", args.test)) if v is not None}
     summary = build_demo_cohort(args.out, seed=args.seed, progress=not args.quiet and not args.json, **sizes)
     if args.json:
@@ -336,14 +394,14 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="adapter folder to write")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=None,
+    t.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser steps (default: 400 for up to 8 segmentation cases, 50 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: 1e-3 segmentation; 1e-4 synthesis, 5e-5 full)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
-    t.add_argument("--batch-size", type=int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")
-    t.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps (default 1)")
+    t.add_argument("--batch-size", type=positive_int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")
+    t.add_argument("--accumulate", type=positive_int, default=1, help="gradient accumulation steps (default 1)")
     t.add_argument("--patch-size", default=None, help="training patch, e.g. 64 or 128x128x96 (default: the model's size)")
     t.add_argument("--spacing", default=None,
                    help="working voxel size in mm, e.g. 1.5 or 1x1x1.2: every case is resampled to it (default: the "
@@ -358,10 +416,12 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--no-val", action="store_true",
                    help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
                         "the best adapter)")
-    t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: a tenth of the steps)")
-    t.add_argument("--checkpoint-every", type=int, default=None,
+    t.add_argument("--eval-every", type=positive_int, default=None, help="validate every N steps (default: a tenth of the steps)")
+    t.add_argument("--checkpoint-every", type=positive_int, default=None,
                    help="write a resumable checkpoint every N steps (default: as --eval-every)")
-    t.add_argument("--seed", type=int, default=0, help="seed: the same seed on CPU gives the same adapter")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of sampling and augmentation (default 0): on CPU the same seed and --threads give the "
+                        "same adapter bytes")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     add_runtime_arguments(p)
@@ -376,9 +436,10 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="mask file (single image) or folder")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--adapter", default=None, help="adapter folder (omit to run the base model alone)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="sliding-window batch (halved automatically on GPU OOM)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--min-component", type=float, default=1000.0,
+    p.add_argument("--sw-batch-size", type=positive_int, default=4, help="sliding-window batch (halved automatically on GPU OOM)")
+    p.add_argument("--overlap", type=overlap_fraction, default=0.5,
+                   help="sliding-window overlap, at least 0 and below 1 (default 0.5)")
+    p.add_argument("--min-component", type=non_negative_float, default=1000.0,
                    help="remove connected components smaller than this many mm³ (default 1000, as LoRA-PT; 0 = keep all)")
     p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
@@ -390,10 +451,10 @@ def _add_job_commands(sub: Any) -> None:
     p = sub.add_parser("synthesize", help="generate volumes with a DDPM",
                        description="Generate MRI volumes with a DDPM and an adapter; writes NIfTI files and samples.png.")
     p.add_argument("--out", required=True, help="folder for the generated volumes")
-    p.add_argument("--count", type=int, default=4, help="number of volumes (default 4)")
+    p.add_argument("--count", type=positive_int, default=4, help="number of volumes (default 4)")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--adapter", default=None, help="adapter folder (omit to sample the base model)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--size", default=None, help="volume size, e.g. 32 or 128x128x96 (default: the training size)")
     p.add_argument("--seed", type=int, default=0)
@@ -426,7 +487,7 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--recipe", required=True, help="demo-unetr or demo-ddpm")
     p.add_argument("--out", required=True, help="folder for the run, the weights and the card")
     p.add_argument("--cohort", default=None, help="an existing demo cohort (default: build one in OUT/cohort)")
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
     p.add_argument("--ship", action="store_true",
                    help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
@@ -444,8 +505,8 @@ def _add_job_commands(sub: Any) -> None:
                    help="compare several adapters on the same split in one table, each NAME or NAME:RANK "
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
-    p.add_argument("--subjects", type=int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="UNETR fine-tuning steps (default 400; 4 with --quick)")
+    p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default 400; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
     p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")
@@ -457,9 +518,11 @@ def _add_job_commands(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .engine.demo import DemoSettings, format_summary, run_demo
+    from .engine.outputs import check_output_folder
 
     from .engine import EngineError
 
+    check_output_folder(args.out)
     chosen: dict[str, Any] = dict(method=args.method, rank=args.rank, synthesis=not args.no_synthesis, seed=args.seed)
     for flag, key, value in (("--subjects", "subjects", args.subjects), ("--steps", "seg_steps", args.steps)):
         if value is not None:
@@ -503,8 +566,10 @@ def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .engine.outputs import check_output_folder
     from .engine.pretrain import pretrain
 
+    check_output_folder(args.out)
     events = _events(args)
     card = pretrain(args.recipe, args.out, cohort=args.cohort, steps=args.steps, device=args.device,
                     threads=args.threads, events=events, resume=args.resume, ship=args.ship)
@@ -534,22 +599,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.utils\.deprecate_utils")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or an argument error already reported in one line
+        return int(stop.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    from .engine.outputs import is_write_failure
+    from .engine.runtime import Interrupted
+
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:
         _report_error(args, str(err), "user")
         print(f"tensorpeft: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as err:
+        _report_error(args, str(err), "interrupted")
+        print(f"tensorpeft: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _report_error(args, "interrupted", "interrupted")
+        print("tensorpeft: interrupted (outputs are written whole or not at all)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        if not is_write_failure(err):
+            _report_error(args, f"{type(err).__name__}: {err}", "internal")
+            raise
+        message = f"cannot write {err.filename or 'an output'}: {err.strerror}; free some space or choose another place"
+        _report_error(args, message, "user")
+        print(f"tensorpeft: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as err:
         _report_error(args, f"{type(err).__name__}: {err}", "internal")
         raise
-    except KeyboardInterrupt:
-        print("tensorpeft: interrupted", file=sys.stderr)
-        return 130
+    finally:
+        _restore_signal(previous)
+
+
+EXIT_INTERRUPTED = 130
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (a scheduler's stop, the Slicer module's Cancel) raises KeyboardInterrupt like Ctrl-C from the start
+    of a job, so temp files are removed and a lock released instead of the process dying mid-write (the training
+    loop installs its own graceful handler on top: finish the step, checkpoint, stop)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _restore_signal(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def write_volume_dataset(root: str, n: int = 3, seed: int = 0, shape=(20, 20, 20
     return root
 
 
-def save_tiny_model(path: str, kind: str = "unetr", seed: int = 0) -> str:
-    """A saved tiny UNETR/DDPM (preset + overrides in the file), as `--model FILE` takes it."""
+def save_tiny_model(path: str, kind: str = "unetr", seed: int = 0, spacing=None) -> str:
+    """A saved tiny UNETR/DDPM (preset + overrides in the file), as `--model FILE` takes it. ``spacing``: the
+    working voxel size (mm) the UNETR records, as a pre-trained model does."""
     import torch
 
     from TensorPEFTLib.models import build_model
@@ -79,6 +80,10 @@ def save_tiny_model(path: str, kind: str = "unetr", seed: int = 0) -> str:
     torch.manual_seed(seed)
     if kind == "unetr":
         model = build_model("unetr-small", **TINY_UNETR)
+        if spacing is not None:
+            from TensorPEFTLib.data.preprocess import Preprocessing
+
+            model.tensorpeft_spec["preprocessing"] = Preprocessing(spacing=tuple(spacing)).to_dict()
     else:
         model = build_model("ddpm-small", **TINY_DDPM)
         from conftest import as_if_pretrained

@@ -221,31 +221,3 @@ def test_existing_run_is_not_overwritten_and_bad_options(trained_seg, tmp_path, 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         select_runtime("cuda")
-
-
-def test_free_cores_counts_cpu_time_used_now_not_the_load_average(monkeypatch):
-    """The 1-minute load average sits near 1 on an idle VM and remembers this program's own last minute; the thread
-    count comes from CPU time actually used by others over a short window."""
-    from TensorPEFTLib.engine import runtime
-
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
-
-    def cpu_times(samples):
-        it = iter(samples)
-        return lambda: next(it)
-
-    monkeypatch.setattr(runtime, "_cpu_times", cpu_times([(1000, 900), (1200, 1098)]))  # idle machine
-    assert runtime.free_cores() == 2
-    monkeypatch.setattr(runtime, "_cpu_times", cpu_times([(1000, 900), (1200, 1000)]))  # one core busy elsewhere
-    assert runtime.free_cores() == 1
-    monkeypatch.setattr(runtime, "_cpu_times", cpu_times([(1000, 900), (1200, 900)]))  # both busy: still one thread
-    assert runtime.free_cores() == 1
-
-    def no_proc():
-        raise OSError("no /proc/stat")
-
-    monkeypatch.setattr(runtime, "_cpu_times", no_proc)  # macOS / Windows: the load average is all there is
-    assert runtime.free_cores() == 1

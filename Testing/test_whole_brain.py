@@ -259,7 +259,7 @@ def _bad(tmp_path, name: str, array: np.ndarray, affine: np.ndarray) -> str:
     ("series", "4D image"),
     ("thick", "more than 3x off"),
     ("small", "smaller than the model's"),
-    ("empty", "no foreground found"),
+    ("empty", "same value"),
 ])
 def test_segment_refuses_what_it_cannot_segment(defaults_run, tmp_path, capsys, case, expected):
     root, _, out = defaults_run

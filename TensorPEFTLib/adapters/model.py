@@ -309,13 +309,18 @@ def _write_text(path: str, text: str) -> None:
         handle.write(text)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> str:
     """Write ``adapter.safetensors`` (adapter tensors and extra trainable parameters only) and
     ``adapter_config.json`` (config, base architecture fingerprint, per-layer metadata) into ``folder``.
 
     The model must not be merged (merged weights would be saved as if they were the base's).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_tensors
 
     state: InjectionState | None = getattr(model, "tensorpeft", None)
     if state is None:
@@ -339,7 +344,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         "counts": count_parameters(model),
         **(extra or {}),
     }
-    _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # Serialise in memory and write the bytes with Python's own file API: a full disk then raises OSError(ENOSPC),
+    # which callers can tell apart and answer (safetensors' and torch's writers raise their own error types).
+    blob = save_tensors(tensors, metadata={"format": "pt"})
+    _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda tmp: _write_bytes(tmp, blob))
     _atomic_write(os.path.join(folder, CONFIG_FILE), lambda tmp: _write_text(tmp, json.dumps(config, indent=2) + "\n"))
     return folder
 

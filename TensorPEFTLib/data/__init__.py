@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .datasets import DataError, case_name, find_cases, load_dataset_json, validate_cases
+from .datasets import DataError, case_name, check_volume, find_cases, load_dataset_json, validate_cases
 from .io import VOLUME_SUFFIXES, Volume, VolumeError, is_volume_file, read_volume, volume_format, write_volume
 
 _LAZY = {
@@ -19,7 +19,7 @@ _LAZY = {
 
 __all__ = [
     "DataError", "VOLUME_SUFFIXES", "Volume", "VolumeError", "case_name", "find_cases", "is_volume_file",
-    "load_dataset_json", "read_volume", "validate_cases", "volume_format", "write_volume", *_LAZY,
+    "check_volume", "load_dataset_json", "read_volume", "validate_cases", "volume_format", "write_volume", *_LAZY,
 ]
 
 

@@ -205,8 +205,8 @@ def validate_cases(
     """Read every image (and label) and check it is usable; raise DataError listing every problem, one line per
     file, before anything trains.
 
-    Checks: readable / not truncated; 3D (a 2D slice, a 3D file with a singleton axis, or a 4D series is refused);
-    finite voxels (no NaN / Inf); image and label on the same grid (shape and affine); label values integers in
+    Checks (:func:`check_volume`): readable / not truncated; 3D (a 2D slice, a 3D file with a singleton axis, or a
+    4D series is refused); finite voxels (no NaN / Inf); an image that is not constant; image and label on the same grid (shape and affine); label values integers in
     ``0 .. num_classes-1`` (when given) with some foreground. Returns one summary dict per case (name, shape,
     spacing, label values).
     """
@@ -246,24 +246,38 @@ def validate_cases(
     return report
 
 
-def _check_volume(path: str, kind: str, problems: list[str]):
+def check_volume(path: str, kind: str = "image"):
+    """Read one volume and refuse it, with one line naming the file, when no model can use it: unreadable or
+    truncated, not 3D (a 2D slice or a 4D series), NaN/Inf voxels, or (an image) the same value everywhere.
+    ``finetune`` and ``segment`` both check every input with this before any work. Returns the Volume (3D array)."""
     try:
         vol = read_volume(path)
     except VolumeError as err:
-        problems.append(str(err))
-        return None
+        raise DataError(str(err)) from None
     arr = _spatial(vol.array)
     if arr is None or min(arr.shape) <= 1:
         shape = list(vol.array.shape)
         what = "2D" if vol.array.ndim < 3 or (arr is not None and min(arr.shape) <= 1) else f"{vol.array.ndim}D"
-        problems.append(f"{path}: {what} {kind} of shape {shape}; a 3D volume is needed")
-        return None
+        raise DataError(f"{path}: {what} {kind} of shape {shape}; a 3D volume is needed (export the whole series, "
+                        "one volume per file)")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        problems.append(f"{path}: {bad} NaN/Inf voxel(s) in the {kind}; fix or replace them before training")
-        return None
+        raise DataError(f"{path}: {bad} NaN/Inf voxel(s) in the {kind}; fix or replace them (e.g. with 0) first")
+    if kind == "image":
+        low, high = np.min(arr), np.max(arr)
+        if low == high:
+            raise DataError(f"{path}: the image has the same value ({float(low):g}) in every voxel; it holds no "
+                            "anatomy: check that it is the right file")
     vol.array = arr
     return vol
+
+
+def _check_volume(path: str, kind: str, problems: list[str]):
+    try:
+        return check_volume(path, kind)
+    except DataError as err:
+        problems.append(str(err))
+        return None
 
 
 def _check_label_values(path: str, arr: np.ndarray, num_classes: int | None, require_foreground: bool,

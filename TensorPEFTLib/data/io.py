@@ -13,6 +13,7 @@ Conventions (the same for every format, so a mask written ``like=`` its image ov
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -39,6 +40,10 @@ _NRRD_SPACES = {
 
 class VolumeError(ValueError):
     """A volume file cannot be read or written (user error; the message names the file)."""
+
+
+class VolumeWriteError(VolumeError):
+    """An output could not be written (disk full, read-only, forbidden); nothing was left half-written."""
 
 
 @dataclass
@@ -116,7 +121,8 @@ def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume
     except VolumeError:
         raise
     except Exception as err:  # nibabel / pynrrd / gzip / zlib raise many kinds for a bad file
-        raise VolumeError(f"{path}: cannot read ({type(err).__name__}: {err}); the file is unreadable or truncated "
+        detail = " ".join(str(err).split())  # one line: nibabel's messages span several
+        raise VolumeError(f"{path}: cannot read ({type(err).__name__}: {detail}); the file is unreadable or truncated "
                           "— re-export it") from None
 
 
@@ -228,17 +234,36 @@ def _read_seg_nrrd(path: str) -> Volume:
 
 def _atomic(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)  # same suffix: format by extension
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.basename(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)  # same suffix: format by extension
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+            free = _free_mb(folder)
+            raise VolumeWriteError(f"{path}: cannot write ({err.strerror}{f'; {free:.1f} MB free' if free is not None else ''}); "
+                              "free some space or choose another output place — nothing was written") from None
         raise
+
+
+#: errno values of a write the user can fix: disk full or over quota, read-only or forbidden place, a path under a file
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EISDIR, errno.ENOENT}
+
+
+def _free_mb(folder: str) -> float | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return None
 
 
 def write_volume(

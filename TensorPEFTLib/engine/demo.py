@@ -185,7 +185,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
                        events: Events) -> dict[str, Any]:
     """Fine-tune the shipped DDPM towards the ICBM 2009c brains, synthesize, and compare MMD before/after."""
     from ..data import find_cases, read_volume
-    from .evaluate import evaluate_synthesis
+    from .scoring import evaluate_synthesis
     from .jobs import finetune, synthesize, unit_range_like
 
     data = os.path.join(cohort, "synthesis-icbm")

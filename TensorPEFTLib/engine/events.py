@@ -41,6 +41,14 @@ class Events:
             self.json_stream.write(json.dumps(record, default=_jsonable) + "\n")
             self.json_stream.flush()
 
+    def warn(self, text: str) -> None:
+        """A warning: shown on stderr even with ``--quiet`` or ``--events -`` (stdout stays JSON)."""
+        text = f"warning: {text}"
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def message(self, text: str) -> None:
         """A line for people (stderr), kept clear of the progress bar."""
         if not self.human:

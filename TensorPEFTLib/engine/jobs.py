@@ -13,14 +13,20 @@ from ..adapters import (AdapterConfig, inject, load_adapter, merge, model_family
                         read_adapter_config, summary)
 from ..models import PRESETS, is_shipped
 from .events import Events
-from .runtime import EngineError, Runtime, select_runtime
-from .trainer import TrainResult, Trainer, TrainSettings, checkpoint_path
+from .outputs import RunLock, check_output_file, check_output_folder
+from .runtime import EngineError, Interrupted, Runtime, select_runtime
+from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
 
 TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
 #: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right); the same
 #: names choose the axes of test-time mirroring in ``segment --mirror``
 FLIP_AXES = {"all": (0, 1, 2), "lr": (0,), "none": ()}
 MIRROR_CHOICES = ("auto",) + tuple(FLIP_AXES)
+#: what segment writes for a single image
+MASK_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+#: a case whose voxels are this many times larger or smaller than the working grid's gets a warning in finetune
+#: (segment refuses it: see preprocess.check_spacing)
+SPACING_WARN_RATIO = 3.0
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -56,6 +62,36 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
         size = kwargs["img_size"]
         return tuple(int(s) for s in (size if isinstance(size, (list, tuple)) else (size,) * 3))  # type: ignore[return-value]
     return tuple(preset.patch_size) if preset else (32, 32, 32)  # type: ignore[return-value]
+
+
+def size_multiple(model: nn.Module) -> int:
+    """What every side of a DDPM's input must be a multiple of: 2 to the number of its down-sampling blocks (a
+    side that does not halve evenly cannot be joined to its skip connection on the way up). 1 for a UNETR."""
+    blocks = getattr(model, "down_blocks", None)
+    if blocks is None:
+        return 1
+    return 2 ** sum(1 for block in blocks if getattr(block, "downsampler", None) is not None)
+
+
+def check_input_size(model: nn.Module, size: Sequence[int], option: str) -> tuple[int, int, int]:
+    """Refuse, before any work, a patch or volume size the network cannot take: a UNETR only its own input size
+    (the ViT's position embedding is fixed), a DDPM multiples of :func:`size_multiple`."""
+    size = tuple(int(s) for s in size)
+    text = "x".join(map(str, size))
+    if min(size) < 1:
+        raise EngineError(f"{option} {text}: every side must be >= 1")
+    if model_family(model) == "unetr":
+        own = model_input_size(model)
+        if size != own:
+            raise EngineError(f"{option} {text}: this UNETR takes only its own input size {'x'.join(map(str, own))} "
+                              f"(its position embedding is fixed); drop {option}")
+        return size  # type: ignore[return-value]
+    step = size_multiple(model)
+    if any(s % step for s in size):
+        near = "x".join(str(max(step, int(round(s / step)) * step)) for s in size)
+        raise EngineError(f"{option} {text}: this DDPM needs every side to be a multiple of {step} (it halves the "
+                          f"volume {step.bit_length() - 1} times), e.g. {near}")
+    return size  # type: ignore[return-value]
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -118,6 +154,46 @@ def working_preprocessing(model: nn.Module, cases: list[dict], spacing: Sequence
     return Preprocessing(spacing=planned)
 
 
+def check_training_geometry(model: nn.Module, cases: list[dict], prep: Any, patch_size: Sequence[int],
+                            events: Events) -> None:
+    """Before training: warn where the working grid is far from the model's own (``--spacing 10`` on a 1.5 mm model)
+    or a case's voxels are far from the working grid (a 10 mm scan upsampled); refuse cases smaller than one patch
+    once resampled, as ``segment`` does."""
+    from ..data import DataError, read_volume
+    from ..data.preprocess import Preprocessing, ras_spacing, resampled_shape
+
+    working = np.asarray(prep.spacing, dtype=np.float64) if prep.spacing else None
+    recorded = Preprocessing.from_dict((getattr(model, "tensorpeft_spec", None) or {}).get("preprocessing"))
+    if working is not None and recorded is not None and recorded.spacing is not None:
+        ratio = working / np.asarray(recorded.spacing, dtype=np.float64)
+        if np.any(np.maximum(ratio, 1 / ratio) > SPACING_WARN_RATIO):
+            events.warn(f"working voxel size {_mm(working)} mm is {np.max(np.maximum(ratio, 1 / ratio)):.1f}x off the "
+                        f"{_mm(recorded.spacing)} mm this model was pre-trained at; its features are tuned to that scale")
+    far, small = [], []
+    for case in cases:
+        header = read_volume(case["image"], header_only=True)
+        if working is not None:
+            have = np.asarray(ras_spacing(header.affine))
+            ratio = have / working
+            if np.any(np.maximum(ratio, 1 / ratio) > SPACING_WARN_RATIO):
+                far.append(f"{case['image']} ({_mm(have)} mm)")
+        extent = resampled_shape(header.shape, header.affine, prep.spacing)
+        if any(e < p for e, p in zip(extent, patch_size)):
+            small.append(f"{case['image']}: {'x'.join(map(str, extent))} voxels at the working grid, smaller than the "
+                         f"model's {'x'.join(map(str, patch_size))} patch; give scans with a larger field of view")
+    if far:
+        more = f" and {len(far) - 3} more" if len(far) > 3 else ""
+        events.warn(f"voxel size more than {SPACING_WARN_RATIO:g}x off the working grid {_mm(working)} mm, so "
+                    f"resampled a long way: {', '.join(far[:3])}{more}")
+    if small:
+        raise DataError(small[0] if len(small) == 1 else f"{len(small)} cases are smaller than one patch:\n  " +
+                        "\n  ".join(small), small)
+
+
+def _mm(values: Any) -> str:
+    return "x".join(f"{float(v):.3g}" for v in values)
+
+
 def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, settings: TrainSettings, *,
              val: str | None = None, device: str = "auto", amp: str = "auto", events: Events | None = None,
              resume: bool = False, overwrite: bool = False, batch_size: int | None = None,
@@ -138,14 +214,60 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     :func:`~TensorPEFTLib.data.train_transforms`); on by default, since with few subjects a UNETR otherwise learns
     where a structure sits in the patch.
     """
-    import dataclasses
-
     if flip not in FLIP_AXES:
         raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
-    from ..data import case_name, find_cases, validate_cases
+    from ..data import find_cases, validate_cases
 
     events = events or Events()
     out = os.fspath(out)
+    check_output_folder(out)
+    if batch_size is not None and batch_size < 1:
+        raise EngineError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_existing_run(out, resume, overwrite)
+    try:
+        model = resolve_model(model_source)
+        task_kind = task_of(model)
+        if patch_size is not None:
+            check_input_size(model, patch_size, "--patch-size")
+        if not os.path.exists(model_source) and model_source in PRESETS:
+            events.message(f"note: {model_source} is a preset with random weights; pass a pretrained checkpoint for real use")
+
+        train_cases = find_cases(data, "training", require_labels=task_kind == "segmentation")
+        val_cases = find_cases(val, "training", require_labels=task_kind == "segmentation") if val else []
+        if not train_cases:
+            raise EngineError(f"{data}: no training cases found (expected imagesTr/ or a datalist with 'training')")
+        if task_kind == "synthesis" and any(c.get("label") for c in train_cases + val_cases):
+            events.warn(f"{data} has labels, but a DDPM learns from the images alone: the labels are unused "
+                        "(to train a segmentation adapter, give a UNETR as --model)")
+        if auto_val and not val_cases:
+            train_cases, val_cases = split_validation(train_cases, settings.seed)
+            if val_cases:
+                events.message(f"no --val given: {len(val_cases)} of the {len(train_cases) + len(val_cases)} cases pick the "
+                               f"best adapter ({', '.join(c.get('name', os.path.basename(c['image'])) for c in val_cases)})")
+        num_classes = num_classes_of(model) if task_kind == "segmentation" else None
+        events.message(f"checking {len(train_cases) + len(val_cases)} case(s) before training ...")
+        validate_cases(train_cases + val_cases, num_classes, require_labels=task_kind == "segmentation",
+                       require_foreground=task_kind == "segmentation")
+        with RunLock(out, "finetune"):
+            _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
+            if overwrite and not resume:
+                clear_run(out)
+            return _finetune(model, model_source, task_kind, train_cases, val_cases, data, out, cfg, settings,
+                             device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
+                             patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
+                             threads=threads)
+    except KeyboardInterrupt:
+        kept = checkpoint_path(out)
+        if kept:
+            raise Interrupted(f"finetune interrupted; {kept} is intact: continue with --resume") from None
+        raise Interrupted("finetune interrupted before its first checkpoint; nothing was saved") from None
+
+
+RUN_FILES = ("adapter_config.json", "adapter.safetensors", "history.json", "metrics.csv", "report.png")
+RUN_FOLDERS = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".new", BEST_DIR, LAST_DIR)
+
+
+def _check_existing_run(out: str, resume: bool, overwrite: bool) -> None:
     ckpt = checkpoint_path(out)
     if resume and ckpt is None:
         raise EngineError(f"{out}: no checkpoint to resume from; run without --resume")
@@ -153,24 +275,47 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         raise EngineError(f"{out} already holds a fine-tuning run; use --resume to continue it, --overwrite to replace it, "
                           "or choose another --out")
 
-    model = resolve_model(model_source)
-    task_kind = task_of(model)
-    if not os.path.exists(model_source) and model_source in PRESETS:
-        events.message(f"note: {model_source} is a preset with random weights; pass a pretrained checkpoint for real use")
 
-    train_cases = find_cases(data, "training", require_labels=task_kind == "segmentation")
-    val_cases = find_cases(val, "training", require_labels=task_kind == "segmentation") if val else []
-    if not train_cases:
-        raise EngineError(f"{data}: no training cases found (expected imagesTr/ or a datalist with 'training')")
-    if not val_cases and auto_val:
-        train_cases, val_cases = split_validation(train_cases, settings.seed)
-        if val_cases:
-            events.message(f"no --val given: {len(val_cases)} of the {len(train_cases) + len(val_cases)} cases pick the "
-                           f"best adapter ({', '.join(c.get('name', os.path.basename(c['image'])) for c in val_cases)})")
+def clear_run(out: str) -> None:
+    """``--overwrite``: remove the earlier run's files (the adapter's config first, so a half-cleared folder never
+    looks like a finished run), leaving anything else the user put there."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def unfinished_run_message(folder: str) -> str | None:
+    """For an adapter folder that is a fine-tuning run without its final adapter: what to do instead."""
+    ckpt = checkpoint_path(folder)
+    if ckpt is None or os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return None
+    try:
+        saved = read_adapter_config(ckpt)
+        where = f" (stopped at step {saved.get('trained_steps', '?')} of {saved.get('train_steps', '?')})"
+    except Exception:  # noqa: BLE001 - only for the message
+        where = ""
+    best = os.path.join(folder, BEST_DIR)
+    alternative = f", or use the best adapter so far: --adapter {best}" if os.path.isdir(best) else ""
+    return (f"{folder}: this fine-tuning run has not finished{where}; continue it with `tensorpeft finetune ... "
+            f"--out {folder} --resume`{alternative}")
+
+
+def _finetune(model: nn.Module, model_source: str, task_kind: str, train_cases: list[dict], val_cases: list[dict],
+              data: str, out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
+              events: Events, resume: bool, batch_size: int | None, patch_size: Sequence[int] | None,
+              spacing: Sequence[float] | None, affine: bool, elastic: bool, flip: str,
+              threads: int | None) -> TrainResult:
+    import dataclasses
+
+    from ..data import case_name
+
+    ckpt = checkpoint_path(out) if resume else None
     num_classes = num_classes_of(model) if task_kind == "segmentation" else None
-    events.message(f"checking {len(train_cases) + len(val_cases)} case(s) before training ...")
-    validate_cases(train_cases + val_cases, num_classes, require_labels=task_kind == "segmentation",
-                   require_foreground=task_kind == "segmentation")
 
     if resume:
         saved = read_adapter_config(ckpt)
@@ -178,6 +323,14 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         if cfg is not None and cfg.to_dict() != saved["config"]:
             events.message("note: --resume continues with the checkpoint's adapter settings; other adapter flags are ignored")
         cfg = AdapterConfig.from_dict(saved["config"])
+        # a resumed run keeps its own length and schedule unless told otherwise (the defaults depend on the split)
+        settings = dataclasses.replace(
+            settings, steps=settings.steps or saved.get("train_steps"), lr=settings.lr or saved.get("train_lr"),
+            eval_every=settings.eval_every or saved.get("train_eval_every"),
+            checkpoint_every=settings.checkpoint_every or saved.get("train_checkpoint_every"))
+        if threads is None and saved.get("train_threads"):
+            threads = int(saved["train_threads"])  # the same thread count as before, so the run ends as an uninterrupted one
+            events.message(f"resuming with the run's {threads} CPU thread(s)")
     else:
         if cfg is None:
             raise EngineError("choose an adapter: --method NAME --rank R")
@@ -201,6 +354,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
 
         prep = working_preprocessing(model, train_cases, spacing)
         events.message(f"working grid: {prep.describe()} (every case is resampled to it)")
+        check_training_geometry(model, train_cases + val_cases, prep, size, events)
         task: Any = SegmentationTask(train_cases, val_cases, patch_size=size, num_classes=num_classes, runtime=runtime,
                                      batch_size=batch_size or 2, preprocessing=prep, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip])
@@ -218,7 +372,9 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         "train_cases": len(train_cases), "val_cases": len(val_cases),
         "train_names": [c.get("name", case_name(c["image"])) for c in train_cases],
         "val_names": [c.get("name", case_name(c["image"])) for c in val_cases],
-        "train_steps": settings.steps, "train_lr": settings.lr,
+        "train_steps": settings.steps, "train_lr": settings.lr, "train_eval_every": settings.eval_every,
+        "train_checkpoint_every": settings.checkpoint_every,
+        "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
     }
     if task_kind == "segmentation":
         meta.update(flip=flip, affine=affine, elastic=elastic)  # segment --mirror auto mirrors along the same axes
@@ -258,8 +414,17 @@ def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float
 # ----------------------------------------------------------------------------------------------- inference
 
 
+def check_adapter_folder(adapter: str) -> None:
+    """A clear answer for a run folder that has no finished adapter yet (cancelled or still training)."""
+    unfinished = unfinished_run_message(adapter)
+    if unfinished:
+        raise EngineError(unfinished)
+
+
 def load_adapted_model(model_source: str | None, adapter: str | None, runtime: Runtime) -> tuple[nn.Module, dict[str, Any]]:
     """Base model (from ``model_source`` or the adapter's record of it) with the adapter loaded and merged."""
+    if adapter:
+        check_adapter_folder(adapter)
     saved: dict[str, Any] = read_adapter_config(adapter) if adapter else {}
     source = model_source or saved.get("base_model_source")
     if not source:
@@ -313,36 +478,66 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
     ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
     """
     from ..data import case_name
-    from .segmentation import segment_images
+    from .segmentation import precheck_images, segment_images
 
     if mirror not in MIRROR_CHOICES:
         raise EngineError(f"--mirror {mirror!r}: choose one of {', '.join(MIRROR_CHOICES)}")
+    if not 0.0 <= overlap < 1.0:
+        raise EngineError(f"--overlap {overlap:g}: must be at least 0 and below 1 (e.g. 0.5)")
+    if sw_batch_size < 1:
+        raise EngineError(f"--sw-batch-size must be >= 1, got {sw_batch_size}")
+    if min_component_mm3 < 0:
+        raise EngineError(f"--min-component must be >= 0 mm³, got {min_component_mm3:g}")
     events = events or Events()
     images = _image_list(image)
+    single_file = len(images) == 1 and not Path(image).is_dir() and _has_extension(out)
+    if single_file:
+        check_output_file(out, MASK_EXTENSIONS)
+        outputs = [out]
+    else:
+        check_output_folder(out)
+        outputs = [os.path.join(out, case_name(p) + ".nii.gz") for p in images]
+    if adapter:
+        check_adapter_folder(adapter)
     runtime = select_runtime(device, amp, threads)
     model, saved = load_adapted_model(model_source, adapter, runtime)
     if task_of(model) != "segmentation":
         raise EngineError("segment needs a UNETR; this model is a DDPM (use synthesize)")
-    single_file = len(images) == 1 and not Path(image).is_dir() and Path(out).suffix != ""
-    if single_file:
-        outputs = [out]
-    else:
-        os.makedirs(out, exist_ok=True)
-        outputs = [os.path.join(out, case_name(p) + ".nii.gz") for p in images]
     patch = tuple(saved.get("patch_size") or model_input_size(model))
     prep = inference_preprocessing(model, saved)
     if mirror == "auto":
         mirror = saved.get("flip") or "none"
     events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
-    events.emit("start", kind="segment", images=len(images), out=out, mirror=mirror,
+    # Every header is checked before the first scan is segmented (each scan's voxels once more just before its turn):
+    # with one bad file among many, the others are still segmented and the bad ones named at the end.
+    failures = precheck_images(images, prep, patch)
+    if single_file and failures:
+        raise failures[0][1]
+    todo = [(i, o) for i, o in zip(images, outputs) if i not in dict(failures)]
+    for path, err in failures:
+        events.warn(f"skipping {err}")
+    if not single_file and todo:
+        os.makedirs(out, exist_ok=True)
+    events.emit("start", kind="segment", images=len(todo), out=out, mirror=mirror,
                 preprocessing=prep.to_dict(), **runtime.describe())
-    records = segment_images(model, images, outputs, runtime, events, patch_size=patch, preprocessing=prep,
-                             sw_batch_size=sw_batch_size, overlap=overlap, min_component_mm3=min_component_mm3,
-                             mirror_axes=FLIP_AXES[mirror])
+    records = segment_images(model, [i for i, _ in todo], [o for _, o in todo], runtime, events, patch_size=patch,
+                             preprocessing=prep, sw_batch_size=sw_batch_size, overlap=overlap,
+                             min_component_mm3=min_component_mm3, mirror_axes=FLIP_AXES[mirror],
+                             failures=None if single_file else failures)
     for record in records:
         record["mirror"] = mirror
-    events.emit("done", status="completed", out=out, masks=[r["mask"] for r in records])
+    events.emit("done", status="completed" if not failures else "failed", out=out, masks=[r["mask"] for r in records],
+                failed=[p for p, _ in failures])
+    if failures:
+        names = "; ".join(str(err) for _, err in failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+        raise EngineError(f"{len(failures)} of {len(images)} images could not be segmented ({len(records)} masks "
+                          f"written to {out}): {names}")
     return records
+
+
+def _has_extension(path: str) -> bool:
+    """``mask.nii.gz`` or ``mask.png`` name a file (the second refused for its type); ``masks`` a folder."""
+    return Path(path).suffix != "" and not os.path.isdir(path)
 
 
 def synthesize(out: str, count: int, *, model_source: str | None = None, adapter: str | None = None,
@@ -357,14 +552,17 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
 
     if count < 1:
         raise EngineError(f"--count must be >= 1, got {count}")
+    if steps < 1:
+        raise EngineError(f"--steps must be >= 1, got {steps} (a volume needs at least one denoising step)")
     if sampler not in ("ddim", "ddpm"):
         raise EngineError(f"--sampler {sampler!r}: choose ddim or ddpm")
+    check_output_folder(out)
     events = events or Events()
     runtime = select_runtime(device, amp, threads)
     model, saved = load_adapted_model(model_source, adapter, runtime)
     if task_of(model) != "synthesis":
         raise EngineError("synthesize needs a DDPM; this model is a UNETR (use segment)")
-    shape = tuple(size) if size else tuple(saved.get("patch_size") or model_input_size(model))
+    shape = check_input_size(model, size, "--size") if size else tuple(saved.get("patch_size") or model_input_size(model))
     spacing = saved.get("spacing") or (1.0, 1.0, 1.0)
     os.makedirs(out, exist_ok=True)
     events.emit("start", kind="synthesize", count=count, steps=steps, sampler=sampler, out=out, **runtime.describe())
@@ -387,16 +585,17 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
     """Score predictions against references (``segmentation``: Dice/HD95 per case) or generated volumes against
     real ones (``synthesis``: MS-SSIM and MMD). ``auto``: label maps → segmentation, else synthesis."""
     from ..data import read_volume
-    from .evaluate import evaluate_segmentations, evaluate_synthesis
+    from .scoring import evaluate_segmentations, evaluate_synthesis
 
     preds, refs = _image_list(pred), _image_list(ref)
+    pair = Path(pred).is_file() and Path(ref).is_file()  # two files: score them against each other, whatever the names
     if kind == "auto":
         sample = np.asarray(read_volume(preds[0]).array)
         kind = "segmentation" if np.issubdtype(sample.dtype, np.integer) or np.array_equal(sample, np.round(sample)) else "synthesis"
     if kind == "segmentation":
-        rows = evaluate_segmentations(preds, refs)
+        rows, unmatched = evaluate_segmentations(preds, refs, pair=pair)
         mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95")}
-        return {"kind": kind, "cases": rows, "mean": mean}
+        return {"kind": kind, "cases": rows, "mean": mean, "unmatched_references": unmatched}
     if kind != "synthesis":
         raise EngineError(f"--kind {kind!r}: choose auto, segmentation or synthesis")
     gen = [np.asarray(read_volume(p).array, dtype=np.float32) for p in preds]

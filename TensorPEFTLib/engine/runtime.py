@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +14,10 @@ import torch
 
 class EngineError(ValueError):
     """A user-facing engine problem (bad option, device not available, out of memory). One line, says what to do."""
+
+
+class Interrupted(Exception):
+    """A job stopped by SIGINT/SIGTERM outside the training loop's own graceful stop; says what was kept."""
 
 
 @dataclass
@@ -35,46 +38,19 @@ class Runtime:
                 "threads": self.threads, "gpu_memory_gb": self.memory_gb}
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(all, idle) jiffies summed over every CPU, from /proc/stat (Linux)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]
-    return sum(values), values[3] + values[4]  # idle + iowait
+def default_threads() -> int:
+    """CPU threads when ``--threads`` is not given: the cores this process may run on (its affinity mask), whatever
+    else the machine is doing right now.
 
-
-def busy_cores(interval: float = 0.25) -> float | None:
-    """How many cores other work keeps busy right now: CPU time used over ``interval`` seconds (this process sleeps
-    meanwhile, so it is not counted). None where /proc/stat does not exist."""
-    try:
-        total0, idle0 = _cpu_times()
-        time.sleep(interval)
-        total1, idle1 = _cpu_times()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
-
-
-def free_cores() -> int:
-    """Cores this process may use minus those busy with other work right now, at least 1.
-
-    Two torch threads on a 2-core machine where another process holds a core made a step 5x slower here. The load is
-    measured from CPU time over a quarter second, not the 1-minute load average: that average stays near 1.0 on an
-    idle VM (kernel threads waiting count) and remembers the last minute of this very program, so the demo's own
-    base-model segmentation used to leave its fine-tune on one thread.
+    The count must not depend on the load: CPU reductions sum in a thread-count-dependent order, so a run with 1
+    thread and one with 2 give different weights (49 of 50 LoRA tensors differed here), and a default read from the
+    current load made "same seed, same adapter" false. The run records the count and ``--resume`` reuses it. Where
+    other work shares the cores, pass ``--threads`` (two threads competing for one free core made a step 5x slower).
     """
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    busy = busy_cores()
-    if busy is None:
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            busy = 0.0
-    return max(1, cores - int(round(busy)))
+        return max(1, os.cpu_count() or 1)
 
 
 def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None = None) -> Runtime:
@@ -101,7 +77,9 @@ def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None 
         raise EngineError("--device mps: Apple MPS is not available here; use --device cpu")
     dev = torch.device(device)
 
-    n_threads = threads or free_cores()
+    if threads is not None and threads < 1:
+        raise EngineError(f"--threads must be >= 1, got {threads}")
+    n_threads = threads or default_threads()
     if dev.type == "cpu":
         torch.set_num_threads(n_threads)
 

@@ -211,10 +211,27 @@ def check_image(path: str, volume: Any, preprocessing: Any, patch_size: Sequence
                                  f"{'x'.join(map(str, patch_size))} patch; give a scan with a larger field of view")
 
 
+def precheck_images(images: Sequence[str], preprocessing: Any, patch_size: Sequence[int]) -> list[tuple[str, Exception]]:
+    """Header checks of every image (readable, 3D, spacing, size; :func:`check_image`) before the first is
+    segmented. Returns ``(path, error)`` for each one that fails; an empty list when all pass."""
+    from ..data import DataError, VolumeError, read_volume
+    from ..data.preprocess import Preprocessing, PreprocessingError
+
+    prep = preprocessing or Preprocessing()
+    failures: list[tuple[str, Exception]] = []
+    for path in images:
+        try:
+            check_image(path, read_volume(path, header_only=True), prep, patch_size)
+        except (VolumeError, DataError, PreprocessingError) as err:
+            failures.append((path, err))
+    return failures
+
+
 def segment_images(model: nn.Module, images: list[str], outputs: list[str], runtime: Runtime, events: Events, *,
                    patch_size: Sequence[int], preprocessing: Any = None, sw_batch_size: int = 4,
                    overlap: float = 0.5, min_component_mm3: float = 1000.0,
-                   mirror_axes: Sequence[int] = ()) -> list[dict[str, Any]]:
+                   mirror_axes: Sequence[int] = (),
+                   failures: list[tuple[str, Exception]] | None = None) -> list[dict[str, Any]]:
     """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image.
 
     Each image is resampled to the working grid (``preprocessing``: a :class:`~TensorPEFTLib.data.preprocess.
@@ -222,13 +239,17 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     and the prediction goes back onto the image's own grid and orientation. Progress: a ``step`` event per window
     batch (``step``/``steps`` window batches of image ``image_index``/``images``, ``eta_seconds``); the image's last one also
     carries its record (mask, foreground volume). ``mirror_axes``: test-time mirroring (see
-    :func:`predict_probabilities`)."""
-    import time
+    :func:`predict_probabilities`).
+
+    Each image's voxels are checked first (:func:`~TensorPEFTLib.data.check_volume`: NaN/Inf, constant, truncated).
+    With ``failures`` (a list) an image that cannot be segmented is appended there as ``(path, error)`` and the
+    others go on; without it the first such error is raised. A failed write (disk full) always stops the job."""
 
     from monai.data import MetaTensor  # noqa: F401 - Invertd needs the tracked metadata
 
-    from ..data import inference_transforms, inverse_transforms, read_volume, write_volume
-    from ..data.preprocess import Preprocessing, PreprocessingError, foreground_box, foreground_mask
+    from ..data import DataError, VolumeError, check_volume, inference_transforms, inverse_transforms
+    from ..data.io import VolumeWriteError
+    from ..data.preprocess import Preprocessing, PreprocessingError
 
     prep = preprocessing or Preprocessing()
     # The foreground crop is done here, not by MONAI's invertible CropForeground: after an oblique scan's
@@ -237,70 +258,92 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     pre = inference_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=False)
     post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=True)
     model.eval()
-    headers = [read_volume(path, header_only=True) for path in images]
-    for path, header in zip(images, headers):  # every input checked before the first is segmented
-        check_image(path, header, prep, patch_size)
+    found = precheck_images(images, prep, patch_size)
+    if found:
+        raise found[0][1]
     records = []
-    for index, (path, out_path, reference) in enumerate(zip(images, outputs, headers)):
-        data = pre({"image": path})
-        working = data["image"]
-        box = (slice(None),) * 3
-        if prep.crop_foreground:
-            found = foreground_box(foreground_mask(np.asarray(working[0])), margin=8)
-            box = found if found is not None else box
-        image = torch.as_tensor(np.asarray(working[0][box]))[None, None].float()
-        if not torch.any(image > 0):
-            raise PreprocessingError(f"{path}: no foreground found (the image has no contrast); check that it is the "
-                                     "right file and not empty")
-        batch = sw_batch_size
-        passes = len(mirror_flips(mirror_axes))
-        while True:
-            total = passes * int(math.ceil(window_count(image.shape[2:], patch_size, overlap) / batch))
-            done, started = [0], time.perf_counter()
-            name = os.path.basename(path)
-            events.start_bar(total, f"{name} ({index + 1}/{len(images)})" if len(images) > 1 else name)
-
-            def on_batch() -> None:
-                done[0] += 1
-                elapsed = time.perf_counter() - started
-                eta = elapsed / done[0] * (total - done[0])
-                events.update_bar(1)
-                if done[0] < total:
-                    events.emit("step", step=done[0], steps=total, image_index=index + 1, images=len(images),
-                                eta_seconds=round(eta, 1), stage="sliding window")
-
-            try:
-                with torch.no_grad(), runtime.autocast():
-                    probs = predict_probabilities(model, image.to(runtime.device), patch_size, batch, overlap,
-                                                  mirror_axes, on_batch)
-                break
-            except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-                events.close_bar()
-                if not is_out_of_memory(err):
-                    raise
-                if runtime.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if batch == 1:
-                    raise EngineError(f"{path}: out of GPU memory even with --sw-batch-size 1; use --device cpu") from None
-                batch = max(1, batch // 2)
-                events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
-        events.close_bar()
-        pred = torch.zeros((1, *working.shape[1:]), dtype=torch.uint8)
-        pred[(slice(None), *box)] = probs.argmax(1).to(torch.uint8).cpu()
-        data["pred"] = _as_meta(pred, working)
-        inverted = post(data)["pred"]
-        mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
-        if tuple(mask.shape) != tuple(reference.shape[:3]):
-            raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
-        mask = remove_small_components(mask, reference.spacing, min_component_mm3)
-        write_volume(out_path, mask, like=reference)
-        voxel_ml = float(np.prod(reference.spacing)) / 1000.0
-        record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
-                  "sw_batch_size": batch, "window_batches": done[0],
-                  "seconds": round(time.perf_counter() - started, 2)}
+    for index, (path, out_path) in enumerate(zip(images, outputs)):
+        try:
+            check_volume(path, "image")
+            record = _segment_one(model, path, out_path, index, len(images), runtime, events, pre, post, prep,
+                                  patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes)
+        except (DataError, PreprocessingError, VolumeError) as err:
+            if failures is None or isinstance(err, VolumeWriteError):
+                raise
+            events.warn(f"skipping {err}")
+            failures.append((path, err))
+            continue
         records.append(record)
-        events.emit("step", step=total, steps=total, image_index=index + 1, images=len(images), eta_seconds=0.0, **record)
     return records
+
+
+def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: int, runtime: Runtime,
+                 events: Events, pre: Any, post: Any, prep: Any, patch_size: Sequence[int], sw_batch_size: int,
+                 overlap: float, min_component_mm3: float, mirror_axes: Sequence[int]) -> dict[str, Any]:
+    import time
+
+    from ..data import read_volume, write_volume
+    from ..data.preprocess import PreprocessingError, foreground_box, foreground_mask
+
+    reference = read_volume(path, header_only=True)
+    data = pre({"image": path})
+    working = data["image"]
+    box = (slice(None),) * 3
+    if prep.crop_foreground:
+        found = foreground_box(foreground_mask(np.asarray(working[0])), margin=8)
+        box = found if found is not None else box
+    image = torch.as_tensor(np.asarray(working[0][box]))[None, None].float()
+    if not torch.any(image > 0):
+        raise PreprocessingError(f"{path}: no foreground found (the image has no contrast); check that it is the "
+                                 "right file and not empty")
+    batch = sw_batch_size
+    passes = len(mirror_flips(mirror_axes))
+    while True:
+        total = passes * int(math.ceil(window_count(image.shape[2:], patch_size, overlap) / batch))
+        done, started = [0], time.perf_counter()
+        name = os.path.basename(path)
+        events.start_bar(total, f"{name} ({index + 1}/{count})" if count > 1 else name)
+
+        def on_batch() -> None:
+            done[0] += 1
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done[0] * (total - done[0])
+            events.update_bar(1)
+            if done[0] < total:
+                events.emit("step", step=done[0], steps=total, image_index=index + 1, images=count,
+                            eta_seconds=round(eta, 1), stage="sliding window")
+
+        try:
+            with torch.no_grad(), runtime.autocast():
+                probs = predict_probabilities(model, image.to(runtime.device), patch_size, batch, overlap,
+                                              mirror_axes, on_batch)
+            break
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            events.close_bar()
+            if not is_out_of_memory(err):
+                raise
+            if runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise EngineError(f"{path}: out of GPU memory even with --sw-batch-size 1; use --device cpu") from None
+            batch = max(1, batch // 2)
+            events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
+    events.close_bar()
+    pred = torch.zeros((1, *working.shape[1:]), dtype=torch.uint8)
+    pred[(slice(None), *box)] = probs.argmax(1).to(torch.uint8).cpu()
+    data["pred"] = _as_meta(pred, working)
+    inverted = post(data)["pred"]
+    mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
+    if tuple(mask.shape) != tuple(reference.shape[:3]):
+        raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
+    mask = remove_small_components(mask, reference.spacing, min_component_mm3)
+    write_volume(out_path, mask, like=reference)
+    voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
+              "sw_batch_size": batch, "window_batches": done[0],
+              "seconds": round(time.perf_counter() - started, 2)}
+    events.emit("step", step=total, steps=total, image_index=index + 1, images=count, eta_seconds=0.0, **record)
+    return record
 
 
 def _as_meta(pred: torch.Tensor, like: Any) -> Any:

@@ -7,9 +7,14 @@ optimiser state and the history. A resumed run therefore ends with exactly the w
 
 Output folder layout (``OUT``)::
 
-    OUT/adapter_config.json, OUT/adapter.safetensors   the adapter to use: best validation score, else the last
+    OUT/adapter_config.json, OUT/adapter.safetensors   the adapter to use, written only when the run finishes:
+                                                       best validation score, else the last
+    OUT/best/                                          the best adapter so far (during a run; kept after it)
     OUT/last/                                          the adapter after the final step
     OUT/checkpoint/                                    resume state (adapter + optimiser + step), written atomically
+    OUT/.tensorpeft.lock                               while a process writes the run (see ``outputs.RunLock``)
+
+A cancelled or failed run never leaves an adapter at the top level, so whatever sits there is a finished run's.
     OUT/history.json, OUT/metrics.csv                  losses, learning rates, validation scores per step
     OUT/report.png                                     curves and a look at the data (by the task)
 """
@@ -31,10 +36,12 @@ from torch import nn
 
 from ..adapters import save_adapter, trainable_parameters
 from .events import Events
+from .outputs import disk_full_message, folder_bytes, is_disk_full, torch_bytes, write_bytes
 from .runtime import EngineError, Runtime, out_of_memory_as_error, peak_memory_gb, step_seed
 
 CHECKPOINT_DIR = "checkpoint"
 LAST_DIR = "last"
+BEST_DIR = "best"
 STATE_FILE = "trainer_state.pt"
 EXIT_CANCELLED = 130
 
@@ -141,12 +148,29 @@ def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
     new, old = final + ".new", final + ".old"
     shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
-    write(new)
+    try:
+        write(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # a disk-full or interrupted write leaves nothing behind
+        raise
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_text(path: str, text: str) -> None:
+    """Write a text file whole or not at all (temp file, then rename; the temp file goes on any failure)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def checkpoint_path(out: str) -> str | None:
@@ -190,11 +214,27 @@ class Trainer:
             state = {"step": self.step, "best": self.best, "optimizer": self.optimizer.state_dict(),
                      "history": json.dumps(self.history),
                      "scaler": self.scaler.state_dict() if self.scaler else {}}
-            torch.save(state, os.path.join(folder, STATE_FILE))
+            write_bytes(os.path.join(folder, STATE_FILE), torch_bytes(state))
 
         _atomic_dir(path, write)
         self.events.emit("checkpoint", step=self.step, path=path)
         return path
+
+    def disk_full_error(self) -> EngineError:
+        """What to tell the user when a write into the run folder found the disk full: the folder, about how much
+        a checkpoint needs, and which checkpoint is still whole (every write is atomic, so one always is, or none
+        was written yet)."""
+        kept = checkpoint_path(self.out)
+        previous = f"the checkpoint of step {self._checkpoint_step(kept)} is intact" if kept else "no checkpoint was written yet"
+        return EngineError(f"{disk_full_message(self.out, folder_bytes(kept) if kept else None)} and continue with "
+                           f"--resume ({previous})")
+
+    @staticmethod
+    def _checkpoint_step(path: str | None) -> int | str:
+        try:
+            return int(load_trainer_state(path)["step"]) if path else "?"
+        except (EngineError, KeyError, ValueError, TypeError):
+            return "?"
 
     def restore(self, path: str) -> None:
         """Continue from a checkpoint folder. The model must already carry that checkpoint's adapter (load it with
@@ -208,28 +248,52 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best = int(state["step"]), state.get("best")
         self.history = json.loads(state["history"])
+        # best/ may have been written after this checkpoint (killed in between): it knows the best score so far
+        try:
+            with open(os.path.join(self.out, BEST_DIR, "adapter_config.json"), encoding="utf-8") as handle:
+                saved = json.load(handle).get("best_" + self.task.metric)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is not None and (self.best is None or (saved > self.best if self.task.higher_is_better else saved < self.best)):
+            self.best = float(saved)
 
-    def _save_outputs(self) -> None:
-        save_adapter(self.model, os.path.join(self.out, LAST_DIR), extra=self._meta())
-        if self.best is None:  # no validation: the adapter to use is the last one
-            save_adapter(self.model, self.out, extra=self._meta())
+    def _save_outputs(self, finished: bool) -> None:
+        _atomic_dir(os.path.join(self.out, LAST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
+        if finished:
+            self.publish()
         self.write_history()
 
+    def publish(self) -> None:
+        """Put the finished run's adapter at the top of ``out``: the best validated one, else the last. The weights
+        are written first and the config last, so an ``adapter_config.json`` at the top always belongs to a whole
+        adapter of a finished run."""
+        source = os.path.join(self.out, BEST_DIR if self.best is not None else LAST_DIR)
+        if not os.path.isfile(os.path.join(source, "adapter_config.json")):
+            source = os.path.join(self.out, LAST_DIR)
+        for name in ("adapter.safetensors", "adapter_config.json"):
+            tmp = os.path.join(self.out, f".{name}.tmp")
+            try:
+                shutil.copyfile(os.path.join(source, name), tmp)
+                os.replace(tmp, os.path.join(self.out, name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+
     def write_history(self) -> None:
-        path = os.path.join(self.out, "history.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(self.history, handle, indent=1)
-        os.replace(path + ".tmp", path)
+        import io
+
+        _atomic_text(os.path.join(self.out, "history.json"), json.dumps(self.history, indent=1))
         evals = {row["step"]: row for row in self.history["evals"]}
         metric = self.task.metric
         column = metric if metric.startswith("val_") else f"val_{metric}"
-        with open(os.path.join(self.out, "metrics.csv.tmp"), "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "loss", "lr", "seconds", column])
-            for row in self.history["steps"]:
-                val = evals.get(row["step"], {}).get(metric, "")
-                writer.writerow([row["step"], f"{row['loss']:.6g}", f"{row['lr']:.6g}", f"{row['seconds']:.3f}", val])
-        os.replace(os.path.join(self.out, "metrics.csv.tmp"), os.path.join(self.out, "metrics.csv"))
+        table = io.StringIO(newline="")
+        writer = csv.writer(table)
+        writer.writerow(["step", "loss", "lr", "seconds", column])
+        for row in self.history["steps"]:
+            val = evals.get(row["step"], {}).get(metric, "")
+            writer.writerow([row["step"], f"{row['loss']:.6g}", f"{row['lr']:.6g}", f"{row['seconds']:.3f}", val])
+        _atomic_text(os.path.join(self.out, "metrics.csv"), table.getvalue())
 
     # ------------------------------------------------------------------ loop
     def _evaluate(self) -> None:
@@ -243,7 +307,7 @@ class Trainer:
         better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
         if better:
             self.best = value
-            save_adapter(self.model, self.out, extra=self._meta())
+            _atomic_dir(os.path.join(self.out, BEST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
         row = {"step": self.step, **scores, "best": self.best}
         self.history["evals"].append(row)
         self.events.emit("eval", **row)
@@ -289,6 +353,16 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
         self.model.train()
         self.events.start_bar(settings.steps, f"fine-tuning ({self.extra_meta.get('method', 'adapter')})", initial=self.step)
+        try:
+            return self._run(resume_from, started)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            self.events.close_bar()
+            raise self.disk_full_error() from None
+
+    def _run(self, resume_from: str | None, started: float) -> TrainResult:
+        settings = self.settings
         recent: list[float] = []
         status = "completed"
         with CancelToken() as cancel, out_of_memory_as_error(f"training step {self.step}"):
@@ -324,7 +398,7 @@ class Trainer:
                     self.save_checkpoint()
         self.events.close_bar()
         self.save_checkpoint()
-        self._save_outputs()
+        self._save_outputs(finished=status == "completed")
         self.history["peak_gpu_memory_gb"] = peak_memory_gb(self.runtime.device)
         if status == "completed":
             self.model.eval()

@@ -32,35 +32,62 @@ def segmentation_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[flo
     return {"dice": float(torch.nanmean(dice.flatten())), "hd95": float(torch.nanmean(hd95.flatten()))}
 
 
-def _match(preds: list[str], refs: list[str]) -> list[tuple[str, str, str]]:
+#: how a prediction's file name may differ from its reference's: ``case_01_seg.nii.gz`` scores against ``case_01``
+MASK_SUFFIXES = ("_seg", "_mask", "_pred")
+
+
+def match_cases(preds: list[str], refs: list[str]) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
+    """Pair predictions with references by case name (the file name without ``.nii.gz``/``.nii``/``.nrrd``/
+    ``.seg.nrrd``; a prediction may add ``_seg``, ``_mask`` or ``_pred``). Returns ``(name, pred, ref)`` pairs,
+    the predictions without a reference and the references without a prediction."""
     from ..data.datasets import case_name
 
     ref_by_name = {case_name(r): r for r in refs}
-    pairs, missing = [], []
+    pairs, lone_preds = [], []
     for p in preds:
         name = case_name(p)
-        for candidate in (name, name.removesuffix("_seg"), name.removesuffix("_mask"), name.removesuffix("_pred")):
+        for candidate in (name, *(name.removesuffix(s) for s in MASK_SUFFIXES)):
             if candidate in ref_by_name:
                 pairs.append((candidate, p, ref_by_name[candidate]))
                 break
         else:
-            missing.append(os.path.basename(p))
-    if not pairs:
-        raise EngineError(f"no prediction matches a reference by case name (e.g. {missing[:3]}); name masks like their images")
-    return pairs
+            lone_preds.append(p)
+    used = {r for _, _, r in pairs}
+    return pairs, lone_preds, [r for r in refs if r not in used]
 
 
-def evaluate_segmentations(preds: list[str], refs: list[str]) -> list[dict[str, Any]]:
-    """Score each prediction against the reference with the same case name; one row per case."""
+def evaluate_segmentations(preds: list[str], refs: list[str], *, pair: bool = False
+                           ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Score each prediction against the reference with the same case name (:func:`match_cases`); one row per case.
+    ``pair``: one prediction and one reference, scored against each other whatever their names. Returns the rows
+    and the references that no prediction matched."""
     from ..data import read_volume
+    from ..data.datasets import case_name
 
+    if pair:
+        pairs, lone_refs = [(case_name(refs[0]), preds[0], refs[0])], []
+    else:
+        pairs, lone_preds, lone_refs = match_cases(preds, refs)
+        if not pairs:
+            example = os.path.basename(refs[0])
+            raise EngineError(
+                f"no prediction matches a reference: they are paired by case name (reference {example} needs a "
+                f"prediction named {example} or {case_name(refs[0])}_seg.nii.gz), but none of "
+                f"{', '.join(os.path.basename(p) for p in lone_preds[:3])} does; rename them, or pass two files "
+                "(--pred FILE --ref FILE) to score one pair")
     rows = []
-    for name, p, r in _match(preds, refs):
+    for name, p, r in pairs:
         pv, rv = read_volume(p), read_volume(r)
+        if tuple(pv.array.shape[:3]) != tuple(rv.array.shape[:3]):
+            raise EngineError(f"{p} ({'x'.join(map(str, pv.array.shape[:3]))}) and its reference {r} "
+                              f"({'x'.join(map(str, rv.array.shape[:3]))}) differ in shape: the mask must be on the "
+                              "reference's grid; segment the reference's own image (segment writes masks on the "
+                              "input grid), or resample the mask onto it")
         if not np.allclose(pv.affine, rv.affine, atol=1e-3):
-            raise EngineError(f"{p}: not on the grid of its reference {r} (affines differ); segment the reference image")
+            raise EngineError(f"{p}: not on the grid of its reference {r} (same shape, but the affines differ); "
+                              "segment the reference's own image, or resample the mask onto it")
         rows.append({"case": name, **segmentation_scores(np.asarray(pv.array), np.asarray(rv.array), rv.spacing)})
-    return rows
+    return rows, lone_refs
 
 
 def evaluate_synthesis(generated: list[np.ndarray], real: list[np.ndarray]) -> dict[str, float]:
