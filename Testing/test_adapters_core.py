@@ -280,3 +280,24 @@ def test_grouped_conv_refused_clearly():
     net = nn.Sequential(nn.Conv3d(4, 4, 3, groups=2))
     with pytest.raises(AdapterError, match="grouped convolutions"):
         tp.inject(net, tp.AdapterConfig(method="lora", rank=1, targets=["0"]))
+
+
+@pytest.mark.parametrize("kind,method", [("unetr", m) for m in ("full", "lora", "pissa", "loha", "lokr", "ssf", "lora-pt",
+                                                                  "tcurlora", "lotr")]
+                         + [("ddpm", m) for m in ("tenvoo-l", "tenvoo-q", "quanta", "selora")])
+def test_same_seed_and_two_threads_give_identical_adapter_bytes(tmp_path, kind, method):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    blobs = []
+    try:
+        for run_index in range(2):
+            torch.manual_seed(0)
+            model = build(kind)
+            tp.inject(model, tp.AdapterConfig(method=method, rank=2))
+            train_steps(model, kind, steps=2)
+            folder = tmp_path / f"run{run_index}"
+            tp.save_adapter(model, folder)
+            blobs.append((folder / WEIGHTS_FILE).read_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert blobs[0] == blobs[1]

@@ -124,3 +124,21 @@ def test_bad_shapes_are_refused() -> None:
         t_svd(_rand(3, 4))
     with pytest.raises(ValueError, match="rank"):
         truncated_t_svd(_rand(3, 4, 2), 3)
+
+
+def test_circulant_backward_repeats_bit_for_bit_with_two_threads():
+    """The plain index b[shift] backpropagated as a scatter-add whose order varied with 2 threads (the same gradient
+    twice differed by 2e-4 on LoRA-PT's 48 x 768 x 768 stack at rank 4); the gather-and-sum backward repeats."""
+    from TensorPEFTLib.adapters.tensor_algebra import t_product_circulant
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(48, 768, 4, generator=gen)
+        b = torch.randn(48, 4, 768, generator=gen, requires_grad=True)
+        weight = torch.randn(48, 768, 768, generator=gen)
+        grads = [torch.autograd.grad((t_product_circulant(a, b) * weight).sum(), b)[0] for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

@@ -21,6 +21,8 @@ Shapes in the docstrings use n for the number of frontal slices (n3), F = n // 2
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = [
@@ -134,11 +136,38 @@ def circulant_operands(a: torch.Tensor, b: torch.Tensor, start: int = 0, count: 
     """
     n, n1, n2 = a.shape
     count = n - start if count is None else count
-    ks = torch.arange(start, start + count, device=a.device)
-    shift = (ks[:, None] - torch.arange(n, device=a.device)[None, :]) % n  # (count, n)
-    b_circ = b[shift].reshape(count, n * n2, b.shape[2])
+    b_circ = _CirculantBlocks.apply(b, start, count).reshape(count, n * n2, b.shape[2])
     a_row = a.permute(1, 0, 2).reshape(n1, n * n2)
     return a_row, b_circ
+
+
+class _CirculantBlocks(torch.autograd.Function):
+    """``out[k − start, i] = b[(k − i) mod n]`` for k in ``start .. start+count−1``: the circulant blocks, with a
+    backward that is a gather and a sum, not a scatter.
+
+    Autograd's backward of the plain index ``b[shift]`` is a scatter-add whose order of additions varies between runs
+    with more than one CPU thread (the same gradient twice in one process differed by 3e-4 on a 48 × 768 × 768
+    stack), which made LoRA-PT's adapters differ between identical runs. Every row of ``shift`` is a permutation of
+    ``0 .. n−1``, so the gradient of slice j is a sum over k of one block each, ``grad[k, (k − j) mod n]``: a gather
+    of the whole gradient and a sum over k, both deterministic.
+    """
+
+    @staticmethod
+    def _index(n: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+        ks = torch.arange(start, start + count, device=device)
+        return (ks[:, None] - torch.arange(n, device=device)[None, :]) % n  # (count, n): both directions use it
+
+    @staticmethod
+    def forward(ctx: Any, b: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        ctx.n, ctx.start, ctx.count = b.shape[0], start, count
+        return b[_CirculantBlocks._index(b.shape[0], start, count, b.device)]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # (k − i) mod n = j  ⇔  i = (k − j) mod n: the same index table read the other way
+        inverse = _CirculantBlocks._index(ctx.n, ctx.start, ctx.count, grad.device)
+        rows = torch.arange(ctx.count, device=grad.device)[:, None]
+        return grad[rows, inverse].sum(0), None, None
 
 
 #: ``t_product_thin`` (and the stack adapters) use the circulant GEMM up to this n·n2 (inner size of the GEMM), the
