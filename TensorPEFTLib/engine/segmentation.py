@@ -256,7 +256,10 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     # resampling, Invertd put the cropped prediction back at the wrong place (hippocampus Dice 0.92 -> 0.00 on an
     # oblique whole-brain scan), so the pipeline only resamples and normalises and the crop is pasted back by hand.
     pre = inference_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=False)
-    post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=True)
+    # The class probabilities go back onto the scan's grid with linear interpolation and the mask is their argmax
+    # there (as nnU-Net does), not a nearest-neighbour copy of the coarser working grid's labels: smooth edges at
+    # the scan's own resolution, and an oblique scan no longer loses the staircase of a rotated 1.5 mm grid.
+    post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=False)
     model.eval()
     found = precheck_images(images, prep, patch_size)
     if found:
@@ -329,11 +332,13 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
             batch = max(1, batch // 2)
             events.message(f"out of GPU memory: retrying {os.path.basename(path)} with sliding-window batch {batch}")
     events.close_bar()
-    pred = torch.zeros((1, *working.shape[1:]), dtype=torch.uint8)
-    pred[(slice(None), *box)] = probs.argmax(1).to(torch.uint8).cpu()
-    data["pred"] = _as_meta(pred, working)
+    classes = probs.shape[1]
+    full = torch.zeros((classes, *working.shape[1:]), dtype=torch.float32)
+    full[0] = 1.0  # outside the foreground crop: background
+    full[(slice(None), *box)] = probs[0].float().cpu()
+    data["pred"] = _as_meta(full, working)
     inverted = post(data)["pred"]
-    mask = np.asarray(inverted[0] if inverted.ndim == 4 else inverted).astype(np.uint8)
+    mask = np.asarray(torch.as_tensor(inverted).argmax(0)).astype(np.uint8)
     if tuple(mask.shape) != tuple(reference.shape[:3]):
         raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
     mask = remove_small_components(mask, reference.spacing, min_component_mm3)
