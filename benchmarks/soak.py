@@ -196,7 +196,9 @@ def main() -> int:
             if code == 0 and len([n for n in os.listdir(target) if not n.startswith(".")]) != 2:
                 lost.append(f"job {job}: segment exited 0 without its 2 masks")
         left = strays(target)
-        if code not in (0, 130, -9, 137, 143):
+        # 130: stopped by its own handler; -9 / -15: killed outright (SIGKILL, or SIGTERM before the CLI installed its
+        # handler or after it finished): all fine as long as the outputs are whole, which is what is checked above
+        if code not in (0, 130, -9, -15):
             problems.append(f"job {job}: exit {code}: {err.strip().splitlines()[-1:] if err else ''}")
         if "Traceback" in err and code != -9:
             problems.append(f"job {job}: traceback on stderr: {err.strip().splitlines()[-1:]}")
@@ -219,7 +221,7 @@ def main() -> int:
         "segment_jobs": sum(1 for r in rows if r["kind"] == "segment"),
         "runs": run_index, "finished_runs": finished_runs,
         "corrupt": len(corrupt), "lost": len(lost), "strays": len(stray),
-        "problems": corrupt + lost, "stray_files": stray, "rows": rows, "machine": machine_line(),
+        "problems": corrupt + lost, "stray_files": stray, "rows": rows, "machine": machine_line("cpu"),
         "versions": versions(), "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
     }
     os.makedirs(RESULTS, exist_ok=True)
@@ -245,7 +247,7 @@ def main() -> int:
         "",
         f"- Command: `{summary['command']}`",
         f"- Machine: {summary['machine']}",
-        f"- Versions: {summary['versions']}",
+        f"- Versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items())}",
         f"- Date: {today()}; {summary['seconds']:.0f} s",
     ]
     with open(base + ".md", "w", encoding="utf-8") as handle:
