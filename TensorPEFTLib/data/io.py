@@ -245,16 +245,17 @@ def _atomic(path: str, write) -> None:
     except BaseException as err:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             free = _free_mb(folder)
             raise VolumeWriteError(f"{path}: cannot write ({err.strerror}{f'; {free:.1f} MB free' if free is not None else ''}); "
                               "free some space or choose another output place — nothing was written") from None
         raise
 
 
-#: errno values of a write the user can fix: disk full or over quota, read-only or forbidden place, a path under a file
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                 errno.EISDIR, errno.ENOENT}
+#: errno values of a write the user can fix: disk full or over quota, read-only or forbidden place, a path under a
+#: file, a name too long (the engine's outputs module answers the same set)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
 
 
 def _free_mb(folder: str) -> float | None:

@@ -254,7 +254,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
             _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
             if overwrite and not resume:
                 clear_run(out)
-            return _finetune(model, model_source, task_kind, train_cases, val_cases, data, out, cfg, settings,
+            return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
                              device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                              patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                              threads=threads)
@@ -307,8 +307,8 @@ def unfinished_run_message(folder: str) -> str | None:
             f"--out {folder} --resume`{alternative}")
 
 
-def _finetune(model: nn.Module, model_source: str, task_kind: str, train_cases: list[dict], val_cases: list[dict],
-              data: str, out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
+def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: int | None,
+              train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
               events: Events, resume: bool, batch_size: int | None, patch_size: Sequence[int] | None,
               spacing: Sequence[float] | None, affine: bool, elastic: bool, flip: str,
               threads: int | None) -> TrainResult:
@@ -317,7 +317,6 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, train_cases: 
     from ..data import case_name
 
     ckpt = checkpoint_path(out) if resume else None
-    num_classes = num_classes_of(model) if task_kind == "segmentation" else None
 
     if resume:
         saved = read_adapter_config(ckpt)
@@ -480,7 +479,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
     ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
     """
     from ..data import case_name
-    from .segmentation import precheck_images, segment_images
+    from .segmentation import segment_images
 
     if mirror not in MIRROR_CHOICES:
         raise EngineError(f"--mirror {mirror!r}: choose one of {', '.join(MIRROR_CHOICES)}")
@@ -510,22 +509,14 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
     if mirror == "auto":
         mirror = saved.get("flip") or "none"
     events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
-    # Every header is checked before the first scan is segmented (each scan's voxels once more just before its turn):
-    # with one bad file among many, the others are still segmented and the bad ones named at the end.
-    failures = precheck_images(images, prep, patch)
-    if single_file and failures:
-        raise failures[0][1]
-    todo = [(i, o) for i, o in zip(images, outputs) if i not in dict(failures)]
-    for path, err in failures:
-        events.warn(f"skipping {err}")
-    if not single_file and todo:
-        os.makedirs(out, exist_ok=True)
-    events.emit("start", kind="segment", images=len(todo), out=out, mirror=mirror,
+    # With one bad file among many the others are still segmented and the bad ones named at the end (segment_images
+    # checks every header before the first scan, each scan's voxels just before its turn); one file fails at once.
+    failures: list[tuple[str, Exception]] = []
+    events.emit("start", kind="segment", images=len(images), out=out, mirror=mirror,
                 preprocessing=prep.to_dict(), **runtime.describe())
-    records = segment_images(model, [i for i, _ in todo], [o for _, o in todo], runtime, events, patch_size=patch,
-                             preprocessing=prep, sw_batch_size=sw_batch_size, overlap=overlap,
-                             min_component_mm3=min_component_mm3, mirror_axes=FLIP_AXES[mirror],
-                             failures=None if single_file else failures)
+    records = segment_images(model, images, outputs, runtime, events, patch_size=patch, preprocessing=prep,
+                             sw_batch_size=sw_batch_size, overlap=overlap, min_component_mm3=min_component_mm3,
+                             mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures)
     for record in records:
         record["mirror"] = mirror
     events.emit("done", status="completed" if not failures else "failed", out=out, masks=[r["mask"] for r in records],

@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.io import WRITE_ERRNOS
 from .runtime import EngineError
 
-#: errno values that mean "this cannot be written here" rather than a bug
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                errno.ENAMETOOLONG, errno.ENOENT, errno.EFBIG}
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 LOCK_FILE = ".tensorpeft.lock"
 

@@ -252,6 +252,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     from ..data.preprocess import Preprocessing, PreprocessingError
 
     prep = preprocessing or Preprocessing()
+    raise_first = failures is None
     # The foreground crop is done here, not by MONAI's invertible CropForeground: after an oblique scan's
     # resampling, Invertd put the cropped prediction back at the wrong place (hippocampus Dice 0.92 -> 0.00 on an
     # oblique whole-brain scan), so the pipeline only resamples and normalises and the crop is pasted back by hand.
@@ -262,16 +263,22 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     post = inverse_transforms(pre, keys="pred", orig_key="image", nearest=False)
     model.eval()
     found = precheck_images(images, prep, patch_size)
-    if found:
+    if found and failures is None:
         raise found[0][1]
+    for path, err in found:
+        events.warn(f"skipping {err}")
+    failures = failures if failures is not None else []
+    failures.extend(found)
+    bad = {path for path, _ in found}
+    todo = [(path, out_path) for path, out_path in zip(images, outputs) if path not in bad]
     records = []
-    for index, (path, out_path) in enumerate(zip(images, outputs)):
+    for index, (path, out_path) in enumerate(todo):
         try:
             check_volume(path, "image")
-            record = _segment_one(model, path, out_path, index, len(images), runtime, events, pre, post, prep,
+            record = _segment_one(model, path, out_path, index, len(todo), runtime, events, pre, post, prep,
                                   patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes)
         except (DataError, PreprocessingError, VolumeError) as err:
-            if failures is None or isinstance(err, VolumeWriteError):
+            if raise_first or isinstance(err, VolumeWriteError):
                 raise
             events.warn(f"skipping {err}")
             failures.append((path, err))

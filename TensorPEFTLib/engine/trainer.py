@@ -354,14 +354,14 @@ class Trainer:
         self.model.train()
         self.events.start_bar(settings.steps, f"fine-tuning ({self.extra_meta.get('method', 'adapter')})", initial=self.step)
         try:
-            return self._run(resume_from, started)
+            return self._run(started)
         except OSError as err:
             if not is_disk_full(err):
                 raise
             self.events.close_bar()
             raise self.disk_full_error() from None
 
-    def _run(self, resume_from: str | None, started: float) -> TrainResult:
+    def _run(self, started: float) -> TrainResult:
         settings = self.settings
         recent: list[float] = []
         status = "completed"
