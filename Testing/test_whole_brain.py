@@ -327,3 +327,45 @@ def test_figures_show_any_stored_scan_in_ras_planes():
     sagittal = np.transpose(image, (1, 2, 0))[::-1].copy()  # stored i→P, j→S, k→R
     affine = np.array([[0, 0, 1.0, 0], [-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
     assert np.array_equal(as_ras(sagittal, affine), image)
+
+
+# ----------------------------------------------------------------------------------------------- label resampling
+
+_ELLIPSOID_CENTRE, _ELLIPSOID_AXES = np.array([19.3, 20.1, 18.7]), np.array([9.0, 5.0, 6.0])  # mm, hippocampus-sized
+
+
+def _inside_ellipsoid(points: np.ndarray) -> np.ndarray:
+    return (((points - _ELLIPSOID_CENTRE) / _ELLIPSOID_AXES) ** 2).sum(-1) < 1
+
+
+def _dice_on_fine_grid(label: np.ndarray, affine: np.ndarray, n: int = 40) -> float:
+    """Dice of ``label`` (voxels of the grid ``affine``) against the exact ellipsoid, both on a 0.25 mm grid: the
+    overlap a Dice at any finer resolution measures."""
+    fine = np.indices((4 * n,) * 3).reshape(3, -1).T * 0.25 - 0.375
+    voxel = np.rint((fine - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(int)
+    inside = np.all((voxel >= 0) & (voxel < label.shape), axis=1)
+    pred = np.zeros(len(fine), bool)
+    pred[inside] = label[tuple(voxel[inside].T)] > 0
+    truth = _inside_ellipsoid(fine)
+    return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+
+
+def test_evaluation_references_sample_the_probability_map_on_every_grid():
+    """Every stored variant's reference is the atlas map thresholded at its own voxel centres; the old way (nearest
+    neighbour of a label thresholded on another grid) is less exact on an oblique grid."""
+    from TensorPEFTLib.data.demo import _Field, _Grid, reference_label
+
+    n = 40
+    points = np.indices((2 * n,) * 3).reshape(3, -1).T * 0.5  # a 0.5 mm probability map (%) with a soft edge
+    radius = np.sqrt((((points - _ELLIPSOID_CENTRE) / _ELLIPSOID_AXES) ** 2).sum(-1))
+    map_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    probability = _Field(np.clip(50.0 + 100.0 * (1.0 - radius), 0, 100).reshape((2 * n,) * 3), map_affine)
+    tilt = _rotation(np.deg2rad([14.0, -11.0, 17.0]))
+    oblique = _Grid((28, 28, 28), 1.0, _ELLIPSOID_CENTRE, tilt)
+    ras_1mm = _Grid((40, 40, 40), 1.0, (19.5, 19.5, 19.5))
+    new = reference_label(probability, oblique)
+    old = (_Field(reference_label(probability, ras_1mm).astype(np.float32), ras_1mm.affine)
+           .sample(oblique.world(), order=0).reshape(oblique.shape))
+    new_dice, old_dice = _dice_on_fine_grid(new, oblique.affine), _dice_on_fine_grid(old, oblique.affine)
+    # measured: 0.941 from the map, 0.919 the old way (0.943 on a RAS 1 mm grid)
+    assert new.dtype == np.uint8 and new_dice > 0.9 and new_dice > old_dice + 0.01
