@@ -43,7 +43,6 @@ CHECKPOINT_DIR = "checkpoint"
 LAST_DIR = "last"
 BEST_DIR = "best"
 STATE_FILE = "trainer_state.pt"
-EXIT_CANCELLED = 130
 
 
 @dataclass
