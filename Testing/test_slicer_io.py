@@ -14,14 +14,15 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
-from TensorPEFTLib.frontend import scene, segmentations, synthetic_scene  # noqa: E402
+from TensorPEFTLib.frontend import scene as scene_io  # noqa: E402
+from TensorPEFTLib.frontend import segmentations, synthetic_scene  # noqa: E402
 from TensorPEFTLib.data import find_cases, read_volume, validate_cases, write_volume  # noqa: E402
 
 
 @pytest.fixture()
 def scene():
     scene = slicer.vtkMRMLScene()
-    scene.ensure_segmentation_support(scene)
+    scene_io.ensure_segmentation_support(scene)
     yield scene
     scene.Clear(1)
 
@@ -32,7 +33,7 @@ OBLIQUE = synthetic_scene.oblique_affine(spacing=(0.7, 1.3, 2.9), angles_deg=(23
 def _volume(scene, shape=(21, 17, 11), name="oblique", seed=0):
     rng = np.random.default_rng(seed)
     array = rng.standard_normal(shape).astype(np.float32)
-    return scene.add_volume_node(scene, scene.Volume(array=array, affine=OBLIQUE), name), array
+    return scene_io.add_volume_node(scene, scene_io.Volume(array=array, affine=OBLIQUE), name), array
 
 
 def _asymmetric_labels(shape):
@@ -47,13 +48,13 @@ def _asymmetric_labels(shape):
 def test_volume_node_round_trips_with_identical_ijk_to_ras(scene, tmp_path):
     node, array = _volume(scene)
     assert np.array_equal(np.asarray(slicer.util.arrayFromVolume(node)), array.transpose(2, 1, 0))  # MRML is [k, j, i]
-    path = scene.write_volume_node(node, tmp_path / "oblique.nrrd")
+    path = scene_io.write_volume_node(node, tmp_path / "oblique.nrrd")
     on_disk = read_volume(path)
-    assert np.array_equal(on_disk.affine, scene.ijk_to_ras(node))  # bit-identical, not merely close
+    assert np.array_equal(on_disk.affine, scene_io.ijk_to_ras(node))  # bit-identical, not merely close
     assert np.array_equal(on_disk.affine, OBLIQUE)
     assert np.array_equal(np.asarray(on_disk.array), array)  # [i, j, k] order kept
-    back = scene.load_volume_file(scene, path, "back")
-    assert scene.geometry_problems(node, back, tolerance=0.0) == []
+    back = scene_io.load_volume_file(scene, path, "back")
+    assert scene_io.geometry_problems(node, back, tolerance=0.0) == []
     assert np.array_equal(np.asarray(slicer.util.arrayFromVolume(back)), np.asarray(slicer.util.arrayFromVolume(node)))
     # the reason for NRRD: NIfTI stores the affine as float32 and would not round-trip exactly
     write_volume(tmp_path / "oblique.nii.gz", array, OBLIQUE)
@@ -64,14 +65,14 @@ def test_imported_mask_lands_where_the_label_map_had_it(scene, tmp_path):
     node, array = _volume(scene)
     labels = _asymmetric_labels(array.shape)
     # the worker's side: read the exported image, write the mask on its grid (as engine.segment does)
-    image = read_volume(scene.write_volume_node(node, tmp_path / "image.nrrd"))
+    image = read_volume(scene_io.write_volume_node(node, tmp_path / "image.nrrd"))
     mask_path = write_volume(tmp_path / "mask.nrrd", labels, like=image)
 
     segmentation = segmentations.load_mask_file(scene, mask_path, node, segment_names={1: "hippocampus"})
     assert segmentation.GetName() == "oblique segmentation"
     seg = segmentation.GetSegmentation()
     assert seg.GetNumberOfSegments() == 1 and seg.GetNthSegment(0).GetName() == "hippocampus"
-    assert scene.geometry_problems(node, segmentation, tolerance=0.0) == []
+    assert scene_io.geometry_problems(node, segmentation, tolerance=0.0) == []
 
     # voxel for voxel: export the segment back onto the volume's grid
     exported = segmentations.segmentation_to_labels(scene, segmentation, node)
@@ -113,13 +114,13 @@ def test_no_scratch_nodes_are_left_in_the_scene(scene):
 def test_results_follow_the_volume_parent_transform(scene, tmp_path):
     node, array = _volume(scene)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
-    transform.SetMatrixTransformToParent(scene._matrix(synthetic_scene.oblique_affine((1, 1, 1), (0, 0, 30), (5, 0, 0))))
+    transform.SetMatrixTransformToParent(scene_io._matrix(synthetic_scene.oblique_affine((1, 1, 1), (0, 0, 30), (5, 0, 0))))
     node.SetAndObserveTransformNodeID(transform.GetID())
-    image = read_volume(scene.write_volume_node(node, tmp_path / "image.nrrd"))
+    image = read_volume(scene_io.write_volume_node(node, tmp_path / "image.nrrd"))
     assert np.array_equal(image.affine, OBLIQUE)  # exchanged in the volume's local frame
     segmentation = segmentations.load_mask_file(scene, write_volume(tmp_path / "m.nrrd", _asymmetric_labels(array.shape), like=image), node)
     assert segmentation.GetTransformNodeID() == transform.GetID()
-    assert scene.geometry_problems(node, segmentation) == []  # the transform applies once, not twice
+    assert scene_io.geometry_problems(node, segmentation) == []  # the transform applies once, not twice
     assert np.array_equal(segmentations.segmentation_to_labels(scene, segmentation, node).array, _asymmetric_labels(array.shape))
 
 
@@ -133,7 +134,7 @@ def test_training_pairs_export_to_a_decathlon_folder_the_engine_accepts(scene, t
     validate_cases(found, 2, require_labels=True, require_foreground=True)
     for (volume, segmentation), case in zip(pairs, cases):
         image, label = read_volume(case["image"]), read_volume(case["label"])
-        assert np.array_equal(image.affine, scene.ijk_to_ras(volume)) and np.array_equal(label.affine, image.affine)
+        assert np.array_equal(image.affine, scene_io.ijk_to_ras(volume)) and np.array_equal(label.affine, image.affine)
         assert np.array_equal(np.asarray(image.array), np.asarray(slicer.util.arrayFromVolume(volume)).transpose(2, 1, 0))
         expected = segmentations.segmentation_to_labels(scene, segmentation, volume).array
         assert np.array_equal(np.asarray(label.array), expected) and set(np.unique(expected)) == {0, 1}
@@ -141,27 +142,27 @@ def test_training_pairs_export_to_a_decathlon_folder_the_engine_accepts(scene, t
 
 def test_bad_input_is_one_line_naming_the_node(scene, tmp_path):
     node, array = _volume(scene, name="T1 brain")
-    with pytest.raises(scene.SceneError, match="no volume selected"):
-        scene.volume_from_node(None)
+    with pytest.raises(scene_io.SceneError, match="no volume selected"):
+        scene_io.volume_from_node(None)
     vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour photo")
-    with pytest.raises(scene.SceneError, match="colour photo is a vtkMRMLVectorVolumeNode, not a scalar volume"):
-        scene.volume_from_node(vector)
+    with pytest.raises(scene_io.SceneError, match="colour photo is a vtkMRMLVectorVolumeNode, not a scalar volume"):
+        scene_io.volume_from_node(vector)
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "unpainted")
-    with pytest.raises(scene.SceneError, match="unpainted has no segments; paint"):
+    with pytest.raises(scene_io.SceneError, match="unpainted has no segments; paint"):
         segmentations.export_training_folder(scene, [(node, empty)], str(tmp_path / "t"))
-    with pytest.raises(scene.SceneError, match="pair 1 is incomplete"):
+    with pytest.raises(scene_io.SceneError, match="pair 1 is incomplete"):
         segmentations.export_training_folder(scene, [(node, None)], str(tmp_path / "t"))
     elsewhere = np.zeros_like(array, dtype=np.uint8)
-    far = scene.add_volume_node(scene, scene.Volume(array=array, affine=synthetic_scene.oblique_affine((1, 1, 1), (0, 0, 0), (500, 0, 0))), "far")
+    far = scene_io.add_volume_node(scene, scene_io.Volume(array=array, affine=synthetic_scene.oblique_affine((1, 1, 1), (0, 0, 0), (500, 0, 0))), "far")
     far_seg = segmentations.labels_to_segmentation(scene, _asymmetric_labels(array.shape), far, closed_surface=False)
-    with pytest.raises(scene.SceneError, match="no labelled voxels inside T1 brain"):
+    with pytest.raises(scene_io.SceneError, match="no labelled voxels inside T1 brain"):
         segmentations.export_training_folder(scene, [(node, far_seg)], str(tmp_path / "t"))
     wrong_grid = write_volume(tmp_path / "small.nrrd", elsewhere[:-1], OBLIQUE)
-    with pytest.raises(scene.SceneError, match=r"small.nrrd: mask grid \(20, 17, 11\) differs from T1 brain's"):
+    with pytest.raises(scene_io.SceneError, match=r"small.nrrd: mask grid \(20, 17, 11\) differs from T1 brain's"):
         segmentations.load_mask_file(scene, wrong_grid, node)
     shifted = OBLIQUE.copy()
     shifted[0, 3] += 0.5
-    with pytest.raises(scene.SceneError, match="mask geometry differs from T1 brain's by 0.5 mm"):
+    with pytest.raises(scene_io.SceneError, match="mask geometry differs from T1 brain's by 0.5 mm"):
         segmentations.load_mask_file(scene, write_volume(tmp_path / "shifted.nrrd", elsewhere, shifted), node)
     assert not os.path.exists(tmp_path / "t" / "imagesTr")  # nothing written before every pair was checked
 
@@ -170,12 +171,12 @@ def test_synthesized_files_become_volume_nodes(scene, tmp_path):
     affine = np.diag([6.0, 6.0, 6.0, 1.0])
     arrays = [np.random.default_rng(n).random((8, 9, 10)).astype(np.float32) for n in range(2)]
     paths = [write_volume(tmp_path / f"synth_{n:03d}.nii.gz", a, affine) for n, a in enumerate(arrays)]
-    nodes = scene.load_synthesized_volumes(scene, paths)
+    nodes = scene_io.load_synthesized_volumes(scene, paths)
     assert [n.GetName() for n in nodes] == ["TensorPEFT synthesized 1", "TensorPEFT synthesized 2"]
     for node, array in zip(nodes, arrays):
         assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetDisplayNode() is not None
         assert np.array_equal(np.asarray(slicer.util.arrayFromVolume(node)), array.transpose(2, 1, 0))
-        assert np.allclose(scene.ijk_to_ras(node), affine)
+        assert np.allclose(scene_io.ijk_to_ras(node), affine)
 
 
 def test_training_pairs_are_found_by_reference_or_by_name(scene):
@@ -183,7 +184,7 @@ def test_training_pairs_are_found_by_reference_or_by_name(scene):
     second, _ = synthetic_scene.make_synthetic_case(scene, name="sub-02", with_segmentation=False)
     synthetic_scene.make_synthetic_case(scene, name="sub-0", with_segmentation=False)  # a shorter prefix must not win
     by_name = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "sub-02 hippocampus")
-    pairs = scene.find_training_pairs(scene)
+    pairs = scene_io.find_training_pairs(scene)
     assert [(v.GetName(), s.GetName()) for v, s in pairs] == [("sub-01", first_seg.GetName()), ("sub-02", by_name.GetName())]
 
 
@@ -197,7 +198,7 @@ def test_self_test_helpers_with_a_stand_in_worker(scene, tmp_path):
     assert segmentation.GetName() == "TensorPEFT selftest input segmentation"
     # the check can fail: a segmentation on another grid is reported
     other, _ = synthetic_scene.make_synthetic_case(scene, name="other", angles_deg=(0, 0, 0), with_segmentation=False)
-    assert scene.geometry_problems(other, segmentation)
+    assert scene_io.geometry_problems(other, segmentation)
 
 
 def test_real_segment_command_keeps_oblique_geometry(scene, tmp_path):
@@ -206,11 +207,11 @@ def test_real_segment_command_keeps_oblique_geometry(scene, tmp_path):
 
     # at least one 64³ patch of unetr-small (a smaller scan is refused: see test_whole_brain)
     volume, _ = synthetic_scene.make_synthetic_case(scene, name="input", shape=(72, 66, 64), with_segmentation=False)
-    image = scene.write_volume_node(volume, tmp_path / "input.nrrd")
+    image = scene_io.write_volume_node(volume, tmp_path / "input.nrrd")
     mask = str(tmp_path / "input_mask.nrrd")
     code = cli.main(["segment", "--image", image, "--out", mask, "--model", "unetr-small", "--device", "cpu",
                      "--threads", "1", "--min-component", "0", "--quiet"])
     assert code == 0
-    assert np.array_equal(read_volume(mask).affine, scene.ijk_to_ras(volume))
+    assert np.array_equal(read_volume(mask).affine, scene_io.ijk_to_ras(volume))
     segmentation, problems = synthetic_scene.check_segmentation_result(scene, volume, mask)
     assert problems == []
