@@ -5,7 +5,6 @@ Only widget wiring, as in Slicer's template; the rest is the torch-free front-en
 Python 3.9 (Slicer 5.8) to 3.12 (5.10+): no newer syntax here or in the front-end package (a test checks both).
 """
 
-import json
 import os
 import shutil
 import sys
