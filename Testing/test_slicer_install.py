@@ -199,13 +199,12 @@ def _host(check: str, source: Path | None = None, python: str = sys.executable) 
 
 SOURCES = [Path(p) for p in os.environ.get("TENSORPEFT_SLICER_SOURCES", "").split(os.pathsep) if p]
 needs_slicer = pytest.mark.skipif(not SOURCES, reason="set TENSORPEFT_SLICER_SOURCES to Slicer source checkouts")
-slicer_core = pytest.importorskip  # the host needs the slicer-core wheel's MRML classes
 
 
 @needs_slicer
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
 def test_module_builds_its_parameter_node_with_slicers_own_wrapper(source):
-    slicer_core("slicer")
+    pytest.importorskip("slicer", reason="the host needs the slicer-core wheel's MRML classes")
     report = _host("parameter-node", source)
     assert not report["torch_loaded"]
     assert report["shown_unset"] == {"checkpointPathLineEdit": "", "dataFolderPathLineEdit": "",
@@ -221,7 +220,7 @@ def test_module_builds_its_parameter_node_with_slicers_own_wrapper(source):
 
 @pytest.mark.parametrize("source", [None, *SOURCES], ids=["stand-ins", *[p.name for p in SOURCES]])
 def test_self_test_without_dependencies_fails_with_its_message_first(source):
-    slicer_core("slicer")
+    pytest.importorskip("slicer", reason="the host needs the slicer-core wheel's MRML classes")
     report = _host("self-test", source)
     assert report["failure"] == ("install the dependencies first (TensorPEFT panel → Install dependencies): "
                                  "pynrrd>=1.0,<2")

@@ -608,3 +608,42 @@ def test_segment_progress_counts_window_batches_across_images():
     assert "image 1/2" in state.text() and "window batch 3/12" in state.text() and "ETA" in state.text()
     state.update({"event": "step", "step": 6, "steps": 12, "image_index": 2, "images": 2, "eta_seconds": 4.0})
     assert state.fraction == pytest.approx(0.75)
+
+
+def test_background_probes_ask_once_per_question_and_replace_older_counts():
+    from TensorPEFTLib.frontend.probes import BackgroundProbes
+
+    started, shown = [], {"count": [], "device": []}
+
+    def start_job(args, name, raw, on_finished):
+        process = FakeProcess()
+        job = jobs.WorkerJob(["python", *args], name=name, process=process, on_finished=on_finished)
+        job.start()
+        started.append((args, process, job))
+        return job
+
+    probes = BackgroundProbes(start_job, lambda text, warning: shown["device"].append((text, warning)),
+                              shown["count"].append)
+    count = ParameterCountRequest(method="lora", rank=4)
+    probes.count(count)
+    probes.count(ParameterCountRequest(method="lora", rank=4))  # the same question: not asked twice
+    assert len(started) == 1 and shown["count"] == ["counting ..."]
+    probes.count(ParameterCountRequest(method="lora", rank=8))  # a new question replaces the running one
+    assert len(started) == 2 and started[0][1].killed == 1
+    old_process, new_process = started[0][1], started[1][1]
+    old_process.code = -9
+    new_process.out.append(json.dumps({"trainable": 10, "base_total": 1000, "trainable_percent": 1.0,
+                                       "adapter": 8}) + "\n")
+    new_process.code = 0
+    while probes.poll():
+        pass
+    assert shown["count"][-1] == "10 of 1,000 parameters (1.00%) on demo-unetr; adapter 8"
+    probes.describe(count, "CPU", 300, 0)  # no report yet: the device probe starts, the answer shows the estimate
+    device_process = started[-1][1]
+    assert started[-1][0] == ["-m", "TensorPEFTLib.frontend.device"]
+    device_process.out.append(json.dumps({"torch": "2.5.1", "gpus": [], "cpu_cores": 2}) + "\n")
+    device_process.code = 0
+    while probes.poll():
+        pass
+    text, warning = shown["device"][-1]
+    assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 10 min 00 s" in warning

@@ -21,6 +21,7 @@ class BackgroundProbes:
         self.device_job: Optional[WorkerJob] = None
         self.count_job: Optional[WorkerJob] = None
         self.device_report: Optional[Dict[str, Any]] = None
+        self.counted_args: Optional[list] = None  # the question the count on show (or on its way) answers
 
     @property
     def jobs(self) -> list:
@@ -57,12 +58,17 @@ class BackgroundProbes:
         self.describe(request, device, steps, patch_size)
 
     def count(self, request: ParameterCountRequest) -> None:
-        """Count the trainable parameters of ``request`` in a worker (it builds the model: torch)."""
-        if self.count_job is not None and self.count_job.running:
-            self.count_job.process.kill_tree()  # a newer question replaces it
+        """Count the trainable parameters of ``request`` in a worker (it builds the model: torch). The same question
+        as the last one (another field changed, e.g. steps) is not asked again."""
         if not request.isValid():
+            self.counted_args = None
             self.show_count(request.problems()[0])
             return
+        if request.asArgList() == self.counted_args:
+            return
+        if self.count_job is not None and self.count_job.running:
+            self.count_job.process.kill_tree()  # a newer question replaces it
+        self.counted_args = request.asArgList()
         self.show_count("counting ...")
         self.count_job = self.start_job(request.asArgList(), name="parameter count", raw=False,
                                         on_finished=lambda result: self._count_answer(result, request.counted))
@@ -75,6 +81,7 @@ class BackgroundProbes:
         except ValueError:
             report = None
         if report is None:
+            self.counted_args = None  # ask again next time
             self.show_count(result.message.replace("parameter count failed: ", "") if not result.ok
                             else "could not read the count; see the log")
             return

@@ -33,6 +33,7 @@ def ensure_torch(import_module: Callable[[str], Any] = importlib.import_module) 
                                                            torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:
         raise RequestError("PyTorch installation was cancelled; TensorPEFT cannot run without it")
+    importlib.invalidate_caches()  # the new torch's metadata must be seen below
     loaded = getattr(torch, "__version__", None)
     if torch_problem(loaded) is not None or torch_problem(installed_version("torch")) is not None:
         # an older torch imported earlier (by another extension) stays loaded until Slicer restarts
