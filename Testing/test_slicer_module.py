@@ -647,3 +647,9 @@ def test_background_probes_ask_once_per_question_and_replace_older_counts():
         pass
     text, warning = shown["device"][-1]
     assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 10 min 00 s" in warning
+
+
+def test_module_file_is_thin_and_front_end_files_small():
+    assert len(MODULE.read_text(encoding="utf-8").splitlines()) <= 450
+    for path in (ROOT / "TensorPEFTLib" / "frontend").glob("*.py"):
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 350, path.name
