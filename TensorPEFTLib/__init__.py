@@ -4,9 +4,9 @@
     model = tp.build_model("unetr-small")
     report = tp.inject(model, tp.AdapterConfig(method="lora-pt", rank=1))
 
-The public names are imported on first use (PEP 562), so torch-free parts — ``TensorPEFTLib.worker``,
-``TensorPEFTLib.slicer_io``, ``TensorPEFTLib.data`` IO — load without torch: the 3D Slicer module draws itself before
-PyTorch is even installed.
+The public names are imported on first use (PEP 562), so torch-free parts — the front-end layer
+``TensorPEFTLib.frontend``, ``TensorPEFTLib.data`` IO, the adapter catalog, the preset table — load without torch: the
+3D Slicer module draws itself before PyTorch is even installed.
 """
 
 from __future__ import annotations

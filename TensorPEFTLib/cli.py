@@ -14,19 +14,15 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the user asked for something wrong": one line, exit code 2."""
     from .adapters import AdapterError
-    from .models import PresetError
+    from .data import DataError, DemoDataError, VolumeError
+    from .data.preprocess import PreprocessingError
+    from .engine import EngineError
+    from .models import CheckpointError, PresetError, ShippedModelError
 
-    errors: list[type[BaseException]] = [AdapterError, PresetError]
-    for module, name in [("TensorPEFTLib.models", "CheckpointError"), ("TensorPEFTLib.data", "DataError"),
-                         ("TensorPEFTLib.data", "VolumeError"), ("TensorPEFTLib.data", "DemoDataError"),
-                         ("TensorPEFTLib.data.preprocess", "PreprocessingError"),
-                         ("TensorPEFTLib.models", "ShippedModelError"), ("TensorPEFTLib.engine", "EngineError")]:
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (AdapterError, PresetError, CheckpointError, DataError, VolumeError, DemoDataError, PreprocessingError,
+            ShippedModelError, EngineError)
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
@@ -181,9 +177,6 @@ def cmd_params(args: argparse.Namespace) -> int:
         ["count", "parameters"]))
     print(f"trainable: {report['trainable_percent']:.3f}% of the base model's {report['base_total']:,}")
     return 0
-
-
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """The 3D Slicer module without the Slicer application: its .ui file, the parameter-node bindings, the extension's
-CMake files, and the worker-process handling (events, progress, cancel, errors) driven by a fake process and by tiny
-real child processes."""
+CMake files, and the front-end layer's worker-process handling (events, progress, cancel, errors) driven by a fake
+process and by tiny real child processes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from TensorPEFTLib import worker as tpw
+from TensorPEFTLib.frontend import adapter_folders, device, environment, jobs, progress, requests
+from TensorPEFTLib.frontend.requests import FinetuneRequest, ParameterCountRequest, RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "TensorPEFT" / "TensorPEFT.py"
@@ -63,16 +64,14 @@ def _parameter_fields() -> dict[str, dict]:
 # what Slicer's parameterNodeWrapper connectors accept (guiConnectors.py matches the exact widget class)
 def _compatible(field: dict, widget_class: str) -> bool:
     kind = field["type"]
-    if kind == "str":
-        return widget_class == ("QComboBox" if field["choice"] else "QLineEdit")
+    if kind == "str":  # a text path binds to ctkPathLineEdit through TensorPEFTLib.frontend.slicer_widgets
+        return widget_class == "QComboBox" if field["choice"] else widget_class in ("QLineEdit", "ctkPathLineEdit")
     if kind == "bool":
         return widget_class in ("QCheckBox", "QPushButton")
     if kind == "int":
         return widget_class in ("QSpinBox", "QSlider") or (field["choice"] and widget_class == "QComboBox")
     if kind == "float":
         return widget_class in ("QDoubleSpinBox", "ctkSliderWidget")
-    if kind in ("pathlib.Path", "Path"):
-        return widget_class in ("ctkPathLineEdit", "ctkDirectoryButton")
     if kind.startswith("vtkMRML"):
         return widget_class == "qMRMLNodeComboBox"
     return False
@@ -106,9 +105,9 @@ def test_every_parameter_has_one_widget_of_a_bindable_class():
 
 def test_choice_defaults_are_valid_choices():
     fields = _parameter_fields()
-    assert fields["method"]["default"] in tpw.METHODS
-    assert fields["modelKind"]["default"] in tpw.MODEL_KINDS
-    assert fields["device"]["default"] in tpw.DEVICE_CHOICES
+    assert fields["method"]["default"] in requests.method_summaries()
+    assert fields["modelKind"]["default"] in requests.MODEL_KINDS
+    assert fields["device"]["default"] in requests.DEVICE_CHOICES
     for name, field in fields.items():
         if field["choice"]:
             assert field["default"] is not None or name == "dataSource", f"{name}: a Choice needs a default"
@@ -130,25 +129,40 @@ def test_node_selectors_receive_the_scene():
     assert selectors and selectors <= receivers
 
 
-def test_method_list_matches_the_library_registry():
+def test_method_list_is_the_registry_and_nothing_is_copied():
     from TensorPEFTLib import method_names
+    from TensorPEFTLib.engine import events
 
-    assert set(tpw.METHODS) == set(method_names())
-    assert all(text.strip() and "\n" not in text for text in tpw.METHODS.values())
-
-
-def test_worker_constants_match_the_engine():
-    from TensorPEFTLib.engine import EXIT_CANCELLED
-    from TensorPEFTLib.engine.events import EVENT_KINDS
-
-    assert tuple(tpw.EVENT_KINDS) == tuple(EVENT_KINDS)
-    assert tpw.EXIT_CANCELLED == EXIT_CANCELLED
+    assert list(requests.method_summaries()) == method_names()  # every catalogued method has an implementation
+    assert all(text.strip() and "\n" not in text for text in requests.method_summaries().values())
+    # the front-end imports the engine's protocol constants from their home instead of copying them
+    assert progress.EVENT_KINDS is events.EVENT_KINDS and jobs.EXIT_CANCELLED is events.EXIT_CANCELLED
 
 
-def test_gui_side_imports_do_not_load_torch():
-    code = "import sys, TensorPEFTLib.worker, TensorPEFTLib.data.io; print('torch' in sys.modules)"
+def test_request_fields_are_parameter_node_fields():
+    """Requests re-declare nothing under other names: every field a panel fills shares the parameter node's name."""
+    import dataclasses
+
+    fields = set(_parameter_fields())
+    worker_only = {"dataFolder", "adapterFolder", "overwrite", "seed", "evalEvery", "checkpointEvery", "threads", "flip",
+                   "spacing", "validationData", "image", "mask", "model", "minComponentMm3", "outputFolder"}
+    for cls in (FinetuneRequest, requests.SegmentRequest, requests.SynthesizeRequest, ParameterCountRequest):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names - worker_only <= fields, f"{cls.__name__}: {sorted(names - worker_only - fields)}"
+    assert {"dataFolder", "adapterFolder"} <= fields
+
+
+def test_front_end_imports_and_requests_do_not_load_torch():
+    code = textwrap.dedent("""
+        import sys, TensorPEFTLib.frontend as fe
+        from TensorPEFTLib.frontend import adapter_folders, device, environment, jobs, probes, progress, requests, slicer_app, slicer_setup
+        r = requests.FinetuneRequest(dataFolder=".", adapterFolder="out", method="tenvoo-l", modelKind="DDPM")
+        r.asArgList(); requests.ParameterCountRequest(modelKind="DDPM").asArgList(); fe.method_summaries()
+        device.cpu_warning(r.preset, 100, None); environment.missing_dependencies("TensorPEFT/Resources/requirements.txt")
+        print(sorted(m for m in ("torch", "monai", "numpy") if m in sys.modules))
+    """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------ extension files
@@ -174,7 +188,7 @@ def test_extension_cmake_files_point_at_real_files():
     package = (ROOT / "TensorPEFT" / lib_dir).resolve()
     assert package == ROOT / "TensorPEFTLib"
     assert "GLOB_RECURSE" in module and "${TENSORPEFT_LIB_SOURCE_DIR}/*.py" in module
-    for name in ("cli.py", "worker.py", "slicer_io.py", "engine/jobs.py", "data/io.py"):
+    for name in ("cli.py", "frontend/requests.py", "frontend/scene.py", "engine/jobs.py", "data/io.py"):
         assert (package / name).is_file()
 
 
@@ -190,9 +204,11 @@ def test_extension_bundles_every_data_file_of_the_library():
     assert not unbundled, f"add their suffixes to the data globs in TensorPEFT/CMakeLists.txt: {unbundled}"
 
 
-def test_demo_model_names_are_the_shipped_ones():
-    shipped = pytest.importorskip("TensorPEFTLib.models.shipped")
-    assert set(tpw.DEMO_MODELS.values()) == set(shipped.SHIPPED_MODELS)
+def test_demo_model_of_each_kind_is_a_shipped_one():
+    from TensorPEFTLib.models.shipped import SHIPPED_MODELS
+
+    assert {requests.demo_model(kind) for kind in requests.MODEL_KINDS} == set(SHIPPED_MODELS)
+    assert ParameterCountRequest(modelKind="DDPM").preset == "ddpm-small"  # the demo DDPM's card names its preset
 
 
 def test_icons_are_128_pixel_pngs():
@@ -205,7 +221,7 @@ def test_icons_are_128_pixel_pngs():
 def test_requirements_never_touch_what_slicer_ships_and_follow_pyproject():
     import tomllib
 
-    requirements = tpw.read_requirements(str(ROOT / "TensorPEFT" / "Resources" / "requirements.txt"))
+    requirements = environment.read_requirements(str(ROOT / "TensorPEFT" / "Resources" / "requirements.txt"))
     names = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in requirements}
     assert not names & {"numpy", "simpleitk", "torch"}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
@@ -219,10 +235,9 @@ def test_requirements_never_touch_what_slicer_ships_and_follow_pyproject():
 def test_finetune_command_is_the_cli_one(tmp_path):
     data = tmp_path / "train"
     data.mkdir()
-    request = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "a"), method="tcurlora",
-                                  rank=8, alpha=16, lr=5e-4, steps=40, patch_size=96, device="GPU", overwrite=True,
-                                  affine=True, flip="lr")
-    argv = tpw.cli_command("python", tpw.finetune_args(request))
+    request = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "a"), method="tcurlora", rank=8,
+                              alpha=16, learningRate=5e-4, steps=40, patchSize=96, device="GPU", overwrite=True, flip="lr")
+    argv = request.command("python")
     assert argv[:3] == ["python", "-m", "TensorPEFTLib.cli"]
     text = " ".join(argv)
     for piece in ("finetune --model demo-unetr", "--method tcurlora --rank 8", "--lr 0.0005", "--steps 40",
@@ -230,82 +245,105 @@ def test_finetune_command_is_the_cli_one(tmp_path):
         assert piece in text
     assert "--no-affine" not in text  # affine is finetune's default; only switching it off needs a flag
     request.resume = True
-    assert "--resume" in tpw.finetune_args(request) and "--overwrite" not in tpw.finetune_args(request)
+    assert "--resume" in request.asArgList() and "--overwrite" not in request.asArgList()
     from TensorPEFTLib.cli import build_parser  # the real parser accepts every flag
 
-    args = build_parser().parse_args(tpw.finetune_args(request))
+    args = build_parser().parse_args(request.asArgList())
     assert (args.method, args.rank, args.device, args.events) == ("tcurlora", 8, "cuda", "-")
     assert args.affine and args.flip == "lr"
     # the panel's defaults (0 = auto) leave steps, lr and affine to finetune, so the GUI runs the CLI's recipe
-    auto = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "b"), lr=0, steps=0)
-    plain = build_parser().parse_args(tpw.finetune_args(auto))
+    auto = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "b"))
+    plain = build_parser().parse_args(auto.asArgList())
     assert plain.steps is None and plain.lr is None and plain.affine and plain.flip == "lr"
-    off = tpw.FinetuneRequest(model="demo-unetr", data=str(data), out=str(tmp_path / "c"), affine=False)
-    assert not build_parser().parse_args(tpw.finetune_args(off)).affine
-    assert build_parser().parse_args(tpw.params_args("unetr-small", "lora", 4, 8.0)).json
+    off = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "c"), augmentAffine=False)
+    assert not build_parser().parse_args(off.asArgList()).affine
+    ddpm = FinetuneRequest(modelKind="DDPM", dataFolder=str(data), adapterFolder=str(tmp_path / "d"), method="tenvoo-l")
+    assert build_parser().parse_args(ddpm.asArgList()).model == "demo-ddpm"
+    count = ParameterCountRequest(method="lora", rank=4, alpha=8.0)
+    assert build_parser().parse_args(count.asArgList()).json and "--events" not in count.asArgList()
+
+
+def test_requests_from_the_panel_fields(tmp_path):
+    """fromParameters reads the same-named attributes (the parameter node's); an unset path is '', never '.'."""
+    import types
+
+    panel = types.SimpleNamespace(modelKind="UNETR", useDemoModel=False, checkpointPath=None, method="lora", rank=4,
+                                  alpha=0.0, learningRate=0.0, steps=0, patchSize=0, augmentAffine=True, device="CPU",
+                                  adapterFolder="", resume=False, dataFolder="", synthCount=3, synthSteps=20)
+    model = requests.ModelChoice.fromParameters(panel)
+    assert model.checkpointPath == "" and not model.isValid()
+    assert model.problems() == ["no checkpoint chosen: choose a checkpoint file, or tick 'Built-in demo model'"]
+    count = ParameterCountRequest.fromParameters(panel)
+    assert count.isValid() and count.counted == "unetr-paper"  # no file yet: the family's paper preset
+    synth = requests.SynthesizeRequest.fromParameters(panel, outputFolder=str(tmp_path), adapterFolder="run")
+    assert synth.asArgList()[:6] == ["synthesize", "--out", str(tmp_path), "--count", "3", "--steps"]
+    with pytest.raises(RequestError, match="no adapter folder and no model"):
+        requests.SegmentRequest.fromParameters(panel, image="a.nrrd", mask="b.nrrd").asArgList()
 
 
 @pytest.mark.parametrize("change, message", [
     ({"rank": 0}, "rank 0: choose a rank of 1 or more"),
     ({"method": "lorax"}, "method 'lorax' is unknown"),
-    ({"lr": 2.0}, "learning rate 2.0"),
-    ({"model": "/nowhere/model.pt"}, "/nowhere/model.pt: checkpoint file not found"),
-    ({"data": "/nowhere/train"}, "/nowhere/train: training data not found"),
-    ({"patch_size": 8}, "patch size 8"),
+    ({"learningRate": 2.0}, "learning rate 2.0"),
+    ({"useDemoModel": False, "checkpointPath": "/nowhere/model.pt"}, "/nowhere/model.pt: checkpoint file not found"),
+    ({"dataFolder": "/nowhere/train"}, "/nowhere/train: training data not found"),
+    ({"patchSize": 8}, "patch size 8"),
     ({"flip": "up"}, "flip 'up': choose all, lr"),
 ])
 def test_bad_finetune_input_is_one_clear_line(tmp_path, change, message):
-    fields = {"model": "demo-unetr", "data": str(tmp_path), "out": str(tmp_path / "a"), **change}
-    with pytest.raises(tpw.WorkerError, match=re.escape(message)) as info:
-        tpw.finetune_args(tpw.FinetuneRequest(**fields))
+    fields = {"dataFolder": str(tmp_path), "adapterFolder": str(tmp_path / "a"), **change}
+    request = FinetuneRequest(**fields)
+    assert not request.isValid()
+    with pytest.raises(RequestError, match=re.escape(message)) as info:
+        request.asArgList()
     assert "\n" not in str(info.value)
 
 
 def test_adapter_folder_checks_and_copy(tmp_path):
-    with pytest.raises(tpw.WorkerError, match="adapter folder not found"):
-        tpw.check_adapter_folder(str(tmp_path / "none"))
+    with pytest.raises(RequestError, match="adapter folder not found"):
+        adapter_folders.check_adapter_folder(str(tmp_path / "none"))
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"format": "tensorpeft-adapter", "task": "segmentation"}))
-    with pytest.raises(tpw.WorkerError, match="adapter.safetensors missing"):
-        tpw.check_adapter_folder(str(folder))
+    with pytest.raises(RequestError, match="adapter.safetensors missing"):
+        adapter_folders.check_adapter_folder(str(folder))
     unfinished = tmp_path / "cancelled"
     (unfinished / "checkpoint").mkdir(parents=True)
     (unfinished / "best").mkdir()
-    with pytest.raises(tpw.WorkerError, match="has not finished; tick Resume.*best"):
-        tpw.check_adapter_folder(str(unfinished))
+    with pytest.raises(RequestError, match="has not finished; tick Resume.*best"):
+        adapter_folders.check_adapter_folder(str(unfinished))
     (folder / "adapter.safetensors").write_bytes(b"x")
     (folder / "report.png").write_bytes(b"p")
     (folder / "checkpoint").mkdir()
-    assert tpw.check_adapter_folder(str(folder))["task"] == "segmentation"
-    copied = tpw.copy_adapter(str(folder), str(tmp_path / "saved"))
+    assert adapter_folders.check_adapter_folder(str(folder))["task"] == "segmentation"
+    copied = adapter_folders.copy_adapter(str(folder), str(tmp_path / "saved"))
     assert copied == ["adapter_config.json", "adapter.safetensors", "report.png"]
     assert not (tmp_path / "saved" / "checkpoint").exists()
-    with pytest.raises(tpw.WorkerError, match="already the adapter folder"):
-        tpw.copy_adapter(str(folder), str(folder))
+    with pytest.raises(RequestError, match="already the adapter folder"):
+        adapter_folders.copy_adapter(str(folder), str(folder))
 
 
 def test_dependency_checks(tmp_path):
-    assert tpw.missing_requirements(["numpy>=1.0", "surely-not-installed-pkg>=1"]) == ["surely-not-installed-pkg>=1"]
-    assert tpw.missing_requirements(["numpy>=999"]) == ["numpy>=999"]
-    assert tpw.missing_requirements(["numpy>=999; sys_platform == 'nonexistent'"]) == []
+    assert environment.missing_requirements(["numpy>=1.0", "surely-not-installed-pkg>=1"]) == ["surely-not-installed-pkg>=1"]
+    assert environment.missing_requirements(["numpy>=999"]) == ["numpy>=999"]
+    assert environment.missing_requirements(["numpy>=999; sys_platform == 'nonexistent'"]) == []
     import numpy
 
-    assert f"numpy=={numpy.__version__}" in tpw.shipped_constraints()
-    env = tpw.worker_environment("/lib/parent", {"PYTHONPATH": "/other"})
+    assert f"numpy=={numpy.__version__}" in environment.shipped_constraints()
+    env = environment.worker_environment("/lib/parent", {"PYTHONPATH": "/other"})
     assert env["PYTHONPATH"].split(os.pathsep) == ["/lib/parent", "/other"]
 
 
 def test_device_lines_and_cpu_estimate():
     gpu = {"torch": "2.5.1+cu121", "cuda_build": "12.1", "gpus": [{"name": "NVIDIA RTX 4090", "memory_gb": 23.6}]}
-    assert tpw.describe_device(gpu) == ("GPU: NVIDIA RTX 4090 (23.6 GiB), torch 2.5.1+cu121", False)
+    assert device.describe_device(gpu) == ("GPU: NVIDIA RTX 4090 (23.6 GiB), torch 2.5.1+cu121", False)
     cpu_build = {"torch": "2.5.1+cpu", "cuda_build": None, "gpus": [], "cpu_cores": 8}
-    text, on_cpu = tpw.describe_device(cpu_build)
+    text, on_cpu = device.describe_device(cpu_build)
     assert on_cpu and "no CUDA support" in text and "8 cores" in text
-    assert tpw.describe_device({"error": "PyTorch is not installed"})[1]
-    assert tpw.estimate_cpu_seconds("unetr-small", 300) == pytest.approx(600.0)  # 1 s/step at batch 1 → batch 2
-    assert "10 min 00 s" in tpw.cpu_warning("unetr-small", 300)
-    assert "impractically slow" in tpw.cpu_warning("ddpm-paper", 300)
+    assert device.describe_device({"error": "PyTorch is not installed"})[1]
+    assert device.estimate_cpu_seconds("unetr-small", 300) == pytest.approx(600.0)  # 1 s/step at batch 1 → batch 2
+    assert "10 min 00 s" in device.cpu_warning("unetr-small", 300)
+    assert "impractically slow" in device.cpu_warning("ddpm-paper", 300)
 
 
 # ------------------------------------------------------------------------------------------------ events, progress
@@ -316,20 +354,20 @@ def _ev(event: str, **fields) -> str:
 
 
 def test_event_lines_are_parsed_and_other_lines_are_not():
-    assert tpw.parse_event_line(_ev("step", step=3))["step"] == 3
+    assert progress.parse_event_line(_ev("step", step=3))["step"] == 3
     for line in ("tensorpeft: error: bad", "{not json", '{"event": "bogus"}', "[1, 2]", ""):
-        assert tpw.parse_event_line(line) is None
+        assert progress.parse_event_line(line) is None
 
 
 def test_progress_text_from_a_fine_tune_stream():
-    progress = tpw.Progress()
-    assert progress.text().startswith("starting the worker")
-    progress.update(json.loads(_ev("start", kind="segmentation", steps=300, step=0, metric="dice", device_name="CPU (2 threads)")))
-    progress.update(json.loads(_ev("step", step=12, steps=300, loss=0.41234, eta_seconds=200.0)))
-    progress.update(json.loads(_ev("eval", step=12, dice=0.812, best=0.83)))
-    assert progress.fraction == pytest.approx(0.04)
-    assert progress.text() == "step 12/300 · loss 0.4123 · val Dice 0.812 (best 0.830) · ETA 3 min 20 s"
-    segment = tpw.Progress()
+    state = progress.Progress()
+    assert state.text().startswith("starting the worker")
+    state.update(json.loads(_ev("start", kind="segmentation", steps=300, step=0, metric="dice", device_name="CPU (2 threads)")))
+    state.update(json.loads(_ev("step", step=12, steps=300, loss=0.41234, eta_seconds=200.0)))
+    state.update(json.loads(_ev("eval", step=12, dice=0.812, best=0.83)))
+    assert state.fraction == pytest.approx(0.04)
+    assert state.text() == "step 12/300 · loss 0.4123 · val Dice 0.812 (best 0.830) · ETA 3 min 20 s"
+    segment = progress.Progress()
     segment.update(json.loads(_ev("start", kind="segment", images=4)), now=0.0)
     for step, now in ((1, 10.0), (2, 20.0)):
         segment.update(json.loads(_ev("step", step=step, steps=4)), now=now)
@@ -379,7 +417,7 @@ class Clock:
 
 def _job(process, clock=None, **kwargs):
     seen = {"progress": [], "finished": [], "log": []}
-    job = tpw.WorkerJob(["python", "-m", "TensorPEFTLib.cli", "finetune"], name="fine-tune", process=process,
+    job = jobs.WorkerJob(["python", "-m", "TensorPEFTLib.cli", "finetune"], name="fine-tune", process=process,
                         clock=clock or Clock(), grace_seconds=30.0,
                         on_progress=lambda p: seen["progress"].append(p.text()),
                         on_finished=seen["finished"].append, on_log=seen["log"].append, **kwargs)
@@ -419,7 +457,7 @@ def test_cancel_terminates_then_reports_the_checkpoint():
     clock.now += 10
     assert job.poll() and process.killed == 0  # inside the grace period: no kill
     process.out.append(_ev("checkpoint", step=8, path="/runs/a/checkpoint") + _ev("done", status="cancelled", step=8, steps=300))
-    process.code = tpw.EXIT_CANCELLED
+    process.code = jobs.EXIT_CANCELLED
     assert not job.poll()
     result = seen["finished"][0]
     assert result.status == "cancelled" and result.checkpoint == "/runs/a/checkpoint"
@@ -511,7 +549,7 @@ def test_real_process_stops_gracefully_on_cancel(tmp_path):
         print(json.dumps({"event": "done", "status": "cancelled", "step": step}), flush=True)
         sys.exit(130)
     """)
-    job = tpw.WorkerJob(argv, name="fine-tune", grace_seconds=10)
+    job = jobs.WorkerJob(argv, name="fine-tune", grace_seconds=10)
     job.start()
     deadline = time.monotonic() + 10
     while job.poll() and job.progress.step < 3 and time.monotonic() < deadline:
@@ -532,7 +570,7 @@ def test_real_process_tree_is_killed_when_it_ignores_cancel(tmp_path):
         print(child.pid, flush=True)
         time.sleep(60)
     """)
-    job = tpw.WorkerJob(argv, name="fine-tune", grace_seconds=0.5)
+    job = jobs.WorkerJob(argv, name="fine-tune", grace_seconds=0.5)
     job.start()
     deadline = time.monotonic() + 10
     while job.poll() and not job.stdout_lines and time.monotonic() < deadline:
@@ -554,19 +592,64 @@ def test_real_process_tree_is_killed_when_it_ignores_cancel(tmp_path):
 
 
 def test_device_probe_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "TensorPEFTLib.worker", "device"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "TensorPEFTLib.frontend.device"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["torch"] and isinstance(report["gpus"], list)
-    line, on_cpu = tpw.describe_device(report)
+    line, on_cpu = device.describe_device(report)
     assert on_cpu == (not report["gpus"] and not report["mps"]) and line
 
 
 def test_segment_progress_counts_window_batches_across_images():
-    progress = tpw.Progress()
-    progress.update({"event": "start", "kind": "segment", "images": 2})
-    progress.update({"event": "step", "step": 3, "steps": 12, "image_index": 1, "images": 2, "eta_seconds": 9.0})
-    assert progress.fraction == pytest.approx(3 / 12 / 2)
-    assert "image 1/2" in progress.text() and "window batch 3/12" in progress.text() and "ETA" in progress.text()
-    progress.update({"event": "step", "step": 6, "steps": 12, "image_index": 2, "images": 2, "eta_seconds": 4.0})
-    assert progress.fraction == pytest.approx(0.75)
+    state = progress.Progress()
+    state.update({"event": "start", "kind": "segment", "images": 2})
+    state.update({"event": "step", "step": 3, "steps": 12, "image_index": 1, "images": 2, "eta_seconds": 9.0})
+    assert state.fraction == pytest.approx(3 / 12 / 2)
+    assert "image 1/2" in state.text() and "window batch 3/12" in state.text() and "ETA" in state.text()
+    state.update({"event": "step", "step": 6, "steps": 12, "image_index": 2, "images": 2, "eta_seconds": 4.0})
+    assert state.fraction == pytest.approx(0.75)
+
+
+def test_background_probes_ask_once_per_question_and_replace_older_counts():
+    from TensorPEFTLib.frontend.probes import BackgroundProbes
+
+    started, shown = [], {"count": [], "device": []}
+
+    def start_job(args, name, raw, on_finished):
+        process = FakeProcess()
+        job = jobs.WorkerJob(["python", *args], name=name, process=process, on_finished=on_finished)
+        job.start()
+        started.append((args, process, job))
+        return job
+
+    probes = BackgroundProbes(start_job, lambda text, warning: shown["device"].append((text, warning)),
+                              shown["count"].append)
+    count = ParameterCountRequest(method="lora", rank=4)
+    probes.count(count)
+    probes.count(ParameterCountRequest(method="lora", rank=4))  # the same question: not asked twice
+    assert len(started) == 1 and shown["count"] == ["counting ..."]
+    probes.count(ParameterCountRequest(method="lora", rank=8))  # a new question replaces the running one
+    assert len(started) == 2 and started[0][1].killed == 1
+    old_process, new_process = started[0][1], started[1][1]
+    old_process.code = -9
+    new_process.out.append(json.dumps({"trainable": 10, "base_total": 1000, "trainable_percent": 1.0,
+                                       "adapter": 8}) + "\n")
+    new_process.code = 0
+    while probes.poll():
+        pass
+    assert shown["count"][-1] == "10 of 1,000 parameters (1.00%) on demo-unetr; adapter 8"
+    probes.describe(count, "CPU", 300, 0)  # no report yet: the device probe starts, the answer shows the estimate
+    device_process = started[-1][1]
+    assert started[-1][0] == ["-m", "TensorPEFTLib.frontend.device"]
+    device_process.out.append(json.dumps({"torch": "2.5.1", "gpus": [], "cpu_cores": 2}) + "\n")
+    device_process.code = 0
+    while probes.poll():
+        pass
+    text, warning = shown["device"][-1]
+    assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 10 min 00 s" in warning
+
+
+def test_module_file_is_thin_and_front_end_files_small():
+    assert len(MODULE.read_text(encoding="utf-8").splitlines()) <= 450
+    for path in (ROOT / "TensorPEFTLib" / "frontend").glob("*.py"):
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 350, path.name

@@ -21,7 +21,9 @@ from PySide6.QtWidgets import QApplication, QComboBox, QTableWidgetItem, QWidget
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from TensorPEFTLib.worker import DEVICE_CHOICES, METHODS, MODEL_KINDS  # noqa: E402
+from TensorPEFTLib.frontend.requests import DEVICE_CHOICES, MODEL_KINDS, method_summaries  # noqa: E402
+
+METHODS = method_summaries()
 
 SWAP = {"qMRMLWidget": "QWidget", "ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBox",
         "ctkPathLineEdit": "QLineEdit"}

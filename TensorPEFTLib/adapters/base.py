@@ -36,6 +36,17 @@ def flat_shape(layer: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight[0].numel())
 
 
+def check_rank(name: str, layer: nn.Module, rank: int, method: str) -> None:
+    """Refuse a rank the flattened weight cannot hold (rank > min(out, in · kernel))."""
+    out_dim, in_flat = flat_shape(layer)
+    limit = min(out_dim, in_flat)
+    if rank > limit:
+        raise AdapterError(
+            f"rank {rank} is too large for {method} on {name} (weight {out_dim}×{in_flat} allows at most {limit}); "
+            f"lower --rank or narrow --targets"
+        )
+
+
 def seeded_generator(cfg: AdapterConfig, layer_name: str) -> torch.Generator:
     """A CPU generator seeded from the config seed and the layer name: the same config gives the same init on any
     device, so an adapter's frozen random parts can be rebuilt instead of stored."""

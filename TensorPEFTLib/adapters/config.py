@@ -8,6 +8,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+#: an adapter folder's two files (torch-free here, so a GUI can check a folder without importing torch)
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+ADAPTER_FORMAT = "tensorpeft-adapter"  # the "format" key of adapter_config.json
+
 
 class AdapterError(ValueError):
     """A user-facing adapter mistake (bad method, rank, targets, file...). The message says how to fix it."""

@@ -2,11 +2,4 @@
 
 from .registry import MethodSpec, register
 
-register(
-    MethodSpec(
-        name="full",
-        summary="No adapter: every weight trains (the baseline; needs the most memory and storage).",
-        reference="-",
-        adapts_layers=False,
-    )
-)
+register(MethodSpec(name="full", adapts_layers=False))

@@ -16,20 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CONV_TYPES, AdapterLayer, flat_shape, kaiming_uniform_, seeded_generator
+from .base import CONV_TYPES, AdapterLayer, check_rank, kaiming_uniform_, seeded_generator
 from .config import AdapterConfig, AdapterError
 from .registry import MethodSpec, per_layer_class, register
-
-
-def check_rank(name: str, layer: nn.Module, rank: int, method: str) -> None:
-    """Refuse a rank the flattened weight cannot hold (rank > min(out, in · kernel))."""
-    out_dim, in_flat = flat_shape(layer)
-    limit = min(out_dim, in_flat)
-    if rank > limit:
-        raise AdapterError(
-            f"rank {rank} is too large for {method} on {name} (weight {out_dim}×{in_flat} allows at most {limit}); "
-            f"lower --rank or narrow --targets"
-        )
 
 
 class LoRALayer(AdapterLayer):
@@ -102,8 +91,6 @@ class PiSSALayer(LoRALayer):
 LORA = register(
     MethodSpec(
         name="lora",
-        summary="Low-rank update B·A per layer (LoCon on convolutions); B starts at zero.",
-        reference="Hu et al. 2021, LoRA; LyCORIS LoCon for Conv3d",
         wrap=per_layer_class(LoRALayer),
     )
 )
@@ -111,8 +98,6 @@ LORA = register(
 PISSA = register(
     MethodSpec(
         name="pissa",
-        summary="LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",
-        reference="Meng et al. 2024, PiSSA (here on Conv3d too)",
         wrap=per_layer_class(PiSSALayer),
         options={"svd_iters": None},
     )

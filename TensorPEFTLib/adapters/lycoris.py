@@ -14,9 +14,8 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterLayer, flat_shape, kaiming_uniform_, seeded_generator
+from .base import AdapterLayer, check_rank, flat_shape, kaiming_uniform_, seeded_generator
 from .config import AdapterConfig
-from .lora import check_rank
 from .registry import MethodSpec, per_layer_class, register
 
 
@@ -91,8 +90,6 @@ class LoKrLayer(AdapterLayer):
 register(
     MethodSpec(
         name="loha",
-        summary="Hadamard product of two low-rank updates: rank up to r² for 2r's parameters.",
-        reference="Hyeon-Woo et al. 2022, FedPara/LoHa; LyCORIS",
         wrap=per_layer_class(LoHaLayer),
     )
 )
@@ -100,8 +97,6 @@ register(
 register(
     MethodSpec(
         name="lokr",
-        summary="Kronecker product of a small full matrix and a rank-r matrix carrying the kernel.",
-        reference="Edalati et al. 2022, KronA; LyCORIS LoKr",
         wrap=per_layer_class(LoKrLayer),
     )
 )

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from .base import AdapterGroup, AdapterLayer
-from .config import AdapterConfig, AdapterError, read_json
+from . import methods  # noqa: F401  (registers the built-in methods before any lookup)
+from .config import ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, read_json
 from .registry import FAMILIES, MethodSpec, compile_patterns, get_method, model_family, pattern_matches
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
 FORMAT_VERSION = 1
 _BASE = ".base_layer"
 
@@ -332,7 +331,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _tensors_to_save(model).items()}
     meta = {name: layer.layer_meta() for name, layer in adapter_layers(model) if layer.layer_meta()}
     config = {
-        "format": "tensorpeft-adapter",
+        "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
         "config": state.config.to_dict(),
         "family": state.family,
@@ -359,7 +358,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise AdapterError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} and {WEIGHTS_FILE} in it)")
     path = os.path.join(folder, CONFIG_FILE)
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != "tensorpeft-adapter" or "config" not in data:
+    if not isinstance(data, dict) or data.get("format") != ADAPTER_FORMAT or "config" not in data:
         raise AdapterError(f"{path}: not a TensorPEFT adapter config (missing 'format' or 'config')")
     return data
 

@@ -410,8 +410,6 @@ class QuanTALayer(TensorNetworkLayer):
 QUANTA = register(
     MethodSpec(
         name="quanta",
-        summary="Linear ΔW as three two-axis tensors over a three-factor split of the features (frozen-copy start).",
-        reference="Chen et al. 2024, QuanTA; TenVOO release for unequal in/out splits",
         layer_types=(nn.Linear,),
         wrap=per_layer(lambda name, module, cfg, meta: QuanTALayer(module, cfg, name, meta)),
         options={"init": "frozen-copy", "factors": None},

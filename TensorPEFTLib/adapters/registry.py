@@ -1,7 +1,11 @@
 """The method registry and each model family's published defaults.
 
-A method registers a :class:`MethodSpec`: which layer types it adapts and how it wraps the selected layers. The
-*family* of a model (``unetr``, ``ddpm`` or ``generic``) decides the default targets and extra trainable
+A leaf: it imports no method file. Each method file registers its :class:`MethodSpec` when imported (the way peft's
+``register_peft_method`` works); :mod:`.methods` imports the built-in ones, so "every method" means "after
+``methods`` was imported" — :mod:`.model` and the package's public names do that. Names, summaries and references
+live in the torch-free :mod:`.catalog`; ``register`` refuses a method the catalog does not describe.
+
+The *family* of a model (``unetr``, ``ddpm`` or ``generic``) decides the default targets and extra trainable
 parameters, i.e. what the source papers trained; a method may override them per family.
 """
 
@@ -14,6 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .base import LINEAR_AND_CONV, AdapterGroup, AdapterLayer
+from .catalog import METHODS as CATALOG
 from .config import AdapterConfig, AdapterError
 
 LayerFactory = Callable[[str, nn.Module, AdapterConfig, dict], AdapterLayer]
@@ -28,6 +33,12 @@ class Wrapped:
 
 
 WrapFunction = Callable[[list[tuple[str, nn.Module]], AdapterConfig, dict[str, dict]], Wrapped]
+#: builds the objects a training loop calls for this method (``bind(optimizer)``, ``after_step(...)``)
+HookFactory = Callable[[nn.Module, AdapterConfig], list]
+
+
+def no_training_hooks(model: nn.Module, cfg: AdapterConfig) -> list:
+    return []
 
 
 @dataclass(frozen=True)
@@ -35,9 +46,7 @@ class MethodSpec:
     """A registered adaptation method.
 
     Attributes:
-        name: registry name (``--method``).
-        summary: one line for users (shown in ``tensorpeft methods`` and the Slicer module).
-        reference: the paper or library it follows.
+        name: registry name (``--method``); its summary and reference come from :mod:`.catalog`.
         layer_types: module types it can wrap.
         wrap: builds adapter layers for the selected ``(name, module)`` pairs. The third argument holds saved
             per-layer metadata when an adapter is reloaded (empty on a fresh injection).
@@ -45,17 +54,26 @@ class MethodSpec:
         targets: per-family default target patterns overriding the family's.
         trainable: per-family default extra-trainable patterns overriding the family's.
         adapts_layers: False for ``full`` (no adapter: every parameter trains).
+        training_hooks: what the training loop must call besides the optimiser (SeLoRA grows its ranks); the
+            engine asks every method the same way, so it has no per-method branch.
     """
 
     name: str
-    summary: str
-    reference: str
     layer_types: tuple[type, ...] = LINEAR_AND_CONV
     wrap: WrapFunction | None = None
     options: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, list[str]] = field(default_factory=dict)
     trainable: dict[str, list[str]] = field(default_factory=dict)
     adapts_layers: bool = True
+    training_hooks: HookFactory = no_training_hooks
+
+    @property
+    def summary(self) -> str:
+        return CATALOG[self.name].summary
+
+    @property
+    def reference(self) -> str:
+        return CATALOG[self.name].reference
 
     @property
     def layer_kinds(self) -> str:
@@ -68,6 +86,8 @@ _METHODS: dict[str, MethodSpec] = {}
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _METHODS:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    if spec.name not in CATALOG:
+        raise ValueError(f"method {spec.name!r} has no entry in adapters/catalog.py (summary and reference)")
     _METHODS[spec.name] = spec
     return spec
 
@@ -87,7 +107,6 @@ def per_layer_class(cls: type[AdapterLayer]) -> WrapFunction:
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     key = str(name).strip().lower()
     if key not in _METHODS:
         raise AdapterError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
@@ -95,25 +114,12 @@ def get_method(name: str) -> MethodSpec:
 
 
 def method_names() -> list[str]:
-    _load_builtin_methods()
-    return list(_METHODS)
+    """The registered methods in the catalog's order (whatever order their files were imported in)."""
+    return [name for name in CATALOG if name in _METHODS]
 
 
 def all_methods() -> list[MethodSpec]:
-    _load_builtin_methods()
-    return list(_METHODS.values())
-
-
-def _load_builtin_methods() -> None:
-    # Importing the method files registers them; done lazily so the registry module has no import cycle.
-    from . import full, lora, lycoris, ssf  # noqa: F401
-
-    for optional in ("tensor_stack", "tenvoo", "quanta", "selora"):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as err:  # a method family not built yet
-            if err.name != f"{__package__}.{optional}":
-                raise
+    return [_METHODS[name] for name in method_names()]
 
 
 # --------------------------------------------------------------------------------------------- model families

@@ -293,10 +293,9 @@ def _selora_factory(name: str, module: nn.Module, cfg: AdapterConfig, meta: dict
 SELORA = register(
     MethodSpec(
         name="selora",
-        summary="LoRA starting at rank 1 whose per-layer rank grows by a Fisher-score test (trainer hook SeLoRAGrowth).",
-        reference="Mao et al. 2024, SeLoRA",
         wrap=per_layer(_selora_factory),
         options=dict(DEFAULTS),
+        training_hooks=lambda model, cfg: [trainer_hook(model, cfg)],
     )
 )
 

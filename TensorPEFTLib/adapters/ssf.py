@@ -59,8 +59,6 @@ class SSFLayer(AdapterLayer):
 register(
     MethodSpec(
         name="ssf",
-        summary="Per-channel scale and shift of each adapted layer's output; 2·out parameters per layer.",
-        reference="Lian et al. 2022, SSF",
         wrap=per_layer_class(SSFLayer),
     )
 )

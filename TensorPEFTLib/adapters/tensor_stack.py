@@ -463,22 +463,9 @@ def _make_lotr(stack: LayerStack, cfg: AdapterConfig) -> TensorStackGroup:
     return LoTRGroup(stack, cfg, weight.dtype, weight.device)
 
 
-def stack_adapter_size(method: str, n: int, rows: int, cols: int, rank: int) -> int:
-    """Trainable adapter values of one stack (the counting convention of the papers: real factors, S as tubes)."""
-    if method == "lora-pt":
-        return n * (rows * rank + cols * rank + rank)
-    if method == "tcurlora":
-        return n * rank * rank
-    if method == "lotr":
-        return rows * rank + cols * rank + n * rank * rank
-    raise ValueError(f"not a stack method: {method}")
-
-
 LORA_PT = register(
     MethodSpec(
         name="lora-pt",
-        summary="Truncated t-SVD of the stacked ViT weights (attention, MLP up, MLP down); U, S, V train.",
-        reference="He et al. 2024, LoRA-PT (UNETR, principal tensor singular values and vectors)",
         layer_types=(nn.Linear,),
         wrap=_stack_wrap("lora-pt", _make_lora_pt, fold_residual=True),
         options={"svd_iters": "auto"},
@@ -489,8 +476,6 @@ LORA_PT = register(
 TCURLORA = register(
     MethodSpec(
         name="tcurlora",
-        summary="Tensor CUR of the stacked ViT weights: C and R frozen, the r×r core per slice trains.",
-        reference="He et al. 2025, tCURLoRA (tensor CUR decomposition based low-rank adaptation)",
         layer_types=(nn.Linear,),
         wrap=_stack_wrap("tcurlora", _make_tcurlora),
         targets={"generic": VIT_TARGETS},
@@ -500,8 +485,6 @@ TCURLORA = register(
 LOTR = register(
     MethodSpec(
         name="lotr",
-        summary="Tucker-2 update per ViT stack: shared L and R, an r×r core per layer (zero at start).",
-        reference="Bershatsky et al. 2024, LoTR: Low Tensor Rank Weight Adaptation",
         layer_types=(nn.Linear,),
         wrap=_stack_wrap("lotr", _make_lotr),
         targets={"generic": VIT_TARGETS},

@@ -111,15 +111,10 @@ def _tenvoo_wrap(variant: str):
     return wrap
 
 
-for _variant, _summary in (
-    ("l", "Conv3d ΔW as a ten-core tensor network (loop through the kernel cores); Linear layers get QuanTA."),
-    ("q", "Conv3d ΔW as a ten-core tensor network with three r⁴ loop cores; Linear layers get QuanTA."),
-):
+for _variant in ("l", "q"):
     register(
         MethodSpec(
             name=f"tenvoo-{_variant}",
-            summary=_summary,
-            reference="TenVOO (tensor-network PEFT for 3D DDPMs), authors' release; QuanTA (Chen et al. 2024) for Linear",
             layer_types=(nn.Conv3d, nn.Linear),
             wrap=_tenvoo_wrap(_variant),
             options={"init": "frozen-copy", "factors": None},

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import write_text_atomically
 from .io import write_volume
 
 __all__ = ["build_demo_cohort", "build_whole_brain_eval", "DemoDataError", "SOURCES", "sources_markdown",
@@ -407,10 +408,7 @@ def _rng(seed: int, task: int, index: int) -> np.random.Generator:
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
 def build_demo_cohort(

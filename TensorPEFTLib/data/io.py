@@ -16,12 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from ..atomic import write_atomically
 
 __all__ = [
     "Volume", "VolumeError", "read_volume", "write_volume", "volume_format", "is_volume_file", "VOLUME_SUFFIXES",
@@ -234,17 +235,9 @@ def _read_seg_nrrd(path: str) -> Volume:
 
 def _atomic(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        base = os.path.basename(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)  # same suffix: format by extension
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, write)  # the temporary name ends like the target: the format follows the extension
     except BaseException as err:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             free = _free_mb(folder)
             raise VolumeWriteError(f"{path}: cannot write ({err.strerror}{f'; {free:.1f} MB free' if free is not None else ''}); "

@@ -1,12 +1,39 @@
-"""The engine composes adapters, models and data into the product's jobs (the CLI and the Slicer module call it)."""
+"""The engine composes adapters, models and data into the product's jobs (the CLI and the Slicer module call it).
 
-from .events import EVENT_KINDS, Events
-from .info import list_methods, list_models, parameter_report
-from .jobs import evaluate, finetune, resolve_model, segment, synthesize
-from .runtime import EngineError, select_runtime
-from .trainer import EXIT_CANCELLED, TrainResult, TrainSettings
+Names load on first use (PEP 562): ``engine.events`` (the event kinds and exit codes a front-end reads) is
+torch-free, and importing it must not build the whole engine.
+"""
 
-__all__ = [
-    "EVENT_KINDS", "EXIT_CANCELLED", "EngineError", "Events", "TrainResult", "TrainSettings", "evaluate", "finetune",
-    "list_methods", "list_models", "parameter_report", "resolve_model", "segment", "select_runtime", "synthesize",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOME = {
+    "EVENT_KINDS": "events", "EXIT_CANCELLED": "events", "Events": "events",
+    "list_methods": "info", "list_models": "info", "parameter_report": "info",
+    "evaluate": "jobs", "finetune": "jobs", "resolve_model": "jobs", "segment": "jobs", "synthesize": "jobs",
+    "EngineError": "runtime", "select_runtime": "runtime",
+    "TrainResult": "trainer", "TrainSettings": "trainer",
+}
+
+__all__ = sorted(_HOME)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .events import EVENT_KINDS, EXIT_CANCELLED, Events
+    from .info import list_methods, list_models, parameter_report
+    from .jobs import evaluate, finetune, resolve_model, segment, synthesize
+    from .runtime import EngineError, select_runtime
+    from .trainer import TrainResult, TrainSettings
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -12,6 +12,8 @@ import time
 from typing import IO, Any
 
 EVENT_KINDS = ("start", "step", "eval", "checkpoint", "done", "error")
+#: the CLI's exit status after a cancelled fine-tune (SIGINT's shell convention); a front-end tells it from a failure
+EXIT_CANCELLED = 130
 
 
 class Events:

@@ -9,15 +9,14 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from ..adapters import (AdapterConfig, inject, load_adapter, merge, model_family,
+from ..adapters import (AdapterConfig, get_method, inject, load_adapter, merge, model_family,
                         read_adapter_config, summary)
 from ..models import PRESETS, is_shipped
+from ..models.presets import TASK_OF_FAMILY
 from .events import Events
 from .outputs import RunLock, check_output_file, check_output_folder
 from .runtime import EngineError, Interrupted, Runtime, select_runtime
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
-
-TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
 #: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right); the same
 #: names choose the axes of test-time mirroring in ``segment --mirror``
 FLIP_AXES = {"all": (0, 1, 2), "lr": (0,), "none": ()}
@@ -395,12 +394,8 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
 
 
 def growth_hooks(model: nn.Module, cfg: AdapterConfig) -> list[Any]:
-    """Trainer hooks a method needs (SeLoRA grows ranks during training)."""
-    if cfg.method != "selora":
-        return []
-    from ..adapters import selora
-
-    return [selora.trainer_hook(model, cfg)]
+    """Trainer hooks a method needs (SeLoRA grows ranks during training): each method's spec says which."""
+    return get_method(cfg.method).training_hooks(model, cfg)
 
 
 def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..adapters import AdapterConfig, load_adapter
+from ..atomic import copy_atomically
 from ..models import build_model
 from ..models.shipped import WEIGHTS_DIR, file_sha256
 from .events import Events
@@ -144,10 +145,7 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
 def ship_model(weights: str, card_path: str) -> None:
     """Copy a pretrained model and its card into the package (atomically; the card last, so a half-copied pair is
     never taken as valid: the hash check would refuse it anyway)."""
-    import shutil
 
     os.makedirs(WEIGHTS_DIR, exist_ok=True)
     for source in (weights, card_path):
-        target = WEIGHTS_DIR / os.path.basename(source)
-        shutil.copyfile(source, str(target) + ".tmp")
-        os.replace(str(target) + ".tmp", target)
+        copy_atomically(source, WEIGHTS_DIR / os.path.basename(source))

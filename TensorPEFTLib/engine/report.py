@@ -6,10 +6,11 @@ radiological habit of 3D Slicer's axial / coronal / sagittal panes (superior and
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..atomic import write_atomically
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -24,11 +25,10 @@ def _figure(*args: Any, **kwargs: Any):
 
 
 def _save(fig: Any, plt: Any, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 def view_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..adapters import save_adapter, trainable_parameters
+from ..atomic import copy_atomically, write_text_atomically
 from .events import Events
 from .outputs import disk_full_message, folder_bytes, is_disk_full, torch_bytes, write_bytes
 from .runtime import EngineError, Runtime, out_of_memory_as_error, peak_memory_gb, step_seed
@@ -43,7 +44,6 @@ CHECKPOINT_DIR = "checkpoint"
 LAST_DIR = "last"
 BEST_DIR = "best"
 STATE_FILE = "trainer_state.pt"
-EXIT_CANCELLED = 130
 
 
 @dataclass
@@ -161,16 +161,8 @@ def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
 
 
 def _atomic_text(path: str, text: str) -> None:
-    """Write a text file whole or not at all (temp file, then rename; the temp file goes on any failure)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a text file whole or not at all."""
+    write_text_atomically(path, text)
 
 
 def checkpoint_path(out: str) -> str | None:
@@ -271,14 +263,7 @@ class Trainer:
         if not os.path.isfile(os.path.join(source, "adapter_config.json")):
             source = os.path.join(self.out, LAST_DIR)
         for name in ("adapter.safetensors", "adapter_config.json"):
-            tmp = os.path.join(self.out, f".{name}.tmp")
-            try:
-                shutil.copyfile(os.path.join(source, name), tmp)
-                os.replace(tmp, os.path.join(self.out, name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            copy_atomically(os.path.join(source, name), os.path.join(self.out, name))
 
     def write_history(self) -> None:
         import io

@@ -1,19 +1,40 @@
-"""Model presets and checkpoints."""
+"""Model presets and checkpoints.
 
-from .checkpoints import (
-    CheckpointError,
-    fitting_presets,
-    load_checkpoint,
-    load_model,
-    read_spec,
-    read_state_dict,
-    save_model,
-)
-from .presets import PRESETS, Preset, PresetError, build_model, make_unetr
-from .shipped import SHIPPED_MODELS, ShippedModelError, is_shipped, model_card, shipped_models, shipped_path
+Names load on first use (PEP 562): ``models.presets`` (the preset table) and ``models.shipped`` (the built-in
+models) are torch-free, so a GUI reads preset sizes and shipped names before PyTorch is installed.
+"""
 
-__all__ = [
-    "PRESETS", "Preset", "PresetError", "build_model", "make_unetr",
-    "SHIPPED_MODELS", "ShippedModelError", "is_shipped", "model_card", "shipped_models", "shipped_path",
-    "CheckpointError", "fitting_presets", "load_checkpoint", "load_model", "read_spec", "read_state_dict", "save_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOME = {
+    "CheckpointError": "checkpoints", "fitting_presets": "checkpoints", "load_checkpoint": "checkpoints",
+    "load_model": "checkpoints", "read_spec": "checkpoints", "read_state_dict": "checkpoints",
+    "save_model": "checkpoints",
+    "PRESETS": "presets", "Preset": "presets", "PresetError": "presets", "TASK_OF_FAMILY": "presets",
+    "build_model": "presets", "make_unetr": "presets",
+    "SHIPPED_MODELS": "shipped", "ShippedModelError": "shipped", "is_shipped": "shipped", "model_card": "shipped",
+    "shipped_models": "shipped", "shipped_path": "shipped",
+}
+
+__all__ = sorted(_HOME)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoints import (CheckpointError, fitting_presets, load_checkpoint, load_model, read_spec,
+                              read_state_dict, save_model)
+    from .presets import PRESETS, TASK_OF_FAMILY, Preset, PresetError, build_model, make_unetr
+    from .shipped import SHIPPED_MODELS, ShippedModelError, is_shipped, model_card, shipped_models, shipped_path
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..atomic import write_bytes_atomically
 from .presets import PRESETS, PresetError, build_model
 from .shipped import ShippedModelError, is_shipped, shipped_path
 
@@ -289,15 +289,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
     payload = canonical_safetensors(save(tensors, metadata=metadata))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomically(p, payload)
     return str(p)
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch and MONAI load when a model is built: a GUI reads the table below without them
+    import torch
+    from torch import nn
+
+#: what each model family does (the model's family is the first part of its preset name)
+TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
 
 
 def _monai_unetr():

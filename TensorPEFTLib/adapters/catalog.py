@@ -1,0 +1,58 @@
+"""Every adaptation method's name, one-line summary and source: the one place they are written.
+
+Torch-free on purpose: a GUI lists the methods (with these summaries as help) before PyTorch is installed. The
+implementations register themselves in :mod:`.registry`, which refuses a name missing here, and a test checks that
+every name here has an implementation. The order is the order a GUI offers them in: the papers' methods first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class MethodInfo(NamedTuple):
+    summary: str  # one line for users (``tensorpeft methods``, the Slicer panel's help)
+    reference: str  # the paper or library it follows
+
+
+METHODS: dict[str, MethodInfo] = {
+    "lora-pt": MethodInfo(
+        "Truncated t-SVD of the stacked ViT weights (attention, MLP up, MLP down); U, S, V train.",
+        "He et al. 2024, LoRA-PT (UNETR, principal tensor singular values and vectors)"),
+    "tcurlora": MethodInfo(
+        "Tensor CUR of the stacked ViT weights: C and R frozen, the r×r core per slice trains.",
+        "He et al. 2025, tCURLoRA (tensor CUR decomposition based low-rank adaptation)"),
+    "lotr": MethodInfo(
+        "Tucker-2 update per ViT stack: shared L and R, an r×r core per layer (zero at start).",
+        "Bershatsky et al. 2024, LoTR: Low Tensor Rank Weight Adaptation"),
+    "tenvoo-l": MethodInfo(
+        "Conv3d ΔW as a ten-core tensor network (loop through the kernel cores); Linear layers get QuanTA.",
+        "TenVOO (tensor-network PEFT for 3D DDPMs), authors' release; QuanTA (Chen et al. 2024) for Linear"),
+    "tenvoo-q": MethodInfo(
+        "Conv3d ΔW as a ten-core tensor network with three r⁴ loop cores; Linear layers get QuanTA.",
+        "TenVOO (tensor-network PEFT for 3D DDPMs), authors' release; QuanTA (Chen et al. 2024) for Linear"),
+    "lora": MethodInfo(
+        "Low-rank update B·A per layer (LoCon on convolutions); B starts at zero.",
+        "Hu et al. 2021, LoRA; LyCORIS LoCon for Conv3d"),
+    "pissa": MethodInfo(
+        "LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",
+        "Meng et al. 2024, PiSSA (here on Conv3d too)"),
+    "loha": MethodInfo(
+        "Hadamard product of two low-rank updates: rank up to r² for 2r's parameters.",
+        "Hyeon-Woo et al. 2022, FedPara/LoHa; LyCORIS"),
+    "lokr": MethodInfo(
+        "Kronecker product of a small full matrix and a rank-r matrix carrying the kernel.",
+        "Edalati et al. 2022, KronA; LyCORIS LoKr"),
+    "ssf": MethodInfo(
+        "Per-channel scale and shift of each adapted layer's output; 2·out parameters per layer.",
+        "Lian et al. 2022, SSF"),
+    "quanta": MethodInfo(
+        "Linear ΔW as three two-axis tensors over a three-factor split of the features (frozen-copy start).",
+        "Chen et al. 2024, QuanTA; TenVOO release for unequal in/out splits"),
+    "selora": MethodInfo(
+        "LoRA starting at rank 1 whose per-layer rank grows by a Fisher-score test (trainer hook SeLoRAGrowth).",
+        "Mao et al. 2024, SeLoRA"),
+    "full": MethodInfo(
+        "No adapter: every weight trains (the baseline; needs the most memory and storage).",
+        "-"),
+}

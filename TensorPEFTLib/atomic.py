@@ -1,0 +1,51 @@
+"""Whole files or none: every file the library writes goes to a temporary name in the same folder and is renamed over
+the target at the end (``os.replace`` is atomic on one file system), so a reader, a crash, a full disk or Ctrl-C
+never leaves half a file. The temporary name ends like the target (``.tmp-XXXX-name.png``), so writers that choose
+their format by the extension (matplotlib, nibabel, pynrrd) behave as for the target.
+
+One helper for models/, data/ and engine/; ``adapters`` keeps its own few lines (it imports nothing of ours).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """Call ``write(temporary_path)``, then rename the result to ``path``; the temporary file goes on any failure."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> str:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+
+    return write_atomically(path, write)
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> str:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    return write_atomically(path, write)
+
+
+def copy_atomically(source: str | os.PathLike, target: str | os.PathLike) -> str:
+    return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))

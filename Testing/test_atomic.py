@@ -1,0 +1,49 @@
+"""One atomic-write helper for models/, data/ and engine/: whole files or none, the format kept by the extension."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from TensorPEFTLib.atomic import copy_atomically, write_atomically, write_bytes_atomically, write_text_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "sub" / "report.png"
+    seen = []
+
+    def fail(tmp):
+        seen.append(tmp)
+        Path(tmp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(target, fail)
+    assert seen[0].endswith("-report.png")  # same extension: writers that pick the format by it behave the same
+    assert list(target.parent.iterdir()) == []
+
+
+def test_text_bytes_and_copies_replace_the_target_whole(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    write_text_atomically(target, "new\n")
+    assert target.read_text() == "new\n"
+    write_bytes_atomically(tmp_path / "b.bin", b"\x00\x01")
+    assert copy_atomically(tmp_path / "b.bin", tmp_path / "c.bin") == str(tmp_path / "c.bin")
+    assert (tmp_path / "c.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "c.bin"]
+
+
+def test_no_other_temp_then_rename_copies():
+    """Only the trainer's folder swap (whole checkpoint folders) renames by hand in models/, data/ and engine/."""
+    found = {}
+    for folder in ("models", "data", "engine"):
+        for path in (ROOT / "TensorPEFTLib" / folder).rglob("*.py"):
+            count = len(re.findall(r"os\.replace\(", path.read_text(encoding="utf-8")))
+            if count:
+                found[f"{folder}/{path.name}"] = count
+    assert found == {"engine/trainer.py": 2}
