@@ -200,6 +200,7 @@ def test_finetune_defaults_plan_the_spacing_split_and_flip(defaults_run):
     assert saved["train_cases"] == 3 and saved["val_cases"] == 1 and len(saved["val_names"]) == 1
     assert saved["flip"] == "lr" and saved["affine"] is True and saved["train_lr"] == 1e-3
     assert saved["loss"] == "dice-ce" and saved["label_resampling"] == "linear"  # what --resume trains on with
+    assert saved["centre_jitter"] == 16
     history = json.load(open(os.path.join(out, "history.json")))
     assert history["evals"], "a held-out case was scored during training"
 
@@ -416,3 +417,58 @@ def test_the_default_loss_is_the_foreground_dice_over_the_batch_plus_cross_entro
     assert torch.allclose(segmentation_loss("dice-ce-all")(logits, labels), per_sample.mean() + ce, atol=1e-5)
     with pytest.raises(EngineError, match="segmentation loss 'focal'.*dice-ce"):
         segmentation_loss("focal")
+
+
+def test_every_storage_of_a_head_is_resampled_onto_one_world_lattice(tmp_path):
+    """The working grid's voxel centres sit at multiples of the working spacing from the world origin, whatever the
+    scan's origin, orientation or obliquity: the same head stored two ways gives the model the same voxels (up to
+    interpolation)."""
+    from TensorPEFTLib.data import inference_transforms
+
+    rng = np.random.default_rng(0)
+    image = rng.random((30, 34, 28)).astype(np.float32) + 1.0
+    tilt = _rotation(np.deg2rad([12.0, -17.0, 9.0]))
+    stored = {"ras": np.diag([1.0, 1.0, 1.2, 1.0]), "oblique": np.eye(4)}
+    stored["ras"][:3, 3] = [-14.63, 20.17, -3.31]
+    stored["oblique"][:3, :3] = tilt * np.array([1.1, 0.9, 1.0])
+    stored["oblique"][:3, 3] = [7.9, -11.3, 2.6]
+    pre = inference_transforms(pixdim=(1.5, 1.5, 1.5), crop_foreground=False, intensity="none")
+    for name, affine in stored.items():
+        path = tmp_path / f"{name}.nii.gz"
+        write_volume(path, image, affine)
+        working = pre({"image": str(path)})["image"]
+        out = np.asarray(working.affine, dtype=np.float64)
+        assert np.allclose(out[:3, :3], np.diag([1.5] * 3))
+        assert np.allclose(out[:3, 3] / 1.5, np.round(out[:3, 3] / 1.5), atol=1e-6), (name, out[:3, 3])
+        # every voxel centre of the scan lies inside the working grid
+        corners = np.array([[i, j, k, 1] for i in (0, 29) for j in (0, 33) for k in (0, 27)]).T
+        inside = np.linalg.solve(out, affine @ corners)[:3]
+        assert inside.min() >= -1e-6 and np.all(inside.max(axis=1) <= np.asarray(working.shape[1:]) - 1 + 1e-6)
+
+
+def test_foreground_patches_do_not_always_hold_the_structure_at_their_centre(tmp_path):
+    """``centre_jitter``: a patch drawn for a foreground voxel puts that voxel anywhere within ±J of its centre, so a
+    UNETR does not learn that the structure sits mid-patch (with J = 0 it always does)."""
+    from TensorPEFTLib.data import train_transforms
+
+    image = np.full((48, 48, 48), 0.5, np.float32)
+    label = np.zeros((48, 48, 48), np.uint8)
+    label[23:25, 23:25, 23:25] = 1
+    write_volume(tmp_path / "img.nii.gz", image, np.eye(4))
+    write_volume(tmp_path / "lab.nii.gz", label, np.eye(4))
+    case = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+    def positions(jitter: int) -> np.ndarray:
+        pipeline = train_transforms((16, 16, 16), pos=1.0, neg=0.0, flip_prob=0.0, shift=0.0, scale=0.0,
+                                    crop_foreground=False, centre_jitter=jitter, seed=0)
+        found = []
+        for _ in range(30):
+            sample = pipeline(case)
+            sample = sample[0] if isinstance(sample, list) else sample
+            assert tuple(sample["image"].shape[1:]) == (16, 16, 16)
+            found.append(np.argwhere(np.asarray(sample["label"])[0] > 0).mean(0))
+        return np.asarray(found)
+
+    centred, jittered = positions(0), positions(6)
+    assert np.abs(centred - 7.5).max() <= 1.0  # the chosen voxel is one of the 2x2x2 block at the centre
+    assert np.abs(jittered - 7.5).max() >= 4.0 and np.abs(jittered - 7.5).max() <= 7.0
