@@ -19,18 +19,18 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "AdapterConfig": "adapters", "AdapterError": "adapters", "count_parameters": "adapters", "inject": "adapters",
-    "load_adapter": "adapters", "merge": "adapters", "method_names": "adapters", "save_adapter": "adapters",
-    "unmerge": "adapters", "PRESETS": "models", "build_model": "models",
+    "load_adapter": "adapters", "merge": "adapters", "merge_and_unload": "adapters", "method_names": "adapters",
+    "save_adapter": "adapters", "unmerge": "adapters", "PRESETS": "models", "build_model": "models",
 }
 
 __all__ = [
     "AdapterConfig", "AdapterError", "PRESETS", "build_model", "count_parameters", "inject", "load_adapter",
-    "merge", "method_names", "save_adapter", "unmerge", "__version__",
+    "merge", "merge_and_unload", "method_names", "save_adapter", "unmerge", "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .adapters import (AdapterConfig, AdapterError, count_parameters, inject, load_adapter, merge, method_names,
-                           save_adapter, unmerge)
+    from .adapters import (AdapterConfig, AdapterError, count_parameters, inject, load_adapter, merge,
+                           merge_and_unload, method_names, save_adapter, unmerge)
     from .models import PRESETS, build_model
 
 

@@ -410,7 +410,7 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--no-val", action="store_true",
                    help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
                         "the best adapter)")
-    t.add_argument("--eval-every", type=positive_int, default=None, help="validate every N steps (default: a tenth of the steps)")
+    t.add_argument("--eval-every", type=positive_int, default=None, help="validate every N steps (default: a fifth of the steps)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None,
                    help="write a resumable checkpoint every N steps (default: as --eval-every)")
     t.add_argument("--seed", type=int, default=0,

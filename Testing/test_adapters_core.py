@@ -97,6 +97,33 @@ def test_merged_model_runs_base_layers_only():
     assert calls == []  # no adapter path at inference once merged
 
 
+@pytest.mark.parametrize("kind,method", [("unetr", "lora"), ("unetr", "lora-pt"), ("unetr", "tcurlora"),
+                                         ("unetr", "lotr"), ("unetr", "ssf"), ("unetr", "full"),
+                                         ("ddpm", "lokr"), ("ddpm", "tenvoo-l")])
+def test_merge_and_unload_leaves_the_base_architecture_with_the_adapted_weights(kind, method):
+    """What inference runs: no wrapper, group module or hook left, so the cost is the base model's by construction."""
+    model = build(kind)
+    tp.inject(model, tp.AdapterConfig(method=method, rank=2))
+    train_steps(model, kind, steps=2)
+    with torch.no_grad():
+        adapted = run(model, kind)
+    assert tp.adapters.merge_and_unload(model) is model
+    base = build(kind)
+    def layout(m: nn.Module) -> list[tuple[str, str]]:
+        return [(n, type(sub).__qualname__) for n, sub in m.named_modules()]
+
+    assert layout(model) == layout(base)
+    added = set(model.state_dict()) - set(base.state_dict())
+    assert set(base.state_dict()) <= set(model.state_dict())
+    # SSF's shift becomes a bias where the base layer had none (qkv); nothing else may appear.
+    assert all(k.endswith(".bias") for k in added) and (not added or method == "ssf"), sorted(added)[:3]
+    assert not hasattr(model, "tensorpeft") and not model._forward_hooks and not model._forward_pre_hooks
+    with torch.no_grad():
+        unloaded = run(model, kind)
+    assert (unloaded - adapted).abs().max().item() <= 1e-5
+    assert (unloaded - adapted).abs().max().item() < (adapted - run(base, kind).detach()).abs().max().item()
+
+
 @pytest.mark.parametrize("kind,method", CASES + [("unetr", "full")])
 def test_save_load_roundtrip(tmp_path, kind, method):
     model = build(kind)

@@ -17,7 +17,8 @@ _HOME = {
     "AdapterConfig": "config", "AdapterError": "config",
     "InjectionState": "model", "adapter_layers": "model", "architecture_fingerprint": "model",
     "count_parameters": "model", "describe_model": "model", "inject": "model", "is_merged": "model",
-    "load_adapter": "model", "merge": "model", "read_adapter_config": "model", "save_adapter": "model",
+    "load_adapter": "model", "merge": "model", "merge_and_unload": "model", "read_adapter_config": "model",
+    "save_adapter": "model",
     "summary": "model", "trainable_parameters": "model", "unmerge": "model",
     "FAMILIES": "registry", "MethodSpec": "registry", "model_family": "registry", "register": "registry",
     "all_methods": "methods", "get_method": "methods", "method_names": "methods",
@@ -30,8 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .config import AdapterConfig, AdapterError
     from .methods import all_methods, get_method, method_names
     from .model import (InjectionState, adapter_layers, architecture_fingerprint, count_parameters, describe_model,
-                        inject, is_merged, load_adapter, merge, read_adapter_config, save_adapter, summary,
-                        trainable_parameters, unmerge)
+                        inject, is_merged, load_adapter, merge, merge_and_unload, read_adapter_config, save_adapter,
+                        summary, trainable_parameters, unmerge)
     from .registry import FAMILIES, MethodSpec, model_family, register
 
 

@@ -266,6 +266,26 @@ def unmerge(model: nn.Module) -> None:
     _clear_groups(model)
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weights and take the adapter machinery out: each wrapped layer is replaced by
+    its own base layer, the group modules and their hooks go, and ``model.tensorpeft`` is dropped.
+
+    What is left is the base architecture with new weights (same modules, same state-dict keys), so inference costs
+    what the base model costs by construction rather than by measurement. There is no way back: use :func:`merge`
+    when the adapter must stay separable. Returns ``model`` (changed in place)."""
+    merge(model)
+    for name, layer in list(adapter_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    state: InjectionState | None = getattr(model, "tensorpeft", None)
+    if state is not None:
+        for hook in state.hooks:
+            hook.remove()
+        del model.tensorpeft
+    if hasattr(model, "tensorpeft_groups"):
+        del model.tensorpeft_groups
+    return model
+
+
 def is_merged(model: nn.Module) -> bool:
     return any(layer.merged for _, layer in adapter_layers(model))
 

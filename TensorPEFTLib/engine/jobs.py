@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from ..adapters import (AdapterConfig, get_method, inject, load_adapter, merge, model_family,
+from ..adapters import (AdapterConfig, get_method, inject, load_adapter, merge_and_unload, model_family,
                         read_adapter_config, summary)
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
@@ -206,7 +206,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
     The defaults are the recipe that works for 5-10 subjects: ``settings.steps`` / ``lr`` / ``eval_every`` left
-    ``None`` are chosen by :func:`default_steps` / :func:`default_lr` / a tenth of the steps; without ``val``
+    ``None`` are chosen by :func:`default_steps` / :func:`default_lr` / a fifth of the steps; without ``val``
     (and ``auto_val``) a quarter of the cases is held out (:func:`split_validation`).
     Segmentation cases are resampled to the model's working spacing (``spacing`` overrides; see
     :func:`working_preprocessing`), which the adapter records for ``segment``.
@@ -351,7 +351,9 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         steps=settings.steps or default_steps(task_kind, len(train_cases)),
         lr=settings.lr or default_lr(task_kind, cfg.method))
     if not settings.eval_every:
-        settings = dataclasses.replace(settings, eval_every=max(1, settings.steps // 10))
+        # Five validations: each is a sliding window over whole validation scans (4 s for the demo's two on the
+        # 2-core CPU), and with the poly-decayed learning rate the best adapter is nearly always one of the last.
+        settings = dataclasses.replace(settings, eval_every=max(1, settings.steps // 5))
     if not settings.checkpoint_every:
         settings = dataclasses.replace(settings, checkpoint_every=settings.eval_every)
 
@@ -431,7 +433,8 @@ def check_adapter_folder(adapter: str) -> None:
 
 
 def load_adapted_model(model_source: str | None, adapter: str | None, runtime: Runtime) -> tuple[nn.Module, dict[str, Any]]:
-    """Base model (from ``model_source`` or the adapter's record of it) with the adapter loaded and merged."""
+    """Base model (from ``model_source`` or the adapter's record of it) with the adapter loaded, merged and unloaded:
+    the base architecture with the adapted weights, so inference costs exactly what the base model costs."""
     if adapter:
         check_adapter_folder(adapter)
     saved: dict[str, Any] = read_adapter_config(adapter) if adapter else {}
@@ -441,7 +444,7 @@ def load_adapted_model(model_source: str | None, adapter: str | None, runtime: R
     model = resolve_model(source)
     if adapter:
         load_adapter(model, adapter)
-        merge(model)  # inference at exactly the base model's cost
+        merge_and_unload(model)
     model.to(runtime.device).eval()
     return model, saved
 
