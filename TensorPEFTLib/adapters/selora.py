@@ -217,8 +217,8 @@ def _fresh_adam_start(optimizer: torch.optim.Optimizer, args: Any = None, kwargs
             v = state["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"].narrow(axis, first_new, count)
 
             def update(steps: torch.Tensor) -> torch.Tensor:
-                step_size = (lr / (1 - beta1 ** steps)).reshape(shape).to(m.dtype)
-                root_bc2 = ((1 - beta2 ** steps) ** 0.5).reshape(shape).to(m.dtype)
+                step_size = (lr / (1 - beta1 ** steps)).reshape(shape).to(device=m.device, dtype=m.dtype)
+                root_bc2 = ((1 - beta2 ** steps) ** 0.5).reshape(shape).to(device=m.device, dtype=m.dtype)
                 return -step_size * m / (v.sqrt() / root_bc2 + eps)
 
             with torch.no_grad():
