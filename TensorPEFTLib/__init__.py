@@ -11,7 +11,9 @@ The public names are imported on first use (PEP 562), so torch-free parts — th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from ._lazy import lazy_exports
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -32,15 +34,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .models import PRESETS, build_model
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, globals())

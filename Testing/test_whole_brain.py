@@ -199,6 +199,8 @@ def test_finetune_defaults_plan_the_spacing_split_and_flip(defaults_run):
     assert saved["preprocessing"]["intensity"] == "foreground"
     assert saved["train_cases"] == 3 and saved["val_cases"] == 1 and len(saved["val_names"]) == 1
     assert saved["flip"] == "lr" and saved["affine"] is True and saved["train_lr"] == 1e-3
+    assert saved["loss"] == "dice-ce" and saved["label_resampling"] == "linear"  # what --resume trains on with
+    assert saved["centre_jitter"] == 16
     history = json.load(open(os.path.join(out, "history.json")))
     assert history["evals"], "a held-out case was scored during training"
 
@@ -350,6 +352,26 @@ def _dice_on_fine_grid(label: np.ndarray, affine: np.ndarray, n: int = 40) -> fl
     return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
 
 
+def test_labels_are_resampled_to_the_working_grid_through_their_classes(tmp_path):
+    """Training and validation labels go to the working grid as nnU-Net resamples them (one-hot, linear, most likely
+    class), not by nearest neighbour, which shifts every boundary by a fixed fraction of a voxel."""
+    from TensorPEFTLib.data import val_transforms
+
+    n = 40
+    label = _inside_ellipsoid(np.indices((n,) * 3).reshape(3, -1).T.astype(float)).reshape((n,) * 3).astype(np.uint8)
+    write_volume(tmp_path / "image.nii.gz", label.astype(np.float32) + 0.5, np.eye(4))
+    write_volume(tmp_path / "label.nii.gz", label, np.eye(4))
+    case = {"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")}
+    dice = {}
+    for classes in (None, 2):
+        out = val_transforms(pixdim=(1.5,) * 3, label_classes=classes, intensity="none", crop_foreground=False)(case)
+        resampled = np.asarray(out["label"])[0]
+        assert set(np.unique(resampled)) == {0.0, 1.0} and out["label"].shape == out["image"].shape
+        dice[classes] = _dice_on_fine_grid(resampled, np.asarray(out["label"].affine))
+    # measured: 0.890 nearest, 0.904 through the classes
+    assert dice[2] > 0.9 and dice[2] > dice[None] + 0.005
+
+
 def test_evaluation_references_sample_the_probability_map_on_every_grid():
     """Every stored variant's reference is the atlas map thresholded at its own voxel centres; the old way (nearest
     neighbour of a label thresholded on another grid) is less exact on an oblique grid."""
@@ -369,3 +391,84 @@ def test_evaluation_references_sample_the_probability_map_on_every_grid():
     new_dice, old_dice = _dice_on_fine_grid(new, oblique.affine), _dice_on_fine_grid(old, oblique.affine)
     # measured: 0.941 from the map, 0.919 the old way (0.943 on a RAS 1 mm grid)
     assert new.dtype == np.uint8 and new_dice > 0.9 and new_dice > old_dice + 0.01
+
+
+def test_the_default_loss_is_the_foreground_dice_over_the_batch_plus_cross_entropy():
+    """``dice-ce`` (nnU-Net's): a patch drawn away from a small structure does not turn every bit of foreground
+    probability into a Dice of ~0 for that sample, and the background's Dice does not dilute the structure's."""
+    import torch
+    import torch.nn.functional as F
+
+    from TensorPEFTLib.engine.runtime import EngineError
+    from TensorPEFTLib.engine.segmentation import segmentation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6, 6)
+    labels = torch.zeros(2, 1, 6, 6, 6, dtype=torch.long)
+    labels[0, 0, 1:4, 2:5, 2:4] = 1  # the second patch has no foreground at all
+    probs = logits.softmax(1)
+    onehot = F.one_hot(labels[:, 0], 2).permute(0, 4, 1, 2, 3).float()
+    ce = F.cross_entropy(logits, labels[:, 0])
+    fg, truth = probs[:, 1], onehot[:, 1]
+    batch_dice = 1 - (2 * (fg * truth).sum() + 1e-5) / (fg.sum() + truth.sum() + 1e-5)
+    assert torch.allclose(segmentation_loss("dice-ce")(logits, labels), batch_dice + ce, atol=1e-5)
+    dims = (2, 3, 4)  # MONAI's DiceCELoss as it comes: per sample and class, background included
+    per_sample = 1 - (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
+    assert torch.allclose(segmentation_loss("dice-ce-all")(logits, labels), per_sample.mean() + ce, atol=1e-5)
+    with pytest.raises(EngineError, match="segmentation loss 'focal'.*dice-ce"):
+        segmentation_loss("focal")
+
+
+def test_every_storage_of_a_head_is_resampled_onto_one_world_lattice(tmp_path):
+    """The working grid's voxel centres sit at multiples of the working spacing from the world origin, whatever the
+    scan's origin, orientation or obliquity: the same head stored two ways gives the model the same voxels (up to
+    interpolation)."""
+    from TensorPEFTLib.data import inference_transforms
+
+    rng = np.random.default_rng(0)
+    image = rng.random((30, 34, 28)).astype(np.float32) + 1.0
+    tilt = _rotation(np.deg2rad([12.0, -17.0, 9.0]))
+    stored = {"ras": np.diag([1.0, 1.0, 1.2, 1.0]), "oblique": np.eye(4)}
+    stored["ras"][:3, 3] = [-14.63, 20.17, -3.31]
+    stored["oblique"][:3, :3] = tilt * np.array([1.1, 0.9, 1.0])
+    stored["oblique"][:3, 3] = [7.9, -11.3, 2.6]
+    pre = inference_transforms(pixdim=(1.5, 1.5, 1.5), crop_foreground=False, intensity="none")
+    for name, affine in stored.items():
+        path = tmp_path / f"{name}.nii.gz"
+        write_volume(path, image, affine)
+        working = pre({"image": str(path)})["image"]
+        out = np.asarray(working.affine, dtype=np.float64)
+        assert np.allclose(out[:3, :3], np.diag([1.5] * 3))
+        assert np.allclose(out[:3, 3] / 1.5, np.round(out[:3, 3] / 1.5), atol=1e-6), (name, out[:3, 3])
+        # every voxel centre of the scan lies inside the working grid
+        corners = np.array([[i, j, k, 1] for i in (0, 29) for j in (0, 33) for k in (0, 27)]).T
+        inside = np.linalg.solve(out, affine @ corners)[:3]
+        assert inside.min() >= -1e-6 and np.all(inside.max(axis=1) <= np.asarray(working.shape[1:]) - 1 + 1e-6)
+
+
+def test_foreground_patches_do_not_always_hold_the_structure_at_their_centre(tmp_path):
+    """``centre_jitter``: a patch drawn for a foreground voxel puts that voxel anywhere within ±J of its centre, so a
+    UNETR does not learn that the structure sits mid-patch (with J = 0 it always does)."""
+    from TensorPEFTLib.data import train_transforms
+
+    image = np.full((48, 48, 48), 0.5, np.float32)
+    label = np.zeros((48, 48, 48), np.uint8)
+    label[23:25, 23:25, 23:25] = 1
+    write_volume(tmp_path / "img.nii.gz", image, np.eye(4))
+    write_volume(tmp_path / "lab.nii.gz", label, np.eye(4))
+    case = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+    def positions(jitter: int) -> np.ndarray:
+        pipeline = train_transforms((16, 16, 16), pos=1.0, neg=0.0, flip_prob=0.0, shift=0.0, scale=0.0,
+                                    crop_foreground=False, centre_jitter=jitter, seed=0)
+        found = []
+        for _ in range(30):
+            sample = pipeline(case)
+            sample = sample[0] if isinstance(sample, list) else sample
+            assert tuple(sample["image"].shape[1:]) == (16, 16, 16)
+            found.append(np.argwhere(np.asarray(sample["label"])[0] > 0).mean(0))
+        return np.asarray(found)
+
+    centred, jittered = positions(0), positions(6)
+    assert np.abs(centred - 7.5).max() <= 1.0  # the chosen voxel is one of the 2x2x2 block at the centre
+    assert np.abs(jittered - 7.5).max() >= 4.0 and np.abs(jittered - 7.5).max() <= 7.0

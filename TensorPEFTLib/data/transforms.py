@@ -14,13 +14,13 @@ import monai.transforms as mt
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import InvertibleTransform, MapTransform
 
 from .io import read_volume
 from .preprocess import foreground_select, normalise_foreground
 
 __all__ = [
-    "LoadVolumed", "ForegroundNormalised", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
+    "LoadVolumed", "ForegroundNormalised", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
     "synthesis_transforms",
 ]
 
@@ -71,6 +71,55 @@ class ForegroundNormalised(MapTransform):
         return d
 
 
+class WorldGridSpacingd(MapTransform, InvertibleTransform):
+    """Resample ``keys`` onto a world-aligned RAS grid of ``pixdim`` mm whose voxel centres sit on a lattice fixed in
+    world space (multiples of ``pixdim`` from the scanner origin), large enough to hold the whole input.
+
+    MONAI's ``Spacingd(diagonal=True)`` starts its grid at the corner of each input's bounding box, so the same head
+    stored RAS or obliquely landed on working grids offset by a fraction of a voxel (0.7, 0.0 and 0.5 voxels for one
+    evaluation brain). On one lattice, every storage of a head gives the model the same voxels up to interpolation.
+    All keys share the grid planned from the first; invertible (``Invertd`` brings predictions back onto the
+    input's grid)."""
+
+    def __init__(self, keys: Sequence[str] | str, pixdim: Sequence[float], mode: Sequence[str] | str = "bilinear",
+                 allow_missing_keys: bool = False) -> None:
+        from monai.transforms import SpatialResample
+
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = np.asarray(tuple(float(p) for p in pixdim), dtype=np.float64)
+        self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
+        self.resampler = SpatialResample()
+
+    def target(self, affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """The lattice grid (affine, spatial shape) covering every voxel centre of a volume."""
+        n = np.asarray(shape[:3], dtype=np.float64) - 1
+        corners = np.array([[i, j, k, 1.0] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])]).T
+        world = (np.asarray(affine, dtype=np.float64) @ corners)[:3]
+        low = np.floor(world.min(axis=1) / self.pixdim - 1e-6) * self.pixdim
+        high = np.ceil(world.max(axis=1) / self.pixdim + 1e-6) * self.pixdim
+        size = tuple(int(v) for v in np.round((high - low) / self.pixdim) + 1)
+        out = np.diag([*self.pixdim, 1.0])
+        out[:3, 3] = low
+        return out, size  # type: ignore[return-value]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        plan = None
+        for key, mode in self.key_iterator(d, self.mode):
+            img = d[key]
+            if plan is None:
+                plan = self.target(np.asarray(img.affine, dtype=np.float64), img.shape[1:])
+            d[key] = self.resampler(img, dst_affine=torch.as_tensor(plan[0]), spatial_size=plan[1], mode=mode,
+                                    padding_mode="zeros", align_corners=False, dtype=torch.float32)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resampler.inverse(d[key])
+        return d
+
+
 def _intensity(mt, key: str, intensity: str):
     if intensity == "foreground":
         return ForegroundNormalised(key)
@@ -83,14 +132,26 @@ def _intensity(mt, key: str, intensity: str):
     raise ValueError(f"intensity must be 'foreground', 'percentile', 'zscore' or 'none', got {intensity!r}")
 
 
-def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientation: str | None, modes: Sequence[str]):
+def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientation: str | None, modes: Sequence[str],
+              label_classes: int | None = None):
+    """Orientation and resampling. With ``label_classes`` the ``label`` key is resampled as nnU-Net resamples
+    segmentations: one-hot, each class linearly, then the most likely class. Nearest-neighbour labels on a coarser
+    grid are a fixed half-voxel jitter of every boundary (measured on a whole-brain hippocampus going from 1 mm to
+    1.5 mm: Dice 0.892 against the atlas map thresholded on a 0.5 mm grid, 0.917 the linear way), the same in every
+    step, which the model then learns."""
     out = []
     if orientation:
         out.append(mt.Orientationd(keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pixdim:
-        # diagonal: onto a world-aligned RAS grid, so an oblique or LPS scan gives the model the same voxels as the
-        # same head stored RAS (the inverse brings predictions back onto the scan's own grid)
-        out.append(mt.Spacingd(keys, pixdim=tuple(pixdim), mode=tuple(modes), diagonal=True, padding_mode="zeros"))
+        smooth = label_classes is not None and "label" in keys
+        if smooth:
+            out.append(mt.AsDiscreted("label", to_onehot=int(label_classes)))
+            modes = tuple("bilinear" if key == "label" else mode for key, mode in zip(keys, modes))
+        # onto a world-aligned RAS grid on a lattice fixed in world space, so an oblique or LPS scan gives the model
+        # the same voxels as the same head stored RAS (the inverse brings predictions back onto the scan's own grid)
+        out.append(WorldGridSpacingd(keys, pixdim=tuple(pixdim), mode=tuple(modes)))
+        if smooth:
+            out.append(mt.AsDiscreted("label", argmax=True))
     return out
 
 
@@ -115,18 +176,26 @@ def train_transforms(
     affine: bool = False,
     elastic: bool = False,
     crop_foreground: bool = True,
+    label_classes: int | None = None,
+    centre_jitter: int = 0,
     seed: int | None = None,
 ):
     """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
 
-    Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` (onto a world-aligned RAS grid) →
-    intensity normalisation (``foreground``: the head/brain's 0.5–99.5 % → [0, 1], background 0; ``percentile``: the
+    Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` (onto a world-aligned RAS grid;
+    labels through their one-hot classes when ``label_classes`` is given) → intensity normalisation (``foreground``: the head/brain's 0.5–99.5 % → [0, 1], background 0; ``percentile``: the
     same over the whole volume; ``zscore``: non-zero voxels) → crop to the head/brain foreground (+8 voxels) → pad
-    to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg`` →
+    to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg``
+    (with ``centre_jitter`` J: crops of ``patch_size + 2J`` centred so, then a random ``patch_size`` crop of them, so
+    the chosen voxel lands anywhere within ±J of the patch centre) →
     random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
     anatomically plausible flip for brain structures) → optional ``RandAffined`` (``affine``: rotation ±10°, scale
     ±10 %, shift ±8 voxels, p=0.8) → intensity shift ±``shift`` and scale ±``scale`` → optional ``Rand3DElasticd``
     (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
+
+    ``centre_jitter`` matters for a UNETR (absolute position embeddings): with the label voxel always at the patch
+    centre, a fine-tuned model learned that a structure sits mid-patch and found less of it where the sliding
+    windows put it elsewhere (the same brain stored two ways: hippocampus Dice 0.747 vs 0.692).
 
     ``affine`` matters most with a handful of subjects whose volumes are barely larger than the patch: the random crop
     then hardly moves the anatomy, and a UNETR (absolute position embeddings) learns *where* a structure sits in the
@@ -134,18 +203,21 @@ def train_transforms(
     """
     mt = _monai()
     keys = ["image", "label"]
+    outer = tuple(int(p) + 2 * int(centre_jitter) for p in patch_size)
     steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
-    steps += _geometry(mt, keys, pixdim, orientation, ("bilinear", "nearest"))
+    steps += _geometry(mt, keys, pixdim, orientation, ("bilinear", "nearest"), label_classes)
     norm = _intensity(mt, "image", intensity)
     if norm is not None:
         steps.append(norm)
     if crop_foreground:
         steps.append(_crop(mt, keys, margin=8))
     steps += [
-        mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
-        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(patch_size), pos=pos, neg=neg,
+        mt.SpatialPadd(keys, spatial_size=outer),
+        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=outer, pos=pos, neg=neg,
                                   num_samples=num_samples, image_key="image", image_threshold=0.0),
     ]
+    if centre_jitter > 0:
+        steps.append(mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False))
     if flip_prob > 0:
         steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes]
     if affine:
@@ -167,7 +239,7 @@ def train_transforms(
 
 def val_transforms(
     *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "foreground",
-    with_label: bool = True, crop_foreground: bool = True,
+    with_label: bool = True, crop_foreground: bool = True, label_classes: int | None = None,
 ):
     """Validation / evaluation pipeline: the deterministic part of :func:`train_transforms` on the whole volume
     (cropped to the foreground plus a margin, not to patches), for sliding-window inference. ``with_label=False``
@@ -176,7 +248,7 @@ def val_transforms(
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
     steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
-    steps += _geometry(mt, keys, pixdim, orientation, modes)
+    steps += _geometry(mt, keys, pixdim, orientation, modes, label_classes if with_label else None)
     norm = _intensity(mt, "image", intensity)
     if norm is not None:
         steps.append(norm)

@@ -6,8 +6,9 @@ torch-free, and importing it must not build the whole engine.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from .._lazy import lazy_exports
+
+from typing import TYPE_CHECKING
 
 _HOME = {
     "EVENT_KINDS": "events", "EXIT_CANCELLED": "events", "Events": "events",
@@ -27,13 +28,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer import TrainResult, TrainSettings
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())

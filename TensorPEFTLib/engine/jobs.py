@@ -200,7 +200,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              resume: bool = False, overwrite: bool = False, batch_size: int | None = None,
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
-             threads: int | None = None) -> TrainResult:
+             threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
+             centre_jitter: int = 16) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -214,6 +215,10 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     ``affine``: random rotation / scaling / shift of each training patch (see
     :func:`~TensorPEFTLib.data.train_transforms`); on by default, since with few subjects a UNETR otherwise learns
     where a structure sits in the patch.
+    ``loss`` / ``label_resampling`` (segmentation): see :data:`~.segmentation.SEGMENTATION_LOSSES` and
+    :data:`~.segmentation.LABEL_RESAMPLING`; ``centre_jitter``: how far (voxels) a foreground-centred training patch is
+    moved off its centre voxel (:func:`~TensorPEFTLib.data.train_transforms`); a resumed run keeps the ones it
+    started with.
     """
     if flip not in FLIP_AXES:
         raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
@@ -256,7 +261,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
             return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
                              device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                              patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
-                             threads=threads)
+                             threads=threads, loss=loss, label_resampling=label_resampling,
+                             centre_jitter=centre_jitter)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -310,7 +316,7 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
               train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
               events: Events, resume: bool, batch_size: int | None, patch_size: Sequence[int] | None,
               spacing: Sequence[float] | None, affine: bool, elastic: bool, flip: str,
-              threads: int | None) -> TrainResult:
+              threads: int | None, loss: str, label_resampling: str, centre_jitter: int) -> TrainResult:
     import dataclasses
 
     from ..data import case_name
@@ -328,6 +334,10 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
             settings, steps=settings.steps or saved.get("train_steps"), lr=settings.lr or saved.get("train_lr"),
             eval_every=settings.eval_every or saved.get("train_eval_every"),
             checkpoint_every=settings.checkpoint_every or saved.get("train_checkpoint_every"))
+        # runs from before these were recorded used MONAI's DiceCELoss as it comes and nearest-neighbour labels
+        loss = saved.get("loss", "dice-ce-all")
+        label_resampling = saved.get("label_resampling", "nearest")
+        centre_jitter = int(saved.get("centre_jitter", 0))
         if threads is None and saved.get("train_threads"):
             threads = int(saved["train_threads"])  # the same thread count as before, so the run ends as an uninterrupted one
             events.message(f"resuming with the run's {threads} CPU thread(s)")
@@ -357,7 +367,8 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         check_training_geometry(model, train_cases + val_cases, prep, size, events)
         task: Any = SegmentationTask(train_cases, val_cases, patch_size=size, num_classes=num_classes, runtime=runtime,
                                      batch_size=batch_size or 2, preprocessing=prep, affine=affine, elastic=elastic,
-                                     flip_axes=FLIP_AXES[flip])
+                                     flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
+                                     centre_jitter=centre_jitter)
     else:
         from .synthesis import SynthesisTask
 
@@ -377,7 +388,9 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
     }
     if task_kind == "segmentation":
-        meta.update(flip=flip, affine=affine, elastic=elastic)  # segment --mirror auto mirrors along the same axes
+        # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
+        meta.update(flip=flip, affine=affine, elastic=elastic, loss=loss, label_resampling=label_resampling,
+                    centre_jitter=centre_jitter)
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         meta["spacing"] = list(_first_spacing(train_cases, size))

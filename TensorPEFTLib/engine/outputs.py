@@ -179,7 +179,7 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 other = self.holder()
                 if other is None:
@@ -191,11 +191,31 @@ class RunLock:
                         pass
                     continue
                 raise EngineError(self._busy_message(other)) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(me, handle)
             self.held = True
             return self
         raise EngineError(self._busy_message(self.holder() or {}))
+
+    def _create(self, me: dict[str, Any]) -> None:
+        """Create the lock file with its content in one step (FileExistsError if another process holds it): written
+        to a private temp file, then hard-linked into place, so a second process never reads a lock that exists but
+        is still empty (it used to, and then named its holder "another job (process ?)"). Filesystems without hard
+        links fall back to an exclusive create, then the write."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(me, handle)
+        finally:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
 
     def _stale(self, other: dict[str, Any]) -> bool:
         pid = other.get("pid")

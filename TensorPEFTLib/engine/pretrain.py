@@ -39,6 +39,9 @@ class Recipe:
     affine: bool = False  # random affine augmentation of the training patches (segmentation)
     flip: str = "all"     # random flips (segmentation): all / lr / none
     spacing: tuple[float, float, float] | None = None  # working voxel size (segmentation), recorded in the model
+    loss: str = "dice-ce"               # segmentation loss (engine.segmentation.SEGMENTATION_LOSSES)
+    label_resampling: str = "linear"    # labels onto the working grid (engine.segmentation.LABEL_RESAMPLING)
+    centre_jitter: int = 16             # voxels a foreground-centred patch moves off its centre (data.train_transforms)
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -55,7 +58,8 @@ RECIPES: dict[str, Recipe] = {
         # covers 96 mm, both hippocampi; patches come from anywhere in the brain, so the model learns to say "no"
         # everywhere else too (the crop-trained model it replaces found nothing on a whole-brain scan).
         Recipe("demo-unetr", "unetr-small", "subcortical", steps=3000, lr=1e-3, batch_size=2, affine=True, flip="lr",
-               spacing=(1.5, 1.5, 1.5),
+               spacing=(1.5, 1.5, 1.5), loss="dice-ce-all", label_resampling="nearest",
+               centre_jitter=0,  # what it was trained with
                description="unetr-small trained from scratch on thalamus+caudate+putamen+pallidum (one label) in "
                            "whole-brain T1s resampled to 1.5 mm RAS, foreground intensity scaling, random affine + "
                            "left-right flip augmentation"),
@@ -110,7 +114,9 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
     started = time.time()
     result = finetune(init, data, run, AdapterConfig(method="full"), settings, val=None, auto_val=False,
                       device=device, events=events, resume=resume, overwrite=not resume,
-                      batch_size=recipe.batch_size, affine=recipe.affine, flip=recipe.flip, threads=threads)
+                      batch_size=recipe.batch_size, affine=recipe.affine, flip=recipe.flip, threads=threads,
+                      loss=recipe.loss, label_resampling=recipe.label_resampling,
+                      centre_jitter=recipe.centre_jitter)
     if result.status != "completed":
         raise EngineError(f"pretraining {recipe.name} was cancelled at step {result.step}; continue with --resume")
 

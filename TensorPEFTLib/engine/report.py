@@ -86,7 +86,8 @@ def _curves(ax: Any, history: dict[str, Any], metric: str) -> None:
 
 def segmentation_report(path: str, history: dict[str, Any], example: tuple | None, metric: str = "dice") -> str:
     """Curves on top; below, a validation case in three views: image, reference contour (green) and prediction (red)."""
-    plt, (fig, axes) = _figure(2, 3, figsize=(13, 8), gridspec_kw={"height_ratios": [1, 1.3]})
+    # hspace: room for the curves' "step" label above the views' titles
+    plt, (fig, axes) = _figure(2, 3, figsize=(13, 8), gridspec_kw={"height_ratios": [1, 1.3], "hspace": 0.3})
     gs = axes[0, 0].get_gridspec()
     for ax in axes[0]:
         ax.remove()

@@ -19,9 +19,34 @@ from .events import Events
 from .runtime import EngineError, Runtime, is_out_of_memory
 
 
+#: the segmentation losses ``finetune`` offers: ``dice-ce`` (default) is nnU-Net's, the soft Dice of the foreground
+#: classes over the whole batch plus cross-entropy; ``dice-ce-all`` is MONAI's ``DiceCELoss`` as it comes, a Dice per
+#: sample over every class, background included (what ``demo-unetr`` was pre-trained with). Why the default changed:
+#: with half the patches drawn away from a small structure, a per-sample Dice on a patch without it is ~1 for any
+#: foreground probability at all, and the background's near-perfect Dice dilutes the structure's; the fine-tuned
+#: hippocampus came out 20-30 % too small. With the demo's recipe (LoRA-PT r=1, 1000 steps, 1 thread), mean Dice on
+#: 18 whole-brain scans of unseen templates went from 0.728 (ICBM 2009c) / 0.691 (2009a) to 0.769 / 0.738, the masks'
+#: volumes from 0.65-0.9x to 0.8-1.1x the reference's.
+SEGMENTATION_LOSSES = ("dice-ce", "dice-ce-all")
+#: how labels reach the working grid: ``linear`` (one-hot, each class linearly, most likely class: nnU-Net's way) or
+#: ``nearest`` (how labels were resampled before; kept so older recipes reproduce)
+LABEL_RESAMPLING = ("linear", "nearest")
+
+
+def segmentation_loss(name: str) -> nn.Module:
+    """The loss called ``name`` (one of :data:`SEGMENTATION_LOSSES`) on logits (B, K, ...) and labels (B, 1, ...)."""
+    from monai.losses import DiceCELoss
+
+    if name == "dice-ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    if name == "dice-ce-all":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    raise EngineError(f"segmentation loss {name!r}: choose one of {', '.join(SEGMENTATION_LOSSES)}")
+
+
 class SegmentationTask:
-    """UNETR fine-tuning on labelled cases: Dice + cross-entropy, foreground-weighted random crops, the LoRA-PT
-    augmentations, validation Dice by sliding-window inference on held-out cases."""
+    """UNETR fine-tuning on labelled cases: Dice + cross-entropy (:func:`segmentation_loss`), foreground-weighted
+    random crops, the LoRA-PT augmentations, validation Dice by sliding-window inference on held-out cases."""
 
     kind = "segmentation"
     metric = "dice"
@@ -30,13 +55,17 @@ class SegmentationTask:
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, patch_size: Sequence[int], num_classes: int,
                  runtime: Runtime, batch_size: int = 2, preprocessing: Any = None,
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
-                 flip_axes: Sequence[int] = (0, 1, 2)) -> None:
+                 flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
+                 centre_jitter: int = 16) -> None:
         from monai.data import CacheDataset
-        from monai.losses import DiceCELoss
 
         from ..data import train_transforms, val_transforms
         from ..data.preprocess import Preprocessing
 
+        if label_resampling not in LABEL_RESAMPLING:
+            raise EngineError(f"label resampling {label_resampling!r}: choose one of {', '.join(LABEL_RESAMPLING)}")
+        self.loss_fn = segmentation_loss(loss)
+        label_classes = num_classes if label_resampling == "linear" else None
         prep = preprocessing or Preprocessing()
         self.preprocessing = prep
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -44,14 +73,15 @@ class SegmentationTask:
         self.sw_batch_size, self.overlap = sw_batch_size, overlap
         self.train_transform = train_transforms(self.patch_size, pixdim=prep.spacing, intensity=prep.intensity,
                                                 crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
-                                                flip_axes=flip_axes)
+                                                flip_axes=flip_axes, label_classes=label_classes,
+                                                centre_jitter=centre_jitter)
         # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
-        val_pre = val_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground)
+        val_pre = val_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground,
+                                 label_classes=label_classes)
         self.val_data = CacheDataset(val_cases, val_pre, progress=False, num_workers=0) if val_cases else None
         self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     # ------------------------------------------------------------------ training
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ on Python 3.9 (Slicer 5.8's).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, List
+from .._lazy import lazy_exports
+
 
 _HOME = {
     "RequestError": "requests", "FinetuneRequest": "requests", "SegmentRequest": "requests",
@@ -37,13 +37,4 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())

@@ -6,8 +6,9 @@ models) are torch-free, so a GUI reads preset sizes and shipped names before PyT
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from .._lazy import lazy_exports
+
+from typing import TYPE_CHECKING
 
 _HOME = {
     "CheckpointError": "checkpoints", "fitting_presets": "checkpoints", "load_checkpoint": "checkpoints",
@@ -28,13 +29,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .shipped import SHIPPED_MODELS, ShippedModelError, is_shipped, model_card, shipped_models, shipped_path
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())
