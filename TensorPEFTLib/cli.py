@@ -162,6 +162,7 @@ def _apply_adapter_defaults(args: argparse.Namespace) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    from .adapters.catalog import PAPER_COUNT_NOTES
     from .engine import parameter_report
 
     _apply_adapter_defaults(args)
@@ -176,6 +177,16 @@ def cmd_params(args: argparse.Namespace) -> int:
          {"count": "adapter", "parameters": report["adapter"]}],
         ["count", "parameters"]))
     print(f"trainable: {report['trainable_percent']:.3f}% of the base model's {report['base_total']:,}")
+    # Published counts differ in what they include (the adapted layers' biases above all): say what ours does.
+    biases = report.get("trainable_adapted_biases", 0)
+    other = report["trainable"] - report["adapter"] - biases
+    without = f"; without those biases {report['trainable'] - biases:,}" if biases else ""
+    print(f"counted as: adapter {report['adapter']:,} + biases of the adapted layers {biases:,} "
+          f"(--bias {report.get('bias')}) + other trainable {other:,} (--trainable: e.g. the UNETR decoder, the "
+          f"DDPM norms) = {report['trainable']:,} trainable{without}")
+    note = PAPER_COUNT_NOTES.get(report["method"])
+    if note:
+        print(f"paper count: {note}")
     return 0
 
 

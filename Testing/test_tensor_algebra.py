@@ -100,6 +100,22 @@ def test_randomized_truncated_t_svd_matches_exact_on_a_decaying_spectrum() -> No
     assert _rel(fast, exact) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(7, 40, 25), (6, 25, 40)])
+def test_exact_truncation_is_the_top_of_every_svd_on_a_flat_spectrum(shape: tuple[int, int, int]) -> None:
+    """The default truncation (Gram eigenvectors, then the projected SVD) against every singular triplet from LAPACK,
+    on random float32 weights (no decaying spectrum), tall and wide slices, odd and even n (real and complex bins);
+    and an all-zero tensor (rank-deficient) gives finite zero factors."""
+    a = _rand(*shape, seed=11).float()
+    r = 3
+    u, s, v = truncated_t_svd(a, r)
+    assert u.dtype == s.dtype == v.dtype == torch.float32
+    uf, sf, vf = t_svd(a.double())
+    expected = t_svd_product(uf[..., :r], sf[:, :r], vf[..., :r])
+    assert _rel(t_svd_product(u.double(), s.double(), v.double()), expected) < 1e-6
+    u, s, v = truncated_t_svd(torch.zeros(shape), r)
+    assert all(torch.isfinite(x).all() for x in (u, s, v)) and not s.any()
+
+
 def _delta_tubes(values: torch.Tensor, n: int) -> torch.Tensor:
     """Diagonal tubes whose every Fourier bin equals ``values`` (a delta tube): spectrum ``values`` at all bins."""
     tubes = torch.zeros(n, values.numel(), dtype=values.dtype)

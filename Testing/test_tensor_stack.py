@@ -15,7 +15,7 @@ from torch import nn
 
 import TensorPEFTLib as tp
 from TensorPEFTLib.adapters import AdapterError, adapter_layers
-from TensorPEFTLib.adapters.tensor_algebra import t_pinv, t_svd_product, truncated_t_svd
+from TensorPEFTLib.adapters.tensor_algebra import t_pinv, t_svd, t_svd_product, truncated_t_svd
 
 METHODS = ["lora-pt", "tcurlora", "lotr"]
 
@@ -138,6 +138,29 @@ def test_lora_pt_starts_from_the_truncated_t_svd_with_the_residual_frozen() -> N
     assert group.S.shape == (4, 3) and group.U.shape == (4, 192, 3) and group.V.shape == (4, 48, 3)
 
 
+def test_lora_pt_starts_from_the_exact_t_svd_on_wide_random_weights() -> None:
+    """Slices wider than 512 with a flat (random-init) spectrum: the default init is the exact truncated t-SVD. The
+    randomized t-SVD the default used there (8 power iterations) was 17 % off on the paper UNETR."""
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(in_channels=1, img_size=16, patch_size=16, hidden_size=520, mlp_dim=520, num_layers=2, num_heads=8)
+    stacks = {"sa": [], "up": [], "down": []}
+    for blk in vit.blocks:
+        qkv = blk.attn.qkv.weight.detach()
+        stacks["sa"] += [blk.attn.out_proj.weight.detach(), *qkv.chunk(3)]
+        stacks["up"].append(blk.mlp.linear1.weight.detach())
+        stacks["down"].append(blk.mlp.linear2.weight.detach())
+    stacks = {name: torch.stack(slices).double() for name, slices in stacks.items()}
+    tp.inject(vit, tp.AdapterConfig(method="lora-pt", rank=1))
+    for name, w in stacks.items():
+        u, s, v = t_svd(w)  # every singular triplet, LAPACK, float64
+        exact = t_svd_product(u[..., :1], s[:, :1], v[..., :1])
+        with torch.no_grad():
+            init = vit.tensorpeft_groups[name].stack_delta().double()
+        assert (init - exact).norm() / exact.norm() < 1e-5, name
+
+
 def test_tcurlora_choice_of_columns_and_rows_and_its_core() -> None:
     model = tiny_unetr()
     w = _original_stack(model, 4, "down")
@@ -160,6 +183,36 @@ def test_lotr_starts_with_zero_cores_and_orthonormal_shared_factors() -> None:
     assert torch.count_nonzero(group.M) == 0 and group.M.shape == (4, 4, 4)
     assert torch.allclose(group.L.T @ group.L, torch.eye(4), atol=1e-5)
     assert torch.allclose(group.R.T @ group.R, torch.eye(4), atol=1e-5)
+
+
+def test_lotr_fused_qkv_layout_gives_four_stacks_of_whole_weights(tmp_path) -> None:
+    """``stacks=qkv-proj-up-down``: one stack per weight shape, each layer's whole weight a slice (qkv fused), the
+    grouping of the LoRA-PT paper's LoTR count; exact start, training and save/load as the default layout."""
+    model = tiny_unetr()
+    x = unetr_input()
+    with torch.no_grad():
+        before = model(x)
+    cfg = tp.AdapterConfig(method="lotr", rank=2, trainable=[], options={"stacks": "qkv-proj-up-down"})
+    report = tp.inject(model, cfg)
+    groups = model.tensorpeft_groups
+    assert list(groups) == ["qkv", "proj", "up", "down"]
+    shapes = {name: (g.n, g.rows, g.cols) for name, g in groups.items()}
+    assert shapes == {"qkv": (4, 144, 48), "proj": (4, 48, 48), "up": (4, 192, 48), "down": (4, 48, 192)}
+    assert report["adapter"] == sum(rows * 2 + cols * 2 + n * 4 for n, rows, cols in shapes.values())
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() <= 1e-5
+        for p in groups.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        qkv = model.vit.blocks[2].attn.qkv.delta_weight()
+        assert torch.equal(qkv, groups["qkv"].stack_delta()[2])  # one slice per fused qkv weight
+        after = model(x)
+    tp.save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_unetr()
+    tp.load_adapter(fresh, tmp_path / "adapter")  # the saved option rebuilds the same four stacks
+    with torch.no_grad():
+        assert (fresh(x) - after).abs().max() <= 1e-6
+    with pytest.raises(AdapterError, match="option stacks must be one of"):
+        tp.inject(tiny_unetr(), tp.AdapterConfig(method="lotr", rank=2, options={"stacks": "sa"}))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -260,6 +313,20 @@ def test_paper_unetr_counts(paper_unetr: nn.Module, method: str, rank: int, trai
     report = tp.inject(model, tp.AdapterConfig(method=method, rank=rank))
     assert report["adapter"] == adapter == _expected_adapter(method, rank, 12, 768, 3072)
     assert report["trainable"] == trainable
+
+
+@pytest.mark.parametrize("stacks,trainable,adapter", [
+    # default: LoRA-PT's three stacks, 3 shared L/R pairs: (768+768)·2 + 48·4 + 2·((3072+768)·2 + 12·4) = 18,720
+    ("sa-up-down", 2_697_282, 18_720),
+    # four stacks, qkv fused: (2304+768)·2 + (768+768)·2 + 2·(3840·2) + 4·12·4 = 24,768; + decoder 2,678,562 =
+    # 2,703,330, the LoRA-PT paper's LoTR row (2.7033M)
+    ("qkv-proj-up-down", 2_703_330, 24_768),
+])
+def test_paper_unetr_lotr_counts_of_both_layouts(paper_unetr: nn.Module, stacks: str, trainable: int,
+                                                 adapter: int) -> None:
+    model = copy.deepcopy(paper_unetr)
+    report = tp.inject(model, tp.AdapterConfig(method="lotr", rank=2, options={"stacks": stacks}))
+    assert (report["adapter"], report["trainable"]) == (adapter, trainable)
 
 
 # --------------------------------------------------------------------------------------------- errors

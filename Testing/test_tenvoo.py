@@ -204,3 +204,17 @@ def test_frozen_copy_cancels_under_bf16_autocast(method):
         assert all(not layer.delta_weight().any() for _, layer in adapter_layers(model))
         adapted = model(x, timesteps=t).float()
     assert (adapted - reference).abs().max().item() <= 1e-5
+
+
+def test_params_says_how_the_count_relates_to_the_papers(capsys):
+    """`tensorpeft params` splits the trainable count (adapter + adapted layers' biases + other) and prints the
+    count without the biases: the TenVOO paper's 0.58M for TenVOO-Q r=4 is 580,736, ours 603,904 with them."""
+    from TensorPEFTLib.cli import main
+
+    code = main(["params", "--model", "ddpm-paper", "--method", "tenvoo-q", "--rank", "4", "--option", "init=zero"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("counted as: adapter 542,272 + biases of the adapted layers 23,168 (--bias adapted) + other trainable "
+            "38,464") in out
+    assert "= 603,904 trainable; without those biases 580,736" in out
+    assert "paper count: The TenVOO paper's table gives 0.58M for TenVOO-Q" in out

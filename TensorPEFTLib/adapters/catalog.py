@@ -56,3 +56,18 @@ METHODS: dict[str, MethodInfo] = {
         "No adapter: every weight trains (the baseline; needs the most memory and storage).",
         "-"),
 }
+
+
+#: How our parameter count relates to a paper's where the two differ, shown by ``tensorpeft params``. Our convention
+#: throughout: trainable = adapter + the adapted layers' biases when they train (``--bias``; the DDPM family's
+#: default "adapted", as in TenVOO's release) + the family's extra trainable parameters (UNETR decoder path incl.
+#: ``out``, DDPM normalisation layers).
+PAPER_COUNT_NOTES: dict[str, str] = {
+    "lotr": ("The LoRA-PT paper's LoTR row (2.7033M at r=2 on its UNETR) fits four stacks with qkv fused: "
+             "--option stacks=qkv-proj-up-down gives 2,703,330. The default, stacks=sa-up-down (LoRA-PT's own "
+             "three stacks, q, k, v split), gives 2,697,282."),
+    "tenvoo-q": ("The TenVOO paper's table gives 0.58M for TenVOO-Q r=4 on its DDPM: that is our count without the "
+                 "adapted layers' biases (580,736), while its TenVOO-L (0.60M = 601,024) and LoCon (0.82M = 824,192) "
+                 "rows include them, as we do for every method (603,904 here); the paper's parameter formula (eq. 6) "
+                 "and its table disagree. --bias none drops the biases."),
+}

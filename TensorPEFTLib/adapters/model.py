@@ -229,12 +229,18 @@ def summary(model: nn.Module) -> dict[str, Any]:
     state: InjectionState | None = getattr(model, "tensorpeft", None)
     counts = count_parameters(model)
     base_total = counts["total"] - counts["adapter"]
+    # Papers differ on whether the adapted layers' biases count (TenVOO's table counts them for TenVOO-L and not
+    # for TenVOO-Q): reported apart so a count can be compared either way.
+    adapted_biases = sum(layer.base_layer.bias.numel() for _, layer in adapter_layers(model)
+                         if getattr(layer.base_layer, "bias", None) is not None and layer.base_layer.bias.requires_grad)
     return {
         "method": state.config.method if state else None,
         "rank": state.config.rank if state else None,
         "family": state.family if state else model_family(model),
         "layers_wrapped": len(state.layers) if state else 0,
         **counts,
+        "bias": state.bias if state else None,
+        "trainable_adapted_biases": adapted_biases,
         "base_total": base_total,
         "trainable_percent": 100.0 * counts["trainable"] / max(1, base_total),
     }

@@ -9,6 +9,14 @@ FI_new / FI ≥ ``threshold`` (λ). The scale α / r_init is not changed by grow
 Because the new column of B is zero, the trial does not change the loss, so all layers are tested with one extra
 forward/backward pass and each layer's decision is the one it would get tested alone.
 
+New rank components start Adam afresh: PyTorch's Adam keeps one step count per parameter, and a grown factor is one
+parameter whose old rows carry hundreds of steps. With the carried count the bias correction of a new component's
+zero moments is wrong and its first steps run at 0.5×-3× the learning rate of a fresh parameter. The old components
+keep their moments and step count untouched; each new component's start step is recorded in the optimiser state,
+and a step post-hook replaces, for the new components only, the update Adam made with the carried count by the one
+a fresh Adam would make with the component's own count (see :func:`_fresh_adam_start`). Other optimisers have no
+bias correction (SGD's momentum starts at zero either way) and are left as they are.
+
 Grown ranks are per-layer metadata (:meth:`SeLoRALayer.layer_meta`), saved in ``adapter_config.json``; ``load_adapter``
 re-injects with them, so the loaded shapes match the saved tensors.
 
@@ -17,6 +25,7 @@ re-injects with them, so the loaded shapes match the saved tensors.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -29,10 +38,18 @@ from .registry import MethodSpec, per_layer, register
 
 #: Paper-code defaults: test every 40 steps. λ = 1.1 is our default (keep a rank whose gradient energy adds at least
 #: 10 % to the layer's Fisher score); the value could not be checked against the released code here.
+#: Idle layers keep their rank (not in the paper; ``idle_fraction=0, fisher_floor=0`` restore the paper's rule): their
+#: FI_new / FI is a ratio of float rounding noise that lands on either side of λ from one machine to the next.
 #: ``idle_fraction``: a layer whose Fisher score has fallen below this fraction of its own peak (over the tests so
-#: far) has converged; its FI_new / FI is then a ratio of float rounding noise that lands on either side of λ from
-#: one machine to the next, so a converged layer keeps its rank. Not in the paper; 0 restores the paper's rule.
-DEFAULTS = {"every": 40, "threshold": 1.1, "max_rank": None, "init_rank": 1, "idle_fraction": 1e-4}
+#: far) has converged. ``fisher_floor``: a layer whose Fisher score is below this absolute value has a gradient norm
+#: under 1e-8, Adam's ε, which then sets its step more than the gradient does; this catches the layer whose score was
+#: tiny from the start (its own peak is tiny too, so ``idle_fraction`` cannot).
+DEFAULTS = {"every": 40, "threshold": 1.1, "max_rank": None, "init_rank": 1, "idle_fraction": 1e-4,
+            "fisher_floor": 1e-16}
+
+#: optimiser-state key: {"axis": rank axis of the factor, "starts": the step count at which each rank component
+#: joined (0 for the components the parameter was created with)}
+COMPONENT_STARTS = "selora_component_starts"
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -128,7 +145,9 @@ def selora_ranks(model: nn.Module) -> dict[str, int]:
 def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter, axis: int) -> None:
     """Replace ``old`` by ``new`` in the optimiser's groups and carry its state: every state tensor shaped like the
     parameter (Adam's exp_avg / exp_avg_sq / max_exp_avg_sq, SGD's momentum_buffer) is copied into the leading part
-    of a zero tensor of the new shape along ``axis``; scalars (Adam's step) are kept as they are."""
+    of a zero tensor of the new shape along ``axis``; scalars (Adam's step) are kept as they are. Where the state
+    has a step count, the new components' start step is recorded under :data:`COMPONENT_STARTS` so
+    :func:`_fresh_adam_start` can give them a fresh bias correction."""
     if optimizer is None:
         return
     for group in optimizer.param_groups:
@@ -137,7 +156,7 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Paramete
                 group["params"][i] = new
     state = optimizer.state.pop(old, None)
     if state is None:
-        return
+        return  # never stepped: the optimiser will create a fresh state for every component
     carried: dict[str, Any] = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
@@ -146,7 +165,64 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Paramete
             carried[key] = grown
         else:
             carried[key] = value
+    if "step" in state:
+        starts = list(state.get(COMPONENT_STARTS, {}).get("starts", [0] * old.shape[axis]))
+        step = int(float(state["step"]))
+        carried[COMPONENT_STARTS] = {"axis": axis, "starts": starts + [step] * (new.shape[axis] - old.shape[axis])}
     optimizer.state[new] = carried
+
+
+#: optimisers whose step post-hook :func:`_fresh_adam_start` is registered (once each)
+_HOOKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _hook_optimizer(optimizer: torch.optim.Optimizer | None) -> None:
+    """Register :func:`_fresh_adam_start` on ``optimizer`` once, however many growth hooks bind to it (the
+    correction must run once per step)."""
+    if optimizer is None or optimizer in _HOOKED or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    optimizer.register_step_post_hook(_fresh_adam_start)
+    _HOOKED.add(optimizer)
+
+
+def _fresh_adam_start(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
+    """After an Adam/AdamW step: give the rank components added by growth the update of a fresh parameter.
+
+    Adam's update is ``-lr · m̂ / (√v̂ + ε)`` with ``m̂ = m / (1 − β₁ᵗ)``, ``v̂ = v / (1 − β₂ᵗ)``, t the parameter's
+    step count. A new component's moments started at zero when it joined at step t₀, exactly as a fresh
+    parameter's do, so they are the fresh parameter's moments; only t differs (the fresh count is k = t − t₀). So
+    the optimiser's update with t is replaced by the one with k, for those components only: the old components,
+    and every moment, stay exactly as Adam left them. Weight decay (Adam's L2 or AdamW's decoupled one) is the same
+    with either count and needs nothing. Why a correction rather than separate parameters per growth: a grown factor
+    stays one tensor, so saved adapters, merging and a resumed optimiser (whose state must match the parameter list)
+    work as before; the start steps travel in the optimiser state and survive ``state_dict`` / ``load_state_dict``.
+    """
+    for group in optimizer.param_groups:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, lr = float(group["eps"]), float(group["lr"])
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is None or not state or COMPONENT_STARTS not in state:
+                continue  # Adam skipped it this step, or it never grew
+            axis, starts = state[COMPONENT_STARTS]["axis"], state[COMPONENT_STARTS]["starts"]
+            first_new = next((i for i, s in enumerate(starts) if s > 0), len(starts))
+            if first_new == len(starts):
+                continue
+            t = float(state["step"])
+            count = len(starts) - first_new
+            shape = [1] * p.dim()
+            shape[axis] = count
+            own = t - torch.tensor(starts[first_new:], dtype=torch.float64)  # each component's fresh step count
+            m = state["exp_avg"].narrow(axis, first_new, count)
+            v = state["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"].narrow(axis, first_new, count)
+
+            def update(steps: torch.Tensor) -> torch.Tensor:
+                step_size = (lr / (1 - beta1 ** steps)).reshape(shape).to(device=m.device, dtype=m.dtype)
+                root_bc2 = ((1 - beta2 ** steps) ** 0.5).reshape(shape).to(device=m.device, dtype=m.dtype)
+                return -step_size * m / (v.sqrt() / root_bc2 + eps)
+
+            with torch.no_grad():
+                p.narrow(axis, first_new, count).add_(update(own) - update(torch.full_like(own, t)))
 
 
 class SeLoRAGrowth:
@@ -163,7 +239,8 @@ class SeLoRAGrowth:
     On a test step the layers that keep an extra rank get new ``lora_A``/``lora_B`` parameters whose gradients are
     the trial pass's (for the existing rows/columns these equal the ones just computed, since the trial leaves the
     loss unchanged), the optimiser's param groups point at them and its state (Adam moments, step) is carried over
-    with zeros for the new row/column. Every other parameter keeps the gradient it had.
+    with zeros for the new row/column, which Adam then steps as a fresh parameter would (module docstring). Every
+    other parameter keeps the gradient it had.
 
     Args:
         model: a model carrying a ``selora`` adapter.
@@ -171,13 +248,15 @@ class SeLoRAGrowth:
         every: test every this many calls to :meth:`step` (default: the config's option, 40).
         threshold: λ, keep the extra rank when FI_new / FI ≥ λ (default: the config's option).
         idle_fraction: a layer whose FI fell below this fraction of its own peak FI keeps its rank
-            (default: the config's option, 1e-4; 0 = the paper's rule).
+            (default: the config's option, 1e-4; 0 = no such rule).
+        fisher_floor: a layer whose FI is below this absolute value keeps its rank (default: the config's option,
+            1e-16; 0 = no floor; both 0 = the paper's rule).
         max_rank: per-layer cap overriding the config's (never above min(out, in·kernel)).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, every: int | None = None,
                  threshold: float | None = None, max_rank: int | None = None,
-                 idle_fraction: float | None = None) -> None:
+                 idle_fraction: float | None = None, fisher_floor: float | None = None) -> None:
         state = getattr(model, "tensorpeft", None)
         options = {**DEFAULTS, **(state.config.options if state is not None else {})}
         self.model = model
@@ -185,8 +264,12 @@ class SeLoRAGrowth:
         self.every = int(every if every is not None else options["every"])
         self.threshold = float(threshold if threshold is not None else options["threshold"])
         self.idle_fraction = float(idle_fraction if idle_fraction is not None else options["idle_fraction"])
+        self.fisher_floor = float(fisher_floor if fisher_floor is not None else options["fisher_floor"])
         if self.every < 1 or not self.threshold > 0:
             raise AdapterError(f"selora needs every >= 1 and threshold > 0, got every={self.every}, threshold={self.threshold}")
+        if not (self.idle_fraction >= 0 and self.fisher_floor >= 0):
+            raise AdapterError(f"selora needs idle_fraction >= 0 and fisher_floor >= 0, got {self.idle_fraction}, "
+                               f"{self.fisher_floor}")
         self.layers = selora_layers(model)
         if not self.layers:
             raise AdapterError("SeLoRAGrowth: this model has no selora layers; inject method 'selora' first")
@@ -196,6 +279,7 @@ class SeLoRAGrowth:
         self.calls = 0
         self.history: list[dict[str, Any]] = []
         self.peak_fisher: dict[str, float] = {}
+        _hook_optimizer(optimizer)
 
     def ranks(self) -> dict[str, int]:
         return {name: layer.rank for name, layer in self.layers.items()}
@@ -203,6 +287,7 @@ class SeLoRAGrowth:
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Point the hook at the optimiser a trainer built after injection (its state is carried on growth)."""
         self.optimizer = optimizer
+        _hook_optimizer(optimizer)
 
     def after_step(self, step: int, batch: Any, closure: Callable[[], torch.Tensor]) -> dict[str, Any]:
         """Trainer hook, called after the optimiser step ``step`` (1-based) with a closure that recomputes the loss
@@ -261,7 +346,7 @@ class SeLoRAGrowth:
             after = layer.fisher_score()
             fi = before[name]
             self.peak_fisher[name] = max(fi, self.peak_fisher.get(name, 0.0))
-            idle = fi < self.idle_fraction * self.peak_fisher[name]
+            idle = fi < self.idle_fraction * self.peak_fisher[name] or fi < self.fisher_floor
             keep = not idle and after > 0 and (after / fi >= self.threshold if fi > 0 else True)
             old_a, old_b = originals[name]
             if keep:
