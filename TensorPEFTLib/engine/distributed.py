@@ -252,16 +252,44 @@ def _join(who: Distributed, backend: str, timeout: datetime.timedelta) -> None:
         raise EngineError(f"WORLD_SIZE={who.world_size} is set but MASTER_ADDR/MASTER_PORT are not: start "
                           "multi-process jobs with torchrun (see docs/scale.md)")
     try:
-        store, _, _ = next(dist.rendezvous("env://", who.rank, who.world_size, timeout=join))
-        store.set_timeout(timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=who.rank,
-                                world_size=who.world_size, timeout=timeout)
+        with _native_stderr_kept_on_success():
+            store, _, _ = next(dist.rendezvous("env://", who.rank, who.world_size, timeout=join))
+            store.set_timeout(timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=who.rank,
+                                    world_size=who.world_size, timeout=timeout)
     except Exception as err:  # noqa: BLE001 - store, socket and backend errors all mean "could not join"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EngineError(f"rank {who.rank} of {who.world_size} could not join the job at {where} within "
                           f"{join.total_seconds():g} s ({type(err).__name__}: {first[:200]}); check that every node "
                           "can reach that address (torchrun --rdzv-endpoint / --master-addr) and that all ranks "
                           "were started") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_on_success() -> Iterator[None]:
+    """Hold what C++ code writes to file descriptor 2 during the block; pass it on if the block succeeds, drop it if
+    it fails. c10d logs a failed connection to the rendezvous with a 40-line native stack trace before raising, which
+    would bury the one line that says what to do (the exception keeps the cause)."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                sink.seek(0)
+                held = sink.read()
+                if held:
+                    os.write(2, held)
 
 
 def shutdown() -> None:
@@ -341,14 +369,35 @@ class LostPeer(EngineError):
     """A collective failed: another rank stopped (killed, crashed, or its node went away)."""
 
 
-def data_parallel(model: torch.nn.Module, device: torch.device, *, init_sync: bool = True) -> torch.nn.Module:
+def unused_parameters(model: torch.nn.Module, loss: torch.Tensor) -> list[str]:
+    """The trainable parameters of ``model`` that ``loss``'s autograd graph does not reach (walked from its
+    ``grad_fn`` to the leaves; no backward pass)."""
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: its leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, *, init_sync: bool = True,
+                  find_unused: bool = False) -> torch.nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` for the training step (evaluation, saving and SeLoRA's
     Fisher test keep using ``model`` itself).
 
-    * ``find_unused_parameters=False``: every trainable tensor of every method takes part in each forward pass (the
-      shared factors of LoRA-PT / tCURLoRA / LoTR too: they are parameters of ``model.tensorpeft_groups``, used
-      through every member layer's slice); ``Testing/test_distributed.py`` checks this per method. Searching for
-      unused parameters would cost a graph traversal every step.
+    * ``find_unused_parameters`` only where needed (``find_unused``, from :func:`unused_parameters` on the first
+      batch): the adapters' trainable tensors all take part in each forward pass (the shared factors of LoRA-PT /
+      tCURLoRA / LoTR too: they are parameters of ``model.tensorpeft_groups``, used through every member layer's
+      slice; ``Testing/test_distributed.py`` checks every method), and searching for unused ones costs a graph
+      traversal every step. ``full`` fine-tuning of a UNETR is the exception: MONAI's transformer blocks own a
+      cross-attention LayerNorm they never use without cross-attention, and DDP would wait for its gradient forever.
     * ``static_graph=False``: SeLoRA replaces parameters when a rank grows; the trainer then builds a new wrapper
       (``init_sync=False``: every rank grew the same layers from the same weights, nothing to broadcast).
     * ``broadcast_buffers=False``: UNETR (instance norm) and the DDPM (group norm) keep no running statistics; the
@@ -358,6 +407,12 @@ def data_parallel(model: torch.nn.Module, device: torch.device, *, init_sync: bo
 
     import inspect
 
+    import warnings
+
+    # LoRA-PT's rank-1 factors (n, d, 1) get gradients whose stride along the size-1 axis differs from the bucket's;
+    # DDP then warns on every step that the copy into its bucket is strided. The values are the same and the copy
+    # happens either way (the gradients are not bucket views): nothing to act on.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     accepts = inspect.signature(DistributedDataParallel.__init__).parameters
     options: dict[str, Any] = {}
@@ -365,7 +420,7 @@ def data_parallel(model: torch.nn.Module, device: torch.device, *, init_sync: bo
         options["init_sync"] = init_sync
     # the newer name of broadcast_buffers=False (torch 2.13 deprecates the old one; both leave the init sync alone)
     options["forward_sync_buffers" if "forward_sync_buffers" in accepts else "broadcast_buffers"] = False
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False, **options)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused, **options)
 
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..adapters import save_adapter, trainable_parameters
 from ..atomic import copy_atomically, write_text_atomically
-from .distributed import SINGLE, Distributed, data_parallel, is_lost_peer
+from .distributed import SINGLE, Distributed, data_parallel, is_lost_peer, unused_parameters
 from .events import Events
 from .outputs import disk_full_message, folder_bytes, is_disk_full, torch_bytes, write_bytes
 from .runtime import EngineError, Runtime, out_of_memory_as_error, peak_memory_gb, step_seed
@@ -198,6 +198,7 @@ class Trainer:
         #: what the training step runs: ``model`` itself, or its DDP wrapper in a data-parallel job (built by run())
         self.train_model: nn.Module = model
         self._wrapped: list[int] = []
+        self._unused: list[str] | None = None  # trainable parameters no forward pass uses (data-parallel only)
         self.runtime, self.events, self.hooks = runtime, events, list(hooks or [])
         self.extra_meta = extra_meta or {}
         self.optimizer = make_optimizer(trainable_parameters(model), settings)
@@ -358,8 +359,27 @@ class Trainer:
             diff = sorted(set(map(str, layouts[differ])) ^ set(map(str, layouts[0])))[:3]
             raise EngineError(f"at step {self.step} rank {differ} holds other trainable parameters than rank 0 "
                               f"({'; '.join(diff)}); the ranks must grow/adapt the same layers")
-        self.train_model = data_parallel(self.model, self.runtime.device, init_sync=init_sync)
+        if self._unused is None:
+            self._unused = self._probe_unused_parameters()
+        self.train_model = data_parallel(self.model, self.runtime.device, init_sync=init_sync,
+                                         find_unused=bool(self._unused))
         self._wrapped = [id(p) for p in trainable_parameters(self.model)]
+
+    def _probe_unused_parameters(self) -> list[str]:
+        """Trainable parameters the loss does not reach, from one forward pass on the first batch (every rank does
+        it: the task's loss may exchange statistics). DDP must be told about them, or it waits for their gradients
+        forever; they get none in one process either, so the optimiser leaves them alone in both."""
+        seed = step_seed(self.settings.seed, self.step, 0)
+        batch = self.task.batch(self.step, 0, seed)
+        with torch.enable_grad(), self.runtime.autocast():
+            loss = self.task.loss(self.model, batch)
+        unused = unused_parameters(self.model, loss)
+        del loss, batch
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            self.events.message(f"DDP: {len(unused)} trainable tensor(s) take no part in the forward pass "
+                                f"({', '.join(unused[:3])}{more}); searching for unused parameters every step")
+        return unused
 
     def _parameters_changed(self) -> bool:
         return [id(p) for p in trainable_parameters(self.model)] != self._wrapped
