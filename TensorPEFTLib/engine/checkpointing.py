@@ -17,13 +17,14 @@ a recomputed block must read those very tensors again (``adapters.recompute_cont
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
-from ..adapters import model_family
+from ..adapters import model_family, recompute_context
 from .runtime import EngineError
 
 #: per model family, the modules wrapped (full-name regular expressions)
@@ -50,7 +51,10 @@ class CheckpointedForward:
         inner = type(block).forward
         if not torch.is_grad_enabled():
             return inner(block, *args, **kwargs)
-        return checkpoint(inner, block, *args, use_reentrant=False, **kwargs)
+        # context_fn is called now, at the forward: it captures the adapter groups' results of this pass for the
+        # recomputation (see adapters.recompute_context)
+        return checkpoint(inner, block, *args, use_reentrant=False, context_fn=partial(recompute_context, block),
+                          **kwargs)
 
 
 def checkpoint_modules(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
