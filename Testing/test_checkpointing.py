@@ -222,3 +222,50 @@ def test_unknown_architecture_is_refused_in_one_line():
     with pytest.raises(EngineError, match="knows the transformer blocks .* Sequential is neither") as err:
         enable_checkpointing(nn.Sequential(nn.Linear(2, 2)))
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- finetune
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    import synthetic
+
+    root = tmp_path_factory.mktemp("ckpt")
+    synthetic.write_segmentation_dataset(str(root / "data"), n_train=2, n_test=0, seed=0)
+    return root, synthetic.save_tiny_model(str(root / "unetr.safetensors"))
+
+
+def _finetune_cli(root, model: str, out: str, *extra: str) -> int:
+    from TensorPEFTLib.cli import main
+
+    return main(["finetune", "--model", model, "--data", str(root / "data"), "--out", out, "--method", "lora-pt",
+                 "--rank", "1", "--steps", "2", "--batch-size", "1", "--no-val", "--device", "cpu", "--amp", "off",
+                 "--threads", "1", "--quiet", *extra])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_finetune_checkpointing_trains_the_same_adapter_and_resume_keeps_it(seg_data, capsys):
+    from safetensors.torch import load_file
+
+    root, model = seg_data
+    plain, ckpt = str(root / "plain"), str(root / "ckpt")
+    assert _finetune_cli(root, model, plain) == 0
+    assert _finetune_cli(root, model, ckpt, "--checkpointing") == 0
+    saved = json.load(open(os.path.join(ckpt, "adapter_config.json")))
+    assert saved["checkpointing"] is True and saved["trained_steps"] == 2
+    assert json.load(open(os.path.join(plain, "adapter_config.json")))["checkpointing"] is False
+    # the same gradients, so the same two Adam steps: the same adapter
+    a, b = load_file(os.path.join(plain, "adapter.safetensors")), load_file(os.path.join(ckpt, "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    MEASURED["finetune lora-pt 2 steps (weights)"] = worst
+    assert worst <= GRAD_TOLERANCE
+
+    capsys.readouterr()
+    assert _finetune_cli(root, model, ckpt, "--resume", "--steps", "3", "--events", "-") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["checkpointing"] is True and start["resumed"] is True  # kept without the flag
+    assert json.load(open(os.path.join(ckpt, "adapter_config.json")))["checkpointing"] is True
+
