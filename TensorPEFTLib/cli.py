@@ -310,7 +310,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
-                      elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads)
+                      elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
+                      checkpointing=args.checkpointing)
     events.close()
     if result.status == "cancelled":
         print(f"cancelled at step {result.step}; checkpoint kept in {args.out} (continue with --resume)", file=sys.stderr)
@@ -427,6 +428,10 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0,
                    help="seed of sampling and augmentation (default 0): on CPU the same seed and --threads give the "
                         "same adapter bytes")
+    t.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing: the ViT blocks (UNETR) or resnet blocks (DDPM) keep only their "
+                        "inputs and run again in backward, for less memory at more compute; the gradients are the "
+                        "same (default off; --resume keeps the run's setting)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     add_runtime_arguments(p)

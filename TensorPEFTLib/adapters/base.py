@@ -7,6 +7,7 @@ the base layer, ``unmerge`` takes it out again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -190,10 +191,16 @@ class AdapterLayer(nn.Module):
 class AdapterGroup(nn.Module):
     """Factors shared by a stack of layers (LoRA-PT, tCURLoRA, LoTR).
 
-    The group computes every member's ΔW in one batched operation and caches the result for the current forward
-    pass; each member layer reads its slice through :meth:`delta`. The cache is cleared around every forward of
-    the adapted model (hooks installed by ``inject``) and around merge/unmerge, so a fresh graph is built per
-    pass (gradient accumulation safe) and no full-size tensors are held between steps.
+    The group computes what its members share in one batched operation and keeps the result for the current
+    forward pass; each member layer reads its part through :meth:`delta` (or a subclass's factored form).
+
+    Lifetime of a pass's results: ``inject`` installs hooks on the adapted model that compute them in a forward
+    pre-hook, before any block runs, and drop them after the forward, so every pass builds a fresh graph (gradient
+    accumulation safe) and no full-size tensors are held between steps. Computing them before the blocks matters
+    under activation checkpointing: a checkpointed block that computed them would compute them again when it is
+    recomputed in backward, which torch refuses (``CheckpointError: Recomputed values ... different metadata``).
+    The recomputed block must instead read this pass's very tensors, which :func:`recompute_context` gives it.
+    A member used outside the model's forward (a block called alone) computes them on first use.
     """
 
     def __init__(self) -> None:
@@ -204,13 +211,58 @@ class AdapterGroup(nn.Module):
         """All members' updates at once; indexed by :meth:`delta`'s ``index``."""
         raise NotImplementedError
 
-    def delta(self, index: Any) -> torch.Tensor:
+    def results(self) -> Any:
+        """This pass's shared results, computed now unless the model's pre-hook has already done so."""
         if self._cache is None:
             self._cache = self.compute_deltas()
-        return self._cache[index]
+        return self._cache
+
+    def delta(self, index: Any) -> torch.Tensor:
+        return self.results()[index]
 
     def clear_cache(self) -> None:
         self._cache = None
+
+
+class _BoundResults:
+    """A context manager in which the given groups hold the given results (and afterwards what they held before).
+
+    Entering it again is allowed: a graph kept with ``retain_graph=True`` and back-propagated twice recomputes its
+    checkpointed blocks twice."""
+
+    def __init__(self, bound: list[tuple[AdapterGroup, Any]]) -> None:
+        self._bound = bound
+        self._before: list[list[Any]] = []
+
+    def __enter__(self) -> "_BoundResults":
+        self._before.append([group._cache for group, _ in self._bound])
+        for group, results in self._bound:
+            group._cache = results
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        for (group, _), before in zip(self._bound, self._before.pop()):
+            group._cache = before
+        return False
+
+
+def recompute_context(module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """The ``context_fn`` of ``torch.utils.checkpoint`` (non-reentrant) for a checkpointed ``module``: nothing in
+    the forward; in the recomputation, the adapter groups of the members inside ``module`` hold again the results
+    they held when the forward ran (captured now), however many passes ran since.
+
+    Without it a recomputed block would find the results already dropped (or another pass's) and compute its own:
+    extra saved tensors, which torch refuses, and a graph not connected to the forward's. A group that had no
+    results yet at the forward (the block computed them itself) gets none again, so the recomputation repeats that
+    computation too, as the forward did.
+    """
+    groups: dict[int, AdapterGroup] = {}
+    for layer in module.modules():
+        if isinstance(layer, GroupMemberLayer):
+            groups.setdefault(id(layer.group), layer.group)
+    if not groups:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _BoundResults([(group, group._cache) for group in groups.values()])
 
 
 class GroupMemberLayer(AdapterLayer):

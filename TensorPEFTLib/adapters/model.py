@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import AdapterGroup, AdapterLayer
+from .base import AdapterGroup, AdapterLayer, GroupMemberLayer
 from . import methods  # noqa: F401  (registers the built-in methods before any lookup)
 from .config import ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, read_json
 from .registry import FAMILIES, MethodSpec, compile_patterns, get_method, model_family, pattern_matches
@@ -183,14 +183,32 @@ def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | N
     state = InjectionState(cfg, family, fingerprint, description, layers=list(wrapped.layers),
                            groups=list(wrapped.groups), trainable_patterns=trainable, bias=bias)
     if wrapped.groups:
-        # Fresh group results for every pass, none kept alive between passes (see AdapterGroup).
-        def clear(*_: Any) -> None:
-            for group in wrapped.groups.values():
-                group.clear_cache()
-
-        state.hooks = [model.register_forward_pre_hook(clear), model.register_forward_hook(clear)]
+        # Each pass's shared results computed before any block runs and dropped after it (see AdapterGroup).
+        state.hooks = [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass)]
     model.tensorpeft = state
     return summary(model)
+
+
+def _begin_pass(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a model with adapter groups: fresh shared results for this pass, computed here, outside
+    every block, so that activation checkpointing never recomputes them (see :class:`~.base.AdapterGroup`). Groups
+    whose members are all merged or disabled compute nothing. Module-level (it finds the groups on the model it is
+    called with), so a ``copy.deepcopy`` of the model hooks its own groups."""
+    groups = adapter_groups(model)
+    for group in groups.values():
+        group.clear_cache()
+    active: dict[int, AdapterGroup] = {}
+    for module in model.modules():
+        if isinstance(module, GroupMemberLayer) and not module.merged and module.adapter_enabled:
+            active.setdefault(id(module.group), module.group)
+    for group in active.values():
+        group.results()
+
+
+def _end_pass(model: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: drop the pass's shared results (the graph keeps what backward needs; checkpointed blocks keep
+    theirs through ``recompute_context``)."""
+    _clear_groups(model)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

@@ -201,7 +201,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
-             centre_jitter: int = 16) -> TrainResult:
+             centre_jitter: int = 16, checkpointing: bool | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -219,6 +219,9 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     :data:`~.segmentation.LABEL_RESAMPLING`; ``centre_jitter``: how far (voxels) a foreground-centred training patch is
     moved off its centre voxel (:func:`~TensorPEFTLib.data.train_transforms`); a resumed run keeps the ones it
     started with.
+    ``checkpointing``: activation checkpointing of the UNETR's ViT blocks or the DDPM's resnet blocks
+    (:mod:`.checkpointing`): less activation memory for recomputing those blocks in backward, the same gradients.
+    ``None``: off for a new run, the run's own setting on ``resume``.
     """
     if flip not in FLIP_AXES:
         raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
@@ -262,7 +265,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                              device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                              patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                              threads=threads, loss=loss, label_resampling=label_resampling,
-                             centre_jitter=centre_jitter)
+                             centre_jitter=centre_jitter, checkpointing=checkpointing)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -316,7 +319,8 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
               train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
               events: Events, resume: bool, batch_size: int | None, patch_size: Sequence[int] | None,
               spacing: Sequence[float] | None, affine: bool, elastic: bool, flip: str,
-              threads: int | None, loss: str, label_resampling: str, centre_jitter: int) -> TrainResult:
+              threads: int | None, loss: str, label_resampling: str, centre_jitter: int,
+              checkpointing: bool | None) -> TrainResult:
     import dataclasses
 
     from ..data import case_name
@@ -338,6 +342,12 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         loss = saved.get("loss", "dice-ce-all")
         label_resampling = saved.get("label_resampling", "nearest")
         centre_jitter = int(saved.get("centre_jitter", 0))
+        recorded = bool(saved.get("checkpointing", False))
+        if checkpointing is None:
+            checkpointing = recorded
+        elif checkpointing != recorded:  # allowed: it changes memory and time, not the gradients
+            events.message(f"note: this run started with{'' if recorded else 'out'} activation checkpointing; it "
+                           f"continues with{'' if checkpointing else 'out'} (same gradients, other memory and time)")
         if threads is None and saved.get("train_threads"):
             threads = int(saved["train_threads"])  # the same thread count as before, so the run ends as an uninterrupted one
             events.message(f"resuming with the run's {threads} CPU thread(s)")
@@ -359,6 +369,13 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
 
     runtime = select_runtime(device, amp, threads)
     model.to(runtime.device)
+    checkpointing = bool(checkpointing)
+    if checkpointing:
+        from .checkpointing import enable_checkpointing
+
+        blocks = enable_checkpointing(model)
+        events.message(f"activation checkpointing: {len(blocks)} blocks ({blocks[0]} ... {blocks[-1]}) recomputed in "
+                       f"backward instead of keeping their activations")
     size = tuple(patch_size) if patch_size else model_input_size(model)
     prep = None
     if task_kind == "segmentation":
@@ -388,6 +405,7 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         "train_steps": settings.steps, "train_lr": settings.lr, "train_eval_every": settings.eval_every,
         "train_checkpoint_every": settings.checkpoint_every,
         "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
+        "checkpointing": checkpointing,
     }
     if task_kind == "segmentation":
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
