@@ -32,7 +32,7 @@ METHODS: dict[str, MethodInfo] = {
         "Conv3d ΔW as a ten-core tensor network with three r⁴ loop cores; Linear layers get QuanTA.",
         "TenVOO (tensor-network PEFT for 3D DDPMs), authors' release; QuanTA (Chen et al. 2024) for Linear"),
     "lora": MethodInfo(
-        "Low-rank update B·A per layer (LoCon on convolutions); B starts at zero.",
+        "Low-rank update B·A per layer (LoCon on convolutions and transposed convolutions); B starts at zero.",
         "Hu et al. 2021, LoRA; LyCORIS LoCon for Conv3d"),
     "pissa": MethodInfo(
         "LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",

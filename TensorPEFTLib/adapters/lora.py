@@ -3,6 +3,10 @@
 LoRA: ΔW = (alpha / r) · B A with A (r × in) Kaiming-uniform and B (out × r) zero, so the output is unchanged at
 start (Hu et al., 2021). On a convolution, A is a convolution with the layer's kernel, stride, padding and
 dilation to r channels and B a 1×1×1 convolution back to the output channels (LoCon, as in LyCORIS and peft).
+On a transposed convolution (which neither peft nor LyCORIS adapts), A is a transposed convolution with the layer's
+kernel, stride, padding, output padding and dilation to r channels and B the same pointwise convolution: a pointwise
+channel mix commutes with the transposed convolution, so the path is exactly the transposed convolution with ΔW,
+built as (out, in, *kernel) and laid out as the layer's (in, out, *kernel).
 The sub-modules are called ``lora_A`` / ``lora_B`` as in Hugging Face peft, so a saved adapter maps onto peft's
 state dict key for key.
 
@@ -13,16 +17,19 @@ residual W - scale · B A, so residual + principal part reproduces W.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .base import CONV_TYPES, AdapterLayer, check_rank, kaiming_uniform_, seeded_generator
+from .base import (ADAPTABLE_TYPES, CONV_OF_TRANSPOSED, CONV_TYPES, TRANSPOSED_CONV_TYPES, AdapterLayer, check_rank,
+                   kaiming_uniform_, out_in_view, seeded_generator)
 from .config import AdapterConfig, AdapterError
 from .registry import MethodSpec, per_layer_class, register
 
 
 class LoRALayer(AdapterLayer):
-    """LoRA on a Linear layer, LoCon on a ConvNd layer."""
+    """LoRA on a Linear layer, LoCon on a ConvNd or ConvTransposeNd layer."""
 
     method = "lora"
 
@@ -32,7 +39,13 @@ class LoRALayer(AdapterLayer):
         self.rank = cfg.rank
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
-        if isinstance(base_layer, CONV_TYPES):
+        if isinstance(base_layer, TRANSPOSED_CONV_TYPES):  # groups > 1 was refused by AdapterLayer
+            self.lora_A = type(base_layer)(base_layer.in_channels, self.rank, base_layer.kernel_size,
+                                           base_layer.stride, base_layer.padding, base_layer.output_padding,
+                                           bias=False, dilation=base_layer.dilation, **factory)
+            self.lora_B = CONV_OF_TRANSPOSED[type(base_layer)](self.rank, base_layer.out_channels, 1, bias=False,
+                                                               **factory)
+        elif isinstance(base_layer, CONV_TYPES):
             if base_layer.groups != 1:
                 raise AdapterError(
                     f"{name}: grouped convolutions (groups={base_layer.groups}) are not supported by {self.method}; "
@@ -49,17 +62,30 @@ class LoRALayer(AdapterLayer):
         self.reset_factors(cfg)
 
     def reset_factors(self, cfg: AdapterConfig) -> None:
-        kaiming_uniform_(self.lora_A.weight, self.lora_A.weight[0].numel(), seeded_generator(cfg, self.layer_name))
+        fan_in = self.lora_A.weight.numel() // self.rank  # in · kernel, whichever way A stores its axes
+        kaiming_uniform_(self.lora_A.weight, fan_in, seeded_generator(cfg, self.layer_name))
         nn.init.zeros_(self.lora_B.weight)
 
-    def delta_weight(self) -> torch.Tensor:
-        a = self.lora_A.weight.reshape(self.rank, -1)
-        b = self.lora_B.weight.reshape(-1, self.rank)
-        return (b @ a).reshape(self.base_layer.weight.shape) * self.scaling
+    def a_matrix(self) -> torch.Tensor:
+        """A as (r, in · kernel): a transposed convolution's A stores (in, r, *kernel)."""
+        return out_in_view(self.lora_A, self.lora_A.weight).reshape(self.rank, -1)
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self) -> torch.Tensor:
+        """scale · B A in the base weight's layout."""
+        b = self.lora_B.weight.reshape(-1, self.rank)
+        return self.layout(b @ self.a_matrix()) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_delta()
+
+    def lora_path(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        """B(A(x)) without the scale (A gets a transposed convolution's ``output_size`` too)."""
+        hidden = self.lora_A(x) if output_size is None else self.lora_A(x, output_size)
+        return self.lora_B(hidden)
+
+    def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r.
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return self.call_base(x, output_size) + self.lora_path(self.dropout(x), output_size) * self.scaling
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
@@ -72,7 +98,7 @@ class PiSSALayer(LoRALayer):
 
     def reset_factors(self, cfg: AdapterConfig) -> None:
         weight = self.base_layer.weight
-        matrix = weight.detach().reshape(weight.shape[0], -1).float()
+        matrix = out_in_view(self.base_layer, weight.detach()).reshape(self.out_dim, -1).float()
         iters = cfg.options.get("svd_iters")
         if iters:  # randomized SVD for very large layers (Halko et al.), as peft's pissa_niter_K
             u, s, v = torch.svd_lowrank(matrix, q=self.rank, niter=int(iters))
@@ -81,16 +107,18 @@ class PiSSALayer(LoRALayer):
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         u, s, vh = u[:, : self.rank], s[: self.rank] / self.scaling, vh[: self.rank]
         root = s.sqrt()
+        a_weight = self.lora_A.weight
+        a_rows = (root[:, None] * vh).reshape(self.rank, *out_in_view(self.lora_A, a_weight).shape[1:])
         with torch.no_grad():
-            self.lora_A.weight.copy_((root[:, None] * vh).reshape(self.lora_A.weight.shape).to(weight.dtype))
+            a_weight.copy_(out_in_view(self.lora_A, a_rows).to(weight.dtype))
             self.lora_B.weight.copy_((u * root[None, :]).reshape(self.lora_B.weight.shape).to(weight.dtype))
             weight.sub_(self.delta_weight().to(weight.dtype))
-
 
 
 LORA = register(
     MethodSpec(
         name="lora",
+        layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(LoRALayer),
     )
 )
@@ -98,6 +126,7 @@ LORA = register(
 PISSA = register(
     MethodSpec(
         name="pissa",
+        layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(PiSSALayer),
         options={"svd_iters": None},
     )
