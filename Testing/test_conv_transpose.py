@@ -1,5 +1,6 @@
 """Adapters on transposed convolutions (issue 19, item 5): ConvTranspose1d/2d/3d under LoRA, PiSSA, LoHa and LoKr
-(and SSF), with stride, padding, output padding and dilation that are not 1/0.
+(and SSF), with stride, padding, output padding and dilation that are not 1/0; and UNETR's up-samplers as a
+target set.
 
 A transposed convolution stores its weight as (in, out, *kernel): the tests check the update against
 ``F.conv_transpose*`` with W + ΔW, against the same factors on an ordinary convolution (so ΔW is built as
@@ -187,6 +188,92 @@ def test_default_targets_never_reach_transposed_convs():
     net(torch.zeros(1, 2, 5, 5, 5))
     tp.inject(net, tp.AdapterConfig(method="lora", rank=1))
     assert [n for n, _ in adapter_layers(net)] == ["0", "3"]
+
+
+# ----------------------------------------------------------------------------------------------- UNETR up-samplers
+
+DECODER_UPSAMPLERS = [f"decoder{i}.transp_conv.conv" for i in (5, 4, 3, 2)]
+
+
+def test_unetr_decoder_upsamplers_target_set_adapts_its_conv_transpose3d(tmp_path):
+    model = tiny_unetr()
+    x = unetr_input()
+    with torch.no_grad():
+        before = model(x)
+    tp.inject(model, tp.AdapterConfig(method="lora", rank=2, targets=["@decoder-upsamplers"], trainable=[]))
+    layers = dict(adapter_layers(model))
+    assert sorted(layers) == sorted(DECODER_UPSAMPLERS)
+    assert all(isinstance(layer.base_layer, nn.ConvTranspose3d) for layer in layers.values())
+    counts = tp.count_parameters(model)
+    expected = sum(2 * (layer.in_dim * 8 + layer.out_dim) for layer in layers.values())  # kernel 2³
+    assert counts["adapter"] == counts["trainable"] == expected
+    with torch.no_grad():
+        assert (model(x) - before).abs().max().item() <= 1e-5
+
+    # The up-samplers' adapters train, change the segmentation output, merge and survive save/load.
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(x)
+        assert (trained - before).abs().max().item() > 1e-4
+        tp.merge(model)
+        assert (model(x) - trained).abs().max().item() <= 1e-5
+        tp.unmerge(model)
+    tp.save_adapter(model, tmp_path)
+    fresh = tiny_unetr()
+    tp.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), trained, atol=1e-6)
+
+
+def test_defaults_plus_decoder_upsamplers_and_the_decoder_still_training():
+    model = tiny_unetr()
+    tp.inject(model, tp.AdapterConfig(method="lora", rank=1, targets=["@defaults", "@decoder-upsamplers"]))
+    names = [n for n, _ in adapter_layers(model)]
+    assert len(names) == 4 * 4 + 4 and set(DECODER_UPSAMPLERS) <= set(names)
+    assert sum(n.startswith("vit.blocks.") for n in names) == 16
+    # The default trainable decoder path trains, but an adapted layer's own weight does not: its adapter does.
+    params = dict(model.named_parameters())
+    assert params["decoder2.conv_block.conv1.conv.weight"].requires_grad
+    for name in DECODER_UPSAMPLERS:
+        assert not params[f"{name}.base_layer.weight"].requires_grad
+        assert params[f"{name}.lora_A.weight"].requires_grad
+
+
+def test_all_upsamplers_set_and_unknown_set():
+    model = tiny_unetr()
+    tp.inject(model, tp.AdapterConfig(method="loha", rank=1, targets=["@upsamplers"], trainable=[]))
+    expected = [n for n, m in tiny_unetr().named_modules() if isinstance(m, nn.ConvTranspose3d)]
+    assert sorted(n for n, _ in adapter_layers(model)) == sorted(expected) and len(expected) == 10
+    with pytest.raises(AdapterError, match=r"target set '@decoder' is not defined for a unetr model; its sets: "
+                                           r"@defaults, @decoder-upsamplers, @upsamplers"):
+        tp.inject(tiny_unetr(), tp.AdapterConfig(method="lora", rank=1, targets=["@decoder"]))
+    with pytest.raises(AdapterError, match="not defined for a generic model; its sets: @defaults"):
+        tp.inject(nn.Sequential(nn.Linear(4, 4)), tp.AdapterConfig(method="lora", rank=1, targets=["@decoder-upsamplers"]))
+    with pytest.raises(AdapterError, match=r"lora-pt adapts Linear layers only.*decoder5\.transp_conv\.conv"):
+        tp.inject(tiny_unetr(), tp.AdapterConfig(method="lora-pt", rank=1, targets=["@defaults", "@decoder-upsamplers"]))
+
+
+def test_params_command_counts_the_decoder_upsamplers(capsys):
+    import json
+
+    from TensorPEFTLib.cli import main
+
+    code = main(["params", "--model", "unetr-small", "--method", "lora", "--rank", "2", "--targets",
+                 "@decoder-upsamplers", "--adapter-only", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["layers_wrapped"] == 4
+    from TensorPEFTLib.models import build_model
+
+    model = build_model("unetr-small")
+    convs = [model.get_submodule(name) for name in DECODER_UPSAMPLERS]
+    assert report["adapter"] == report["trainable"] == sum(2 * (c.in_channels * 8 + c.out_channels) for c in convs)
 
 
 def test_adapter_saved_before_transposed_convs_were_adaptable_still_loads(tmp_path):

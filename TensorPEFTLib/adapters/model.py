@@ -20,7 +20,7 @@ from torch import nn
 from .base import ADAPTABLE_TYPES, TRANSPOSED_CONV_TYPES, AdapterGroup, AdapterLayer
 from . import methods  # noqa: F401  (registers the built-in methods before any lookup)
 from .config import ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, read_json
-from .registry import FAMILIES, MethodSpec, compile_patterns, get_method, model_family, pattern_matches
+from .registry import FAMILIES, MethodSpec, compile_patterns, expand_targets, get_method, model_family, pattern_matches
 
 FORMAT_VERSION = 1
 _BASE = ".base_layer"
@@ -89,8 +89,7 @@ def _resolve_targets(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig, fam
     if cfg.targets is not None and not cfg.targets:
         raise AdapterError("targets is an empty list: name at least one layer pattern, or leave it unset for the defaults")
     keep = None if only is None else set(only)
-    method_defaults = list(spec.targets.get(family, defaults.targets))
-    default_patterns, explicit_patterns = (method_defaults, []) if cfg.targets is None else ([], list(cfg.targets))
+    default_patterns, explicit_patterns = expand_targets(cfg.targets, family, spec)
     patterns = default_patterns + explicit_patterns
     compile_patterns(patterns, "target")
     selected, unsupported = [], []
@@ -196,7 +195,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | N
     for name, layer in wrapped.layers.items():
         _set_submodule(model, name, layer)
         # The adapter trains in the layer's place: its weight stays frozen even where a trainable pattern matches
-        # it (UNETR's decoder trains fully by default, and its up-samplers can now be adapted).
+        # it (UNETR's decoder trains fully by default, and @decoder-upsamplers adapts layers inside it).
         layer.base_layer.weight.requires_grad_(False)
         if bias in ("adapted", "all") and layer.base_layer.bias is not None:
             layer.base_layer.bias.requires_grad_(True)
