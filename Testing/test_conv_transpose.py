@@ -1,5 +1,5 @@
 """Adapters on transposed convolutions (issue 19, item 5): ConvTranspose1d/2d/3d under LoRA, PiSSA, LoHa and LoKr
-(and SSF), with stride, padding, output padding and dilation that are not 1/0; and UNETR's up-samplers as a
+(and SSF, DoRA), with stride, padding, output padding and dilation that are not 1/0; and UNETR's up-samplers as a
 target set.
 
 A transposed convolution stores its weight as (in, out, *kernel): the tests check the update against
@@ -23,7 +23,7 @@ TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 ISSUE_METHODS = ["lora", "pissa", "loha", "lokr"]
-METHODS = ISSUE_METHODS + ["ssf"]
+METHODS = ISSUE_METHODS + ["dora", "ssf"]
 CASES = [(nd, m) for nd in TRANSPOSED for m in METHODS]
 
 
@@ -149,7 +149,7 @@ def test_pissa_on_transposed_conv_splits_the_out_in_matrix():
     assert torch.allclose(got, torch.linalg.svdvals(matrix)[:3], rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "loha", "ssf"])
+@pytest.mark.parametrize("method", ["lora", "loha", "ssf", "dora"])
 def test_output_size_argument_reaches_the_adapter(method):
     """ConvTranspose's forward(x, output_size) picks the output padding; the adapted layer honours it too."""
     torch.manual_seed(0)

@@ -37,6 +37,9 @@ METHODS: dict[str, MethodInfo] = {
     "pissa": MethodInfo(
         "LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",
         "Meng et al. 2024, PiSSA (here on Conv3d too)"),
+    "dora": MethodInfo(
+        "LoRA on the weight's direction plus a trained magnitude per output channel; B starts at zero.",
+        "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation; as Hugging Face peft's use_dora"),
     "loha": MethodInfo(
         "Hadamard product of two low-rank updates: rank up to r² for 2r's parameters.",
         "Hyeon-Woo et al. 2022, FedPara/LoHa; LyCORIS"),

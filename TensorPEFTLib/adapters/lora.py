@@ -1,4 +1,4 @@
-"""LoRA (LoCon on convolutions) and PiSSA.
+"""LoRA (LoCon on convolutions), PiSSA and DoRA.
 
 LoRA: ΔW = (alpha / r) · B A with A (r × in) Kaiming-uniform and B (out × r) zero, so the output is unchanged at
 start (Hu et al., 2021). On a convolution, A is a convolution with the layer's kernel, stride, padding and
@@ -13,6 +13,13 @@ state dict key for key.
 PiSSA (Meng et al., 2024): A and B start from the top-r singular triplets of the weight (flattened to
 out × in·prod(kernel) for convolutions - peft offers PiSSA on Linear only) and the frozen weight becomes the
 residual W - scale · B A, so residual + principal part reproduces W.
+
+DoRA (Liu et al., 2024): the weight is split into a magnitude m per output channel and a direction, and LoRA adapts
+the direction only: W' = m · (W + scale · B A) / ||W + scale · B A||, the norm taken per output channel (over the
+inputs and the kernel), m trainable and starting at ||W||, so the output is unchanged at start. As the paper (§4.3)
+and peft do, the norm is detached from the graph: it follows ΔW but passes no gradient. The magnitude is called
+``lora_magnitude_vector`` with peft's shape ((out,) on Linear, (1, out, 1, ...) on convolutions), which is also the
+key peft writes in its adapter files.
 """
 
 from __future__ import annotations
@@ -115,6 +122,94 @@ class PiSSALayer(LoRALayer):
             weight.sub_(self.delta_weight().to(weight.dtype))
 
 
+class DoRALayer(LoRALayer):
+    """Weight-decomposed LoRA: a trained magnitude per output channel times the direction of W + scale · B A.
+
+    Matches peft's DoRA on Linear and ConvNd (same forward, same merged weight); also on ConvTransposeNd, where the
+    output channel is the weight's second axis.
+    """
+
+    method = "dora"
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "") -> None:
+        super().__init__(base_layer, cfg, name)
+        with torch.no_grad():
+            norm = self.weight_norm(base_layer.weight + self.lora_delta().to(base_layer.weight.dtype))
+        # peft's shape: (out,) for Linear, (1, out, 1, ...) for convolutions - it broadcasts over the output
+        shape = (-1,) if isinstance(base_layer, nn.Linear) else (1, -1, *([1] * len(self.kernel_size)))
+        self.lora_magnitude_vector = nn.Parameter(norm.reshape(shape).clone())
+        # ||W + ΔW|| at merge time: a merged weight no longer holds it, and unmerge needs it (peft caches it too).
+        self.register_buffer("_merged_norm", None, persistent=False)
+        self.register_buffer("_merged_rows", None, persistent=False)
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of each output channel's weights (over the inputs and the kernel): shape (out,)."""
+        rows = out_in_view(self.base_layer, weight).reshape(self.out_dim, -1)
+        return torch.linalg.vector_norm(rows, dim=1)
+
+    def magnitude_scale(self, norm: torch.Tensor) -> torch.Tensor:
+        """m / ||W + ΔW|| per output channel, shape (out,). A channel whose weights are all zero has norm 0 (and
+        m = 0 at start): the clamp gives it factor 0 instead of 0/0, so its output stays what it was."""
+        magnitude = self.lora_magnitude_vector.reshape(-1)
+        return magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+    def delta_weight(self) -> torch.Tensor:
+        """m · (W + scale · B A) / ||W + scale · B A|| - W of the unmerged layer (the norm detached, as in forward)."""
+        weight = self.base_layer.weight
+        combined = weight + self.lora_delta().to(weight.dtype)
+        scale = self.magnitude_scale(self.weight_norm(combined).detach())
+        return self.per_out_channel(scale) * combined - weight
+
+    def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        # As peft: result + (s - 1) · (W x) + s · scale · B A x with s = m / ||W + ΔW||, so the base layer runs as it
+        # is and the adapter adds a thin r-channel path; ΔW is formed only for the norm, without a graph.
+        base = self.base_layer
+        result = self.call_base(x, output_size)
+        with torch.no_grad():
+            norm = self.weight_norm(base.weight + self.lora_delta().to(base.weight.dtype))
+        scale = self.magnitude_scale(norm).to(result.dtype)  # an autocast output keeps its precision
+        scale = scale if not self.is_conv else scale.reshape(1, -1, *([1] * (result.dim() - 2)))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            lora_in = x
+            plain = result if base.bias is None else result - (
+                base.bias if not self.is_conv else base.bias.reshape(1, -1, *([1] * (result.dim() - 2))))
+        else:  # dropout reaches the adapter's terms only: W x is computed again on the dropped-out input
+            lora_in = self.dropout(x)
+            plain = self.base_op(lora_in, base.weight, None, output_size)
+        return result + (scale - 1) * plain + scale * self.lora_path(lora_in, output_size) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← m · (W + ΔW) / ||W + ΔW||, keeping the norm for :meth:`unmerge`."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        combined = weight + self.lora_delta().to(weight.dtype)
+        norm = self.weight_norm(combined)
+        scale = self.magnitude_scale(norm)
+        # A channel with m = 0 merges to zeros, from which W cannot be divided back out: keep its rows.
+        zero = scale == 0
+        self._merged_rows = out_in_view(self.base_layer, weight)[zero].clone() if zero.any() else None
+        self._merged_norm = norm
+        weight.copy_(self.per_out_channel(scale).to(weight.dtype) * combined)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W' · ||W + ΔW|| / m - ΔW with the norm kept at merge (exact up to rounding)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        scale = self.magnitude_scale(self._merged_norm)
+        zero = scale == 0
+        divisor = self.per_out_channel(torch.where(zero, torch.ones_like(scale), scale)).to(weight.dtype)
+        weight.copy_(weight / divisor - self.lora_delta().to(weight.dtype))
+        if self._merged_rows is not None:
+            out_in_view(self.base_layer, weight)[zero] = self._merged_rows
+        self._merged_norm = self._merged_rows = None
+        self.merged = False
+
+
 LORA = register(
     MethodSpec(
         name="lora",
@@ -129,5 +224,13 @@ PISSA = register(
         layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(PiSSALayer),
         options={"svd_iters": None},
+    )
+)
+
+DORA = register(
+    MethodSpec(
+        name="dora",
+        layer_types=ADAPTABLE_TYPES,
+        wrap=per_layer_class(DoRALayer),
     )
 )
