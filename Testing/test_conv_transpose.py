@@ -176,7 +176,7 @@ def test_grouped_transposed_conv_refused_clearly():
 
 def test_methods_without_transposed_support_say_so():
     net = nn.Sequential(nn.ConvTranspose3d(4, 4, 2))
-    with pytest.raises(AdapterError, match=r"method selora adapts Linear/Conv1d/Conv2d/Conv3d layers only.*"
+    with pytest.raises(AdapterError, match=r"method selora adapts Linear/Conv1d/2d/3d layers only.*"
                                            r"0 \(ConvTranspose3d\)"):
         tp.inject(net, tp.AdapterConfig(method="selora", rank=1, targets=["0"]))
 

@@ -79,7 +79,19 @@ class MethodSpec:
 
     @property
     def layer_kinds(self) -> str:
-        return "/".join(t.__name__ for t in self.layer_types) if self.adapts_layers else "all parameters"
+        """``Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d``: a family's 1d/2d/3d written once, so the listing stays
+        readable now that six methods take transposed convolutions too."""
+        if not self.adapts_layers:
+            return "all parameters"
+        names, stem = [], None
+        for layer_type in self.layer_types:
+            name = layer_type.__name__
+            if stem is not None and name[:-2] == stem:  # Conv2d after Conv1d -> "2d"
+                names.append(name[-2:])
+            else:
+                names.append(name)
+            stem = name[:-2] if name[-1] == "d" and name[-2].isdigit() else None
+        return "/".join(names)
 
 
 _METHODS: dict[str, MethodSpec] = {}
