@@ -143,8 +143,11 @@ def add_adapter_arguments(parser: argparse.ArgumentParser, default_method: str =
     group.add_argument("--dropout", type=float, default=None, help="dropout on the adapter path (default 0)")
     group.add_argument("--bias", choices=["none", "adapted", "all"], default=None,
                        help="which biases train (default: the model family's published choice)")
-    group.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
-                       help="module-name patterns to adapt (default: the method's published layers)")
+    group.add_argument("--targets", nargs="+", default=None, metavar="REGEX|@SET",
+                       help="module-name patterns to adapt (default: the method's published layers); named sets: "
+                            "@defaults (those published layers), on a UNETR @decoder-upsamplers (its decoder's "
+                            "ConvTranspose3d) and @upsamplers (every ConvTranspose3d), e.g. --targets @defaults "
+                            "@decoder-upsamplers")
     group.add_argument("--trainable", nargs="*", default=None, metavar="REGEX",
                        help="extra parameters to train, searched in parameter names (default: e.g. the UNETR decoder)")
     group.add_argument("--adapter-only", action="store_true", help="train the adapter only (same as --trainable with no pattern)")
