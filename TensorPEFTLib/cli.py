@@ -143,8 +143,11 @@ def add_adapter_arguments(parser: argparse.ArgumentParser, default_method: str =
     group.add_argument("--dropout", type=float, default=None, help="dropout on the adapter path (default 0)")
     group.add_argument("--bias", choices=["none", "adapted", "all"], default=None,
                        help="which biases train (default: the model family's published choice)")
-    group.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
-                       help="module-name patterns to adapt (default: the method's published layers)")
+    group.add_argument("--targets", nargs="+", default=None, metavar="REGEX|@SET",
+                       help="module-name patterns to adapt (default: the method's published layers); named sets: "
+                            "@defaults (those published layers), on a UNETR @decoder-upsamplers (its decoder's "
+                            "ConvTranspose3d) and @upsamplers (every ConvTranspose3d), e.g. --targets @defaults "
+                            "@decoder-upsamplers")
     group.add_argument("--trainable", nargs="*", default=None, metavar="REGEX",
                        help="extra parameters to train, searched in parameter names (default: e.g. the UNETR decoder)")
     group.add_argument("--adapter-only", action="store_true", help="train the adapter only (same as --trainable with no pattern)")
@@ -323,7 +326,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(args.model, args.data, args.out, cfg, settings, val=args.val, device=args.device, amp=args.amp,
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
-                      elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads)
+                      elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
+                      checkpointing=args.checkpointing)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -444,6 +448,10 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0,
                    help="seed of sampling and augmentation (default 0): on CPU the same seed and --threads give the "
                         "same adapter bytes")
+    t.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing: the ViT blocks (UNETR) or resnet blocks (DDPM) keep only their "
+                        "inputs and run again in backward, for less memory at more compute; the gradients are the "
+                        "same (default off; --resume keeps the run's setting)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     add_runtime_arguments(p)

@@ -15,7 +15,7 @@ from TensorPEFTLib.adapters.model import CONFIG_FILE, WEIGHTS_FILE
 
 from conftest import ddpm_input, tiny_ddpm, tiny_unetr, unetr_input
 
-LAYER_METHODS = ["lora", "pissa", "loha", "lokr", "ssf"]
+LAYER_METHODS = ["lora", "pissa", "dora", "loha", "lokr", "ssf"]
 # Linear targets on UNETR (its ViT), Conv3d + Linear targets on the DDPM (its resnets, attention, time embedding).
 CASES = [("unetr", m) for m in LAYER_METHODS] + [("ddpm", m) for m in LAYER_METHODS]
 
@@ -182,6 +182,52 @@ def test_pissa_residual_plus_principal_reproduces_weight():
     assert checked > 0
 
 
+def test_dora_magnitude_starts_at_the_weight_norm_per_output_channel():
+    model = tiny_ddpm()
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d))}
+    tp.inject(model, tp.AdapterConfig(method="dora", rank=2, trainable=[]))
+    kinds = set()
+    for name, layer in adapter_layers(model):
+        w = originals[name]
+        norm = w.reshape(w.shape[0], -1).norm(dim=1)
+        m = layer.lora_magnitude_vector
+        # peft's shapes: (out,) on Linear, (1, out, 1, 1, 1) on Conv3d
+        assert m.shape == ((w.shape[0],) if w.dim() == 2 else (1, w.shape[0], 1, 1, 1)), name
+        assert torch.allclose(m.reshape(-1), norm, rtol=1e-6) and m.requires_grad
+        assert layer.delta_weight().abs().max().item() <= 1e-6  # m = ||W|| and B = 0: no update yet
+        kinds.add(w.dim())
+    assert kinds == {2, 5}
+    counts = tp.count_parameters(model)
+    lora = tiny_ddpm()
+    tp.inject(lora, tp.AdapterConfig(method="lora", rank=2, trainable=[]))
+    outs = sum(layer.out_dim for _, layer in adapter_layers(model))
+    assert counts["adapter"] == tp.count_parameters(lora)["adapter"] + outs
+
+
+def test_dora_channel_with_zero_weights_stays_finite_and_unmerges_exactly():
+    """MONAI zero-initialises some DDPM convolutions: a zero row has norm 0 (and m = 0), which peft turns into NaN.
+    Here its scale is 0, the output is unchanged, and unmerge gives the row back although merge zeroed it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1))
+    with torch.no_grad():
+        net[0].weight[1].zero_()
+    x = torch.randn(2, 3, 5, 5, 5)
+    before = net(x).detach()
+    tp.inject(net, tp.AdapterConfig(method="dora", rank=2, targets=["0"], trainable=[]))
+    assert torch.equal(net(x).detach(), before)
+    layer = net[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    weights = layer.base_layer.weight.detach().clone()
+    unmerged = net(x).detach()
+    assert torch.isfinite(unmerged).all()
+    tp.merge(net)
+    assert (net(x) - unmerged).abs().max().item() <= 1e-5
+    tp.unmerge(net)
+    assert torch.equal(layer.base_layer.weight[1], weights[1])
+    assert (layer.base_layer.weight - weights).abs().max().item() <= 1e-6
+
+
 def test_defaults_follow_the_model_family():
     unetr, ddpm = tiny_unetr(), tiny_ddpm()
     assert model_family(unetr) == "unetr" and model_family(ddpm) == "ddpm"
@@ -309,7 +355,7 @@ def test_grouped_conv_refused_clearly():
         tp.inject(net, tp.AdapterConfig(method="lora", rank=1, targets=["0"]))
 
 
-@pytest.mark.parametrize("kind,method", [("unetr", m) for m in ("full", "lora", "pissa", "loha", "lokr", "ssf", "lora-pt",
+@pytest.mark.parametrize("kind,method", [("unetr", m) for m in ("full", "lora", "pissa", "dora", "loha", "lokr", "ssf", "lora-pt",
                                                                   "tcurlora", "lotr")]
                          + [("ddpm", m) for m in ("tenvoo-l", "tenvoo-q", "quanta", "selora")])
 def test_same_seed_and_two_threads_give_identical_adapter_bytes(tmp_path, kind, method):

@@ -45,6 +45,15 @@ def test_params_json_matches_library_count(capsys):
     assert report["adapter"] == report["trainable"] == expected
 
 
+def test_params_counts_dora_as_lora_plus_one_magnitude_per_output(capsys):
+    code, out, _ = run_cli(capsys, "params", "--model", "unetr-small", "--method", "dora", "--rank", "2",
+                           "--adapter-only", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["method"] == "dora"
+    lora = 4 * 2 * ((192 + 576) + (192 + 192) + (192 + 768) + (768 + 192))  # as the LoRA count above
+    assert report["adapter"] == report["trainable"] == lora + 4 * (576 + 192 + 768 + 192)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["params", "--model", "unetr-small", "--method", "lorax"], "unknown method 'lorax'"),
     (["params", "--model", "unetr-small", "--method", "lora", "--rank", "0"], "rank must be >= 1"),

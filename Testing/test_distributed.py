@@ -108,7 +108,7 @@ class Float64Task:
 
 
 def _train(rank: int, world: int, data: str, out: str, method: str, rank_r: int, batch: int, steps: int,
-           options: dict) -> dict:
+           options: dict, checkpointing: bool = False) -> dict:
     """A few float64 training steps of the tiny UNETR through the engine's Trainer (what finetune runs)."""
     from conftest import tiny_unetr
 
@@ -128,6 +128,10 @@ def _train(rank: int, world: int, data: str, out: str, method: str, rank_r: int,
     model = tiny_unetr().double().train()
     cfg = AdapterConfig(method=method, rank=rank_r, options=options)
     inject(model, cfg)
+    if checkpointing:
+        from TensorPEFTLib.engine.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model)
     task = SegmentationTask(find_cases(data), [], patch_size=(32, 32, 32), num_classes=2, runtime=runtime,
                             batch_size=batch, preprocessing=Preprocessing(), shard=(ctx.rank, ctx.world_size))
     settings = TrainSettings(steps=steps, lr=1e-3, eval_every=10**6, checkpoint_every=10**6, seed=0)
@@ -167,18 +171,21 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-@pytest.mark.parametrize("method,rank_r", [("lora", 2), ("lora-pt", 1), ("full", 1)])
-def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(blobs, tmp_path, method, rank_r):
+@pytest.mark.parametrize("method,rank_r,checkpointing", [("lora", 2, False), ("lora-pt", 1, False), ("full", 1, False),
+                                                          ("lora-pt", 1, True)])
+def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(blobs, tmp_path, method, rank_r, checkpointing):
+    """(``full``: DDP searches for MONAI's unused norms; activation checkpointing: the blocks recomputed in backward
+    under DDP.)"""
     root, data, _ = blobs
-    one = _one_process(data, str(tmp_path / "one"), method, rank_r, 4, 3, {})
+    one = _one_process(data, str(tmp_path / "one"), method, rank_r, 4, 3, {}, checkpointing)
     assert one["wrapper"] != "DistributedDataParallel" and not one["group"]  # one process: no DDP, no group
-    ranks = run_ranks(_train, 2, data, str(tmp_path / "two"), method, rank_r, 2, 3, {})
+    ranks = run_ranks(_train, 2, data, str(tmp_path / "two"), method, rank_r, 2, 3, {}, checkpointing)
     for ok, value in ranks:
         assert ok, value
     r0, r1 = (value for _, value in ranks)
     assert r0["wrapper"] == "DistributedDataParallel"
     difference = _max_difference(one["weights"], r0["weights"])
-    print(f"{method}: max |one process - rank 0| over {len(one['weights'])} trained tensors = {difference:.3g}")
+    print(f"{method}{' (checkpointing)' if checkpointing else ''}: max |one process - rank 0| over {len(one['weights'])} trained tensors = {difference:.3g}")
     assert difference <= 1e-5
     assert _max_difference(r0["weights"], r1["weights"]) == 0.0  # DDP keeps the ranks bit-identical
     np.testing.assert_allclose(r0["losses"], one["losses"], rtol=1e-10)

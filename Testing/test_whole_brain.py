@@ -472,3 +472,16 @@ def test_foreground_patches_do_not_always_hold_the_structure_at_their_centre(tmp
     centred, jittered = positions(0), positions(6)
     assert np.abs(centred - 7.5).max() <= 1.0  # the chosen voxel is one of the 2x2x2 block at the centre
     assert np.abs(jittered - 7.5).max() >= 4.0 and np.abs(jittered - 7.5).max() <= 7.0
+
+
+def test_figures_slice_through_the_middle_of_one_hippocampus_not_the_midline_or_its_edge():
+    """Both hippocampi's centroid lies on the midline; the overlay figures' sagittal plane must cut one of them."""
+    from TensorPEFTLib.engine.report import centre_of
+
+    mask = np.zeros((60, 40, 30), np.uint8)
+    mask[10:20, 15:25, 10:20] = 1  # one side: centre x = 14.5
+    mask[40:52, 15:25, 10:20] = 1  # the other, a little larger: centre x = 45.5
+    x, y, z = centre_of(mask, mask.shape)
+    assert mask[x, y, z] == 1
+    assert x in (14, 15, 45, 46) and 15 <= y < 25 and 10 <= z < 20
+    assert centre_of(np.zeros((4, 6, 8)), (4, 6, 8)) == (2, 3, 4)

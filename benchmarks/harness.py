@@ -271,37 +271,13 @@ def apply_lycoris(model: nn.Module, layers: list[str], algo: str, rank: int) -> 
 
 
 def apply_checkpointing(model: nn.Module, family: str) -> tuple[int, int]:
-    """Run the family's blocks under non-reentrant activation checkpointing while gradients are on; returns how
-    many blocks were wrapped and how many were left out.
+    """Run the family's blocks (:data:`CHECKPOINT_BLOCKS`, wider than ``finetune --checkpointing``'s: UNETR's conv
+    blocks and the DDPM's attention blocks too) under the engine's non-reentrant activation checkpointing while
+    gradients are on; returns how many blocks were wrapped and how many were left out (none since the cross-layer
+    groups compute their factors outside the blocks; kept for the report's column)."""
+    from TensorPEFTLib.engine.checkpointing import checkpoint_modules
 
-    Blocks holding a member of a cross-layer group (LoRA-PT, tCURLoRA, LoTR) are left out: the group computes the
-    whole stack's factors once per pass, inside whichever block runs first, and clears them after the pass, so a
-    recomputed block would rebuild them where the original pass did not and torch's checkpoint refuses the mismatch
-    ("Recomputed values ... have different metadata"). For UNETR that leaves the ViT blocks uncheckpointed for those
-    methods; the full-resolution conv blocks, where most activation memory is, are still checkpointed.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    from TensorPEFTLib.adapters import GroupMemberLayer
-
-    patterns = [re.compile(p) for p in CHECKPOINT_BLOCKS[family]]
-    count = skipped = 0
-    for name, module in model.named_modules():
-        if not any(p.fullmatch(name) for p in patterns):
-            continue
-        if any(isinstance(m, GroupMemberLayer) for m in module.modules()):
-            skipped += 1
-            continue
-        inner = module.forward
-
-        def forward(*args: Any, _inner: Callable = inner, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        module.forward = forward
-        count += 1
-    return count, skipped
+    return len(checkpoint_modules(model, CHECKPOINT_BLOCKS[family])), 0
 
 
 def make_batch(setting: Setting, device: torch.device, out_channels: int = 2) -> dict[str, torch.Tensor]:

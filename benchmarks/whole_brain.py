@@ -100,8 +100,9 @@ def overlay(path: str, cases: list[dict], folder: str, masks: str) -> str:
             ax.set_axis_off()
             title = f"{case['name']} (Dice {case['dice']:.3f})\n" if axis == 1 else ""
             ax.set_title(f"{title}{view}", fontsize=8)
-    fig.suptitle("whole-brain scans of unseen templates (the mask on each scan's own grid, shown in its closest RAS "
-                 "planes; the oblique one stays tilted): reference hippocampus (green), segment's mask (red)", fontsize=9)
+    fig.suptitle("whole-brain scans of unseen templates: reference hippocampus (green), segment's mask (red)\n"
+                 "each mask on its scan's own grid, shown in the closest RAS planes (the oblique scan stays tilted)",
+                 fontsize=9)
     return _save(fig, plt, path)
 
 

@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOME = {
-    "AdapterGroup": "base", "AdapterLayer": "base", "GroupMemberLayer": "base",
+    "AdapterGroup": "base", "AdapterLayer": "base", "GroupMemberLayer": "base", "recompute_context": "base",
     "AdapterConfig": "config", "AdapterError": "config",
     "InjectionState": "model", "adapter_layers": "model", "architecture_fingerprint": "model",
     "count_parameters": "model", "describe_model": "model", "inject": "model", "is_merged": "model",
@@ -27,7 +27,7 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .base import AdapterGroup, AdapterLayer, GroupMemberLayer
+    from .base import AdapterGroup, AdapterLayer, GroupMemberLayer, recompute_context
     from .config import AdapterConfig, AdapterError
     from .methods import all_methods, get_method, method_names
     from .model import (InjectionState, adapter_layers, architecture_fingerprint, count_parameters, describe_model,

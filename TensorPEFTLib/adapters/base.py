@@ -1,12 +1,18 @@
 """Shared layer machinery: the wrapper every adapter builds on, and the group module of cross-layer methods.
 
-An adapter layer wraps one ``nn.Linear`` or ``nn.ConvNd`` (the *base layer*, frozen) and adds a weight update
-ΔW. The effective weight is ``base_layer.weight + delta_weight()``; ``merge`` folds ΔW in so inference costs exactly
-the base layer, ``unmerge`` takes it out again.
+An adapter layer wraps one ``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` (the *base layer*, frozen) and adds
+a weight update ΔW. The effective weight is ``base_layer.weight + delta_weight()``; ``merge`` folds ΔW in so
+inference costs exactly the base layer, ``unmerge`` takes it out again.
+
+Transposed convolutions store their weight as (in, out, *kernel), the other way round from a convolution's
+(out, in, *kernel). Adapters build their update in the (out, in, *kernel) view - "out" is always the layer's output
+channels - and :meth:`AdapterLayer.layout` turns it into the base layer's own layout, so one factorisation serves
+both (:func:`out_in_view`, :func:`out_in_shape`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -17,23 +23,46 @@ from torch import nn
 from .config import AdapterConfig, AdapterError
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LINEAR_AND_CONV = (nn.Linear, *CONV_TYPES)
+#: every layer kind an adapter layer can wrap; a method opts in to transposed convolutions in its ``layer_types``
+ADAPTABLE_TYPES = (*LINEAR_AND_CONV, *TRANSPOSED_CONV_TYPES)
+#: the convolution with a transposed convolution's number of spatial dimensions (pointwise factors use it)
+CONV_OF_TRANSPOSED = dict(zip(TRANSPOSED_CONV_TYPES, CONV_TYPES))
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def is_conv(layer: nn.Module) -> bool:
-    return isinstance(layer, CONV_TYPES)
+    """True for convolutions and transposed convolutions (channel-first activations)."""
+    return isinstance(layer, CONV_TYPES + TRANSPOSED_CONV_TYPES)
+
+
+def is_transposed(layer: nn.Module) -> bool:
+    return isinstance(layer, TRANSPOSED_CONV_TYPES)
+
+
+def out_in_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight's shape seen as (out, in, *kernel); a transposed convolution stores it as (in, out, *kernel)."""
+    shape = tuple(int(n) for n in layer.weight.shape)
+    return (shape[1], shape[0], *shape[2:]) if is_transposed(layer) else shape
+
+
+def out_in_view(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor in ``layer``'s weight layout seen as (out, in, *kernel) (a view; swapping the first two axes is its
+    own inverse, so the same call turns an (out, in, *kernel) tensor back into a transposed layer's layout)."""
+    return tensor.transpose(0, 1) if is_transposed(layer) else tensor
 
 
 def channel_dims(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) channels or features of a Linear/ConvNd, ``in`` per group for grouped convolutions."""
-    weight = layer.weight
-    return int(weight.shape[0]), int(weight.shape[1])
+    """(out, in) channels or features of a Linear/ConvNd/ConvTransposeNd, ``in`` per group for grouped convolutions."""
+    shape = out_in_shape(layer)
+    return shape[0], shape[1]
 
 
 def flat_shape(layer: nn.Module) -> tuple[int, int]:
     """The weight seen as a matrix: (out, in · prod(kernel)). Linear weights are already (out, in)."""
-    weight = layer.weight
-    return int(weight.shape[0]), int(weight[0].numel())
+    shape = out_in_shape(layer)
+    return shape[0], math.prod(shape[1:])
 
 
 def check_rank(name: str, layer: nn.Module, rank: int, method: str) -> None:
@@ -68,11 +97,11 @@ def kaiming_uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generat
 
 
 class AdapterLayer(nn.Module):
-    """Wraps one Linear/ConvNd layer with a trainable weight update.
+    """Wraps one Linear/ConvNd/ConvTransposeNd layer with a trainable weight update.
 
     Subclasses implement :meth:`delta_weight` (and :meth:`delta_bias` if they shift the bias). The default forward
     runs the base operation once with ``W + ΔW``; low-rank subclasses override :meth:`adapter_forward` where the
-    activation path is cheaper.
+    activation path is cheaper. A transposed convolution's ``output_size`` argument reaches :meth:`adapter_forward`.
     """
 
     #: Short method name, set by subclasses (used in reprs and error messages).
@@ -80,8 +109,16 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "") -> None:
         super().__init__()
-        if not isinstance(base_layer, LINEAR_AND_CONV):
-            raise AdapterError(f"{name or 'layer'}: {type(base_layer).__name__} cannot be adapted (Linear or ConvNd only)")
+        if not isinstance(base_layer, ADAPTABLE_TYPES):
+            raise AdapterError(f"{name or 'layer'}: {type(base_layer).__name__} cannot be adapted "
+                               f"(Linear, ConvNd or ConvTransposeNd only)")
+        if is_transposed(base_layer) and base_layer.groups != 1:
+            # A grouped transposed weight is (in, out/groups, *k): its (out, in) view is block-diagonal, which no
+            # factorisation here keeps. Refused rather than silently adapting a different layer.
+            raise AdapterError(
+                f"{name or 'layer'}: grouped transposed convolutions (groups={base_layer.groups}) cannot be adapted; "
+                f"leave this layer out of --targets"
+            )
         self.base_layer = base_layer
         self.layer_name = name
         self.scaling = cfg.scaling
@@ -101,48 +138,79 @@ class AdapterLayer(nn.Module):
 
     @property
     def is_conv(self) -> bool:
+        """True for convolutions and transposed convolutions (their activations are channel-first)."""
         return is_conv(self.base_layer)
 
     @property
+    def is_transposed(self) -> bool:
+        return is_transposed(self.base_layer)
+
+    @property
     def out_dim(self) -> int:
-        return int(self.base_layer.weight.shape[0])
+        return out_in_shape(self.base_layer)[0]
 
     @property
     def in_dim(self) -> int:
-        return int(self.base_layer.weight.shape[1])
+        return out_in_shape(self.base_layer)[1]
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.base_layer.weight.shape[2:])
 
-    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The base layer's operation with another weight/bias (stride, padding, padding mode, groups kept)."""
+    def layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """An update built as (out, in, *kernel) (or flattened to (out, in · kernel)) in the base weight's layout."""
+        return out_in_view(self.base_layer, delta.reshape(out_in_shape(self.base_layer)))
+
+    def per_out_channel(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel ``values`` (out,) shaped to broadcast over the base weight (axis 1 when transposed)."""
+        shape = [1] * self.base_layer.weight.dim()
+        shape[1 if self.is_transposed else 0] = -1
+        return values.reshape(shape)
+
+    def call_base(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        """The base layer on ``x`` (a transposed convolution's ``output_size`` passed on when given)."""
+        return self.base_layer(x) if output_size is None else self.base_layer(x, output_size)
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                output_size: Any = None) -> torch.Tensor:
+        """The base layer's operation with another weight/bias (stride, padding, padding mode, groups kept; for a
+        transposed convolution also output padding and dilation, with ``output_size`` as its own forward takes it)."""
+        base = self.base_layer
+        if self.is_transposed:
+            nd = len(base.kernel_size)
+            output_padding = base._output_padding(x, output_size, list(base.stride), list(base.padding),
+                                                  list(base.kernel_size), nd, list(base.dilation))
+            return _CONV_TRANSPOSE_FN[nd](x, weight, bias, base.stride, base.padding, output_padding, base.groups,
+                                          base.dilation)
         if self.is_conv:
-            return self.base_layer._conv_forward(x, weight, bias)
+            return base._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
     # ----------------------------------------------------------------- update
     def delta_weight(self) -> torch.Tensor:
-        """ΔW with the shape of ``base_layer.weight`` (scaling included)."""
+        """ΔW with the shape (and layout) of ``base_layer.weight`` (scaling included)."""
         raise NotImplementedError
 
     def delta_bias(self) -> torch.Tensor | None:
         return None
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         """Forward with the adapter active (not merged)."""
         base = self.base_layer
         delta = self.delta_weight()
         delta_b = self.delta_bias()
         if isinstance(self.dropout, nn.Identity) or not self.training:
             bias = base.bias if delta_b is None else (delta_b if base.bias is None else base.bias + delta_b)
-            return self.base_op(x, base.weight + delta.to(base.weight.dtype), bias)
+            return self.base_op(x, base.weight + delta.to(base.weight.dtype), bias, output_size)
         # Dropout applies to the adapter path only, so the update is a separate operation here.
-        return base(x) + self.base_op(self.dropout(x), delta.to(base.weight.dtype), delta_b)
+        return self.call_base(x, output_size) + self.base_op(self.dropout(x), delta.to(base.weight.dtype), delta_b,
+                                                             output_size)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x, *args, **kwargs)
+        if args or kwargs:  # only a transposed convolution takes more than its input: output_size
+            return self.adapter_forward(x, *args, **kwargs)
         return self.adapter_forward(x)
 
     # ----------------------------------------------------------------- merge
@@ -190,10 +258,16 @@ class AdapterLayer(nn.Module):
 class AdapterGroup(nn.Module):
     """Factors shared by a stack of layers (LoRA-PT, tCURLoRA, LoTR).
 
-    The group computes every member's ΔW in one batched operation and caches the result for the current forward
-    pass; each member layer reads its slice through :meth:`delta`. The cache is cleared around every forward of
-    the adapted model (hooks installed by ``inject``) and around merge/unmerge, so a fresh graph is built per
-    pass (gradient accumulation safe) and no full-size tensors are held between steps.
+    The group computes what its members share in one batched operation and keeps the result for the current
+    forward pass; each member layer reads its part through :meth:`delta` (or a subclass's factored form).
+
+    Lifetime of a pass's results: ``inject`` installs hooks on the adapted model that compute them in a forward
+    pre-hook, before any block runs, and drop them after the forward, so every pass builds a fresh graph (gradient
+    accumulation safe) and no full-size tensors are held between steps. Computing them before the blocks matters
+    under activation checkpointing: a checkpointed block that computed them would compute them again when it is
+    recomputed in backward, which torch refuses (``CheckpointError: Recomputed values ... different metadata``).
+    The recomputed block must instead read this pass's very tensors, which :func:`recompute_context` gives it.
+    A member used outside the model's forward (a block called alone) computes them on first use.
     """
 
     def __init__(self) -> None:
@@ -204,13 +278,58 @@ class AdapterGroup(nn.Module):
         """All members' updates at once; indexed by :meth:`delta`'s ``index``."""
         raise NotImplementedError
 
-    def delta(self, index: Any) -> torch.Tensor:
+    def results(self) -> Any:
+        """This pass's shared results, computed now unless the model's pre-hook has already done so."""
         if self._cache is None:
             self._cache = self.compute_deltas()
-        return self._cache[index]
+        return self._cache
+
+    def delta(self, index: Any) -> torch.Tensor:
+        return self.results()[index]
 
     def clear_cache(self) -> None:
         self._cache = None
+
+
+class _BoundResults:
+    """A context manager in which the given groups hold the given results (and afterwards what they held before).
+
+    Entering it again is allowed: a graph kept with ``retain_graph=True`` and back-propagated twice recomputes its
+    checkpointed blocks twice."""
+
+    def __init__(self, bound: list[tuple[AdapterGroup, Any]]) -> None:
+        self._bound = bound
+        self._before: list[list[Any]] = []
+
+    def __enter__(self) -> "_BoundResults":
+        self._before.append([group._cache for group, _ in self._bound])
+        for group, results in self._bound:
+            group._cache = results
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        for (group, _), before in zip(self._bound, self._before.pop()):
+            group._cache = before
+        return False
+
+
+def recompute_context(module: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """The ``context_fn`` of ``torch.utils.checkpoint`` (non-reentrant) for a checkpointed ``module``: nothing in
+    the forward; in the recomputation, the adapter groups of the members inside ``module`` hold again the results
+    they held when the forward ran (captured now), however many passes ran since.
+
+    Without it a recomputed block would find the results already dropped (or another pass's) and compute its own:
+    extra saved tensors, which torch refuses, and a graph not connected to the forward's. A group that had no
+    results yet at the forward (the block computed them itself) gets none again, so the recomputation repeats that
+    computation too, as the forward did.
+    """
+    groups: dict[int, AdapterGroup] = {}
+    for layer in module.modules():
+        if isinstance(layer, GroupMemberLayer):
+            groups.setdefault(id(layer.group), layer.group)
+    if not groups:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _BoundResults([(group, group._cache) for group in groups.values()])
 
 
 class GroupMemberLayer(AdapterLayer):

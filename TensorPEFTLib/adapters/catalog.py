@@ -32,11 +32,14 @@ METHODS: dict[str, MethodInfo] = {
         "Conv3d ΔW as a ten-core tensor network with three r⁴ loop cores; Linear layers get QuanTA.",
         "TenVOO (tensor-network PEFT for 3D DDPMs), authors' release; QuanTA (Chen et al. 2024) for Linear"),
     "lora": MethodInfo(
-        "Low-rank update B·A per layer (LoCon on convolutions); B starts at zero.",
+        "Low-rank update B·A per layer (LoCon on convolutions and transposed convolutions); B starts at zero.",
         "Hu et al. 2021, LoRA; LyCORIS LoCon for Conv3d"),
     "pissa": MethodInfo(
         "LoRA started from the weight's top-r singular vectors; the frozen weight keeps the residual.",
         "Meng et al. 2024, PiSSA (here on Conv3d too)"),
+    "dora": MethodInfo(
+        "LoRA on the weight's direction plus a trained magnitude per output channel; B starts at zero.",
+        "Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation; as Hugging Face peft's use_dora"),
     "loha": MethodInfo(
         "Hadamard product of two low-rank updates: rank up to r² for 2r's parameters.",
         "Hyeon-Woo et al. 2022, FedPara/LoHa; LyCORIS"),

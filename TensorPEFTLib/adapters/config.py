@@ -31,7 +31,11 @@ class AdapterConfig:
         rank: adapter rank (tubal rank for t-SVD methods, bond dimension for tensor networks).
         targets: regular expressions on module names selecting the layers to adapt. A pattern matches a module
             when it matches the whole name or is a dotted suffix of it (``"qkv"`` matches ``vit.blocks.0.attn.qkv``).
-            ``None`` = the method's published choice for this kind of model.
+            ``None`` = the method's published choice for this kind of model. An entry ``"@name"`` is a named layer
+            set: ``"@defaults"`` (that published choice) and, on a UNETR, ``"@decoder-upsamplers"`` (the decoder's
+            ConvTranspose3d) or ``"@upsamplers"`` (all of its ConvTranspose3d); published choices never include
+            transposed convolutions, so they are adapted only where a pattern or set names them. An adapted
+            layer's own weight never trains, even where ``trainable`` matches it.
         trainable: regular expressions searched in parameter names; matching parameters train as well (e.g. the
             UNETR decoder). ``None`` = the method's published extras for this kind of model; ``[]`` = adapter only.
         alpha: scaling numerator for low-rank methods (scale = alpha / rank). ``None`` = rank (scale 1).

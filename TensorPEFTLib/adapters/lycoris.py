@@ -1,4 +1,5 @@
-"""LoHa and LoKr (the LyCORIS family), on Linear and on ConvNd - peft offers neither on Conv3d.
+"""LoHa and LoKr (the LyCORIS family), on Linear, ConvNd and ConvTransposeNd - peft offers neither on Conv3d, and
+neither peft nor LyCORIS adapts transposed convolutions.
 
 LoHa (Hyeon-Woo et al., 2022): ΔW = scale · (B₁A₁) ⊙ (B₂A₂) on the weight flattened to out × in·prod(kernel);
 2r(out + in·k³) parameters. B₂ starts at zero, so ΔW = 0 at injection.
@@ -6,6 +7,9 @@ LoHa (Hyeon-Woo et al., 2022): ΔW = scale · (B₁A₁) ⊙ (B₂A₂) on the w
 LoKr (Edalati et al., 2022; LyCORIS): ΔW = scale · W₁ ⊗ W₂ with the channels split out = o₁o₂, in = i₁i₂ (factors
 nearest the square root, as LyCORIS), W₁ (o₁ × i₁) full and W₂ (o₂ × i₂ × kernel) of rank r (full when r reaches
 its size). W₂'s second factor starts at zero.
+
+Both build ΔW as (out, in, *kernel); a transposed convolution's update is laid out as its (in, out, *kernel) weight
+(:meth:`AdapterLayer.layout`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterLayer, check_rank, flat_shape, kaiming_uniform_, seeded_generator
+from .base import ADAPTABLE_TYPES, AdapterLayer, check_rank, flat_shape, kaiming_uniform_, seeded_generator
 from .config import AdapterConfig
 from .registry import MethodSpec, per_layer_class, register
 
@@ -41,7 +45,7 @@ class LoHaLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.hada_w1_b @ self.hada_w1_a) * (self.hada_w2_b @ self.hada_w2_a)
-        return delta.reshape(self.base_layer.weight.shape) * self.scaling
+        return self.layout(delta) * self.scaling
 
 
 def near_square_factors(n: int) -> tuple[int, int]:
@@ -58,8 +62,8 @@ class LoKrLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, cfg: AdapterConfig, name: str = "") -> None:
         super().__init__(base_layer, cfg, name)
         weight = base_layer.weight
-        out_dim, in_dim = int(weight.shape[0]), int(weight.shape[1])
-        kernel = int(weight[0, 0].numel())
+        out_dim, in_dim = self.out_dim, self.in_dim
+        kernel = weight.numel() // (out_dim * in_dim)
         self.o1, self.o2 = near_square_factors(out_dim)
         self.i1, self.i2 = near_square_factors(in_dim)
         gen = seeded_generator(cfg, name)
@@ -80,7 +84,7 @@ class LoKrLayer(AdapterLayer):
         w2 = w2.reshape(self.o2, self.i2, -1)
         # kron over (out, in) with the kernel carried by W₂: ΔW[a·o₂+b, c·i₂+d, k] = W₁[a, c] · W₂[b, d, k]
         delta = torch.einsum("ac,bdk->abcdk", self.lokr_w1, w2)
-        return delta.reshape(self.base_layer.weight.shape) * self.scaling
+        return self.layout(delta) * self.scaling
 
     def extra_repr(self) -> str:
         return f"out={self.o1}x{self.o2}, in={self.i1}x{self.i2}, low_rank={self.low_rank}, merged={self.merged}"
@@ -90,6 +94,7 @@ class LoKrLayer(AdapterLayer):
 register(
     MethodSpec(
         name="loha",
+        layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(LoHaLayer),
     )
 )
@@ -97,6 +102,7 @@ register(
 register(
     MethodSpec(
         name="lokr",
+        layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(LoKrLayer),
     )
 )

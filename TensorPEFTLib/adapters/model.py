@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import AdapterGroup, AdapterLayer
+from .base import ADAPTABLE_TYPES, TRANSPOSED_CONV_TYPES, AdapterGroup, AdapterLayer, GroupMemberLayer
 from . import methods  # noqa: F401  (registers the built-in methods before any lookup)
 from .config import ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, read_json
-from .registry import FAMILIES, MethodSpec, compile_patterns, get_method, model_family, pattern_matches
+from .registry import FAMILIES, MethodSpec, compile_patterns, expand_targets, get_method, model_family, pattern_matches
 
 FORMAT_VERSION = 1
 _BASE = ".base_layer"
@@ -83,25 +83,35 @@ def original_name(name: str) -> str:
     return name.replace(_BASE + ".", ".")
 
 
-def _resolve_targets(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig, family: str) -> list[tuple[str, nn.Module]]:
+def _resolve_targets(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig, family: str,
+                     only: list[str] | None = None) -> list[tuple[str, nn.Module]]:
     defaults = FAMILIES[family]
-    patterns = cfg.targets if cfg.targets is not None else spec.targets.get(family, defaults.targets)
-    user_given = cfg.targets is not None
-    if user_given and not patterns:
+    if cfg.targets is not None and not cfg.targets:
         raise AdapterError("targets is an empty list: name at least one layer pattern, or leave it unset for the defaults")
+    keep = None if only is None else set(only)
+    default_patterns, explicit_patterns = expand_targets(cfg.targets, family, spec)
+    patterns = default_patterns + explicit_patterns
     compile_patterns(patterns, "target")
     selected, unsupported = [], []
     for name, module in model.named_modules():
-        if not name or not any(pattern_matches(p, name) for p in patterns):
+        if not name or (keep is not None and name not in keep):
+            continue
+        explicit = any(pattern_matches(p, name) for p in explicit_patterns)
+        if not explicit and not any(pattern_matches(p, name) for p in default_patterns):
             continue
         if isinstance(module, AdapterLayer):
             raise AdapterError(f"layer {name} is already adapted; build a fresh model to inject another adapter")
         if not isinstance(module, spec.layer_types):
-            if user_given and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if explicit and isinstance(module, ADAPTABLE_TYPES):
                 unsupported.append(f"{name} ({type(module).__name__})")
             continue
-        if not user_given and defaults.skip is not None and defaults.skip(name, module):
-            continue
+        if not explicit:
+            # The published defaults never reach a transposed convolution (the generic family's ".*" included):
+            # those are adapted only where a target names them, so existing configs adapt what they always did.
+            if isinstance(module, TRANSPOSED_CONV_TYPES):
+                continue
+            if defaults.skip is not None and defaults.skip(name, module):
+                continue
         selected.append((name, module))
     if unsupported:
         raise AdapterError(
@@ -115,6 +125,11 @@ def _resolve_targets(model: nn.Module, spec: MethodSpec, cfg: AdapterConfig, fam
             f"targets {patterns} match no {spec.layer_kinds} layer of this model; "
             f"layers it has: {example or 'none'}"
         )
+    if keep is not None:
+        lost = sorted(keep - {name for name, _ in selected})
+        if lost:
+            raise AdapterError(f"the adapter wrapped {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}, which its "
+                               f"targets no longer select on this model; load it with the version that saved it")
     return selected
 
 
@@ -124,13 +139,17 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | None = None) -> dict[str, Any]:
+def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | None = None,
+           layers: list[str] | None = None) -> dict[str, Any]:
     """Adapt ``model`` in place and freeze what should not train.
 
     Args:
         model: a MONAI UNETR, DiffusionModelUNet or any torch module with Linear/Conv layers.
         cfg: the adapter configuration (``targets``/``trainable`` None = the method's published defaults).
         layer_meta: saved per-layer metadata (used by :func:`load_adapter` to rebuild grown ranks); leave unset.
+        layers: the layers a saved adapter wrapped (used by :func:`load_adapter`): the targets are narrowed to
+            them, so an adapter keeps its layers where target resolution has since widened (transposed
+            convolutions became adaptable: an old ``".*"`` would now reach them); leave unset.
 
     Returns:
         A summary: method, family, number of wrapped layers, total/trainable/adapter parameter counts and the
@@ -156,7 +175,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | N
         model.tensorpeft = InjectionState(cfg, family, fingerprint, description, bias="all")
         return summary(model)
 
-    selected = _resolve_targets(model, spec, cfg, family)
+    selected = _resolve_targets(model, spec, cfg, family, only=layers)
     trainable = list(cfg.trainable) if cfg.trainable is not None else list(spec.trainable.get(family, defaults.trainable))
     trainable_res = compile_patterns(trainable, "trainable")
     bias = cfg.bias or defaults.bias
@@ -175,6 +194,9 @@ def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | N
         raise RuntimeError(f"method {spec.name} did not wrap {missing[:3]}")
     for name, layer in wrapped.layers.items():
         _set_submodule(model, name, layer)
+        # The adapter trains in the layer's place: its weight stays frozen even where a trainable pattern matches
+        # it (UNETR's decoder trains fully by default, and @decoder-upsamplers adapts layers inside it).
+        layer.base_layer.weight.requires_grad_(False)
         if bias in ("adapted", "all") and layer.base_layer.bias is not None:
             layer.base_layer.bias.requires_grad_(True)
     if wrapped.groups:
@@ -183,14 +205,32 @@ def inject(model: nn.Module, cfg: AdapterConfig, layer_meta: dict[str, dict] | N
     state = InjectionState(cfg, family, fingerprint, description, layers=list(wrapped.layers),
                            groups=list(wrapped.groups), trainable_patterns=trainable, bias=bias)
     if wrapped.groups:
-        # Fresh group results for every pass, none kept alive between passes (see AdapterGroup).
-        def clear(*_: Any) -> None:
-            for group in wrapped.groups.values():
-                group.clear_cache()
-
-        state.hooks = [model.register_forward_pre_hook(clear), model.register_forward_hook(clear)]
+        # Each pass's shared results computed before any block runs and dropped after it (see AdapterGroup).
+        state.hooks = [model.register_forward_pre_hook(_begin_pass), model.register_forward_hook(_end_pass)]
     model.tensorpeft = state
     return summary(model)
+
+
+def _begin_pass(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a model with adapter groups: fresh shared results for this pass, computed here, outside
+    every block, so that activation checkpointing never recomputes them (see :class:`~.base.AdapterGroup`). Groups
+    whose members are all merged or disabled compute nothing. Module-level (it finds the groups on the model it is
+    called with), so a ``copy.deepcopy`` of the model hooks its own groups."""
+    groups = adapter_groups(model)
+    for group in groups.values():
+        group.clear_cache()
+    active: dict[int, AdapterGroup] = {}
+    for module in model.modules():
+        if isinstance(module, GroupMemberLayer) and not module.merged and module.adapter_enabled:
+            active.setdefault(id(module.group), module.group)
+    for group in active.values():
+        group.results()
+
+
+def _end_pass(model: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: drop the pass's shared results (the graph keeps what backward needs; checkpointed blocks keep
+    theirs through ``recompute_context``)."""
+    _clear_groups(model)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -408,7 +448,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> dict[str, Any]:
         )
     state: InjectionState | None = getattr(model, "tensorpeft", None)
     if state is None:
-        inject(model, cfg, layer_meta=saved.get("layer_meta") or {})
+        inject(model, cfg, layer_meta=saved.get("layer_meta") or {}, layers=saved.get("layers"))
     elif state.config.to_dict() != cfg.to_dict():
         raise AdapterError(
             f"this model already carries a {state.config.method} adapter (rank {state.config.rank}) that differs from "

@@ -6,7 +6,9 @@ A leaf: it imports no method file. Each method file registers its :class:`Method
 live in the torch-free :mod:`.catalog`; ``register`` refuses a method the catalog does not describe.
 
 The *family* of a model (``unetr``, ``ddpm`` or ``generic``) decides the default targets and extra trainable
-parameters, i.e. what the source papers trained; a method may override them per family.
+parameters, i.e. what the source papers trained; a method may override them per family. A family also names layer
+sets a target list can include as ``@name`` (UNETR's ``@decoder-upsamplers``), next to ``@defaults`` for the method's
+published targets: ``--targets @defaults @decoder-upsamplers`` adapts both.
 """
 
 from __future__ import annotations
@@ -77,7 +79,19 @@ class MethodSpec:
 
     @property
     def layer_kinds(self) -> str:
-        return "/".join(t.__name__ for t in self.layer_types) if self.adapts_layers else "all parameters"
+        """``Linear/Conv1d/2d/3d/ConvTranspose1d/2d/3d``: a family's 1d/2d/3d written once, so the listing stays
+        readable now that six methods take transposed convolutions too."""
+        if not self.adapts_layers:
+            return "all parameters"
+        names, stem = [], None
+        for layer_type in self.layer_types:
+            name = layer_type.__name__
+            if stem is not None and name[:-2] == stem:  # Conv2d after Conv1d -> "2d"
+                names.append(name[-2:])
+            else:
+                names.append(name)
+            stem = name[:-2] if name[-1] == "d" and name[-2].isdigit() else None
+        return "/".join(names)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -134,6 +148,8 @@ class FamilyDefaults:
     bias: str
     #: a module the default targets match but that must be skipped (e.g. single-channel convolutions)
     skip: Callable[[str, nn.Module], bool] | None = None
+    #: named layer sets a target list may include as ``@name`` (see :func:`expand_targets`)
+    target_sets: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _single_channel_conv(name: str, module: nn.Module) -> bool:
@@ -146,6 +162,15 @@ FAMILIES: dict[str, FamilyDefaults] = {
         targets=[r"vit\.blocks\.\d+\.attn\.(qkv|out_proj)", r"vit\.blocks\.\d+\.mlp\.linear[12]"],
         trainable=[r"^(decoder[2-5]|out)\."],
         bias="none",
+        # MONAI's UNETR up-samples only with ConvTranspose3d (kernel 2, stride 2): each decoder block's transp_conv,
+        # and in encoder2-4 the transposed convolutions that bring the ViT's tokens up to the skip resolutions.
+        # Not in any default (no paper adapts them, and the decoder trains fully by default); named so that an
+        # adapter-only run (--adapter-only) can reach the decoder's up-sampling.
+        target_sets={
+            "decoder-upsamplers": [r"decoder[2-5]\.transp_conv\.conv"],
+            "upsamplers": [r"decoder[2-5]\.transp_conv\.conv", r"encoder[2-4]\.transp_conv_init\.conv",
+                           r"encoder[2-4]\.blocks\.\d+\.0\.conv"],
+        },
     ),
     # TenVOO: resnet convolutions, attention q/v, the time-embedding projections; norms and adapted biases train.
     # The authors select layers with ".*resnets.*.conv1.conv", ".*attentions.*.to_q", ".*resnets.*.time_emb_proj"...
@@ -167,6 +192,40 @@ FAMILIES: dict[str, FamilyDefaults] = {
     # Anything else: every Linear and convolution, nothing else trains.
     "generic": FamilyDefaults(targets=[r".*"], trainable=[], bias="none"),
 }
+
+
+#: how a target list names a layer set instead of giving a regular expression
+TARGET_SET_PREFIX = "@"
+#: the set every family has: the method's default targets for it (what ``targets=None`` adapts)
+DEFAULTS_SET = "defaults"
+
+
+def expand_targets(targets: list[str] | None, family: str, spec: MethodSpec) -> tuple[list[str], list[str]]:
+    """Split a target list into (default patterns, explicit patterns).
+
+    ``None`` and ``@defaults`` give the method's published patterns for ``family``; they keep the defaults' rules
+    (the family's skip, no transposed convolutions). Regular expressions and named sets (``@decoder-upsamplers``)
+    are explicit: what they match is adapted, or refused by name if the method cannot adapt it.
+    """
+    method_defaults = list(spec.targets.get(family, FAMILIES[family].targets))
+    if targets is None:
+        return method_defaults, []
+    sets = {DEFAULTS_SET: None, **FAMILIES[family].target_sets}
+    defaults, explicit = [], []
+    for item in targets:
+        if not item.startswith(TARGET_SET_PREFIX):
+            explicit.append(item)
+            continue
+        key = item[len(TARGET_SET_PREFIX):]
+        if key not in sets:
+            known = ", ".join(TARGET_SET_PREFIX + k for k in sets)
+            raise AdapterError(f"target set {item!r} is not defined for a {family} model; its sets: {known} "
+                               f"(or give regular expressions on module names)")
+        if key == DEFAULTS_SET:
+            defaults.extend(method_defaults)
+        else:
+            explicit.extend(sets[key])
+    return defaults, explicit
 
 
 def model_family(model: nn.Module) -> str:

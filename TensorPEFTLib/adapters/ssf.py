@@ -1,15 +1,18 @@
 """SSF: scale and shift the output features of each adapted layer (Lian et al., 2022).
 
 y = γ ⊙ layer(x) + β per output channel, γ = 1 and β = 0 at start. Folding into the layer is exact:
-W' = γ·W, b' = γ·b + β, so merged inference costs nothing extra.
+W' = γ·W, b' = γ·b + β, so merged inference costs nothing extra. On a transposed convolution γ scales the weight's
+second axis, its output channels.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .base import AdapterLayer
+from .base import ADAPTABLE_TYPES, AdapterLayer
 from .config import AdapterConfig
 from .registry import MethodSpec, per_layer_class, register
 
@@ -30,15 +33,14 @@ class SSFLayer(AdapterLayer):
         return values.reshape(1, -1, *([1] * (ndim - 2)))
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return (self.ssf_scale - 1).reshape(-1, *([1] * (weight.dim() - 1))) * weight
+        return self.per_out_channel(self.ssf_scale - 1) * self.base_layer.weight
 
     def delta_bias(self) -> torch.Tensor:
         bias = self.base_layer.bias
         return self.ssf_shift if bias is None else (self.ssf_scale - 1) * bias + self.ssf_shift
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+    def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        y = self.call_base(x, output_size)
         return y * self._per_channel(self.ssf_scale, y.dim()) + self._per_channel(self.ssf_shift, y.dim())
 
     @torch.no_grad()
@@ -47,7 +49,7 @@ class SSFLayer(AdapterLayer):
         if not self.merged:
             return
         base = self.base_layer
-        base.weight.div_(self.ssf_scale.reshape(-1, *([1] * (base.weight.dim() - 1))))
+        base.weight.div_(self.per_out_channel(self.ssf_scale))
         if getattr(self, "_created_bias", False):
             base.bias = None
             self._created_bias = False
@@ -59,6 +61,7 @@ class SSFLayer(AdapterLayer):
 register(
     MethodSpec(
         name="ssf",
+        layer_types=ADAPTABLE_TYPES,
         wrap=per_layer_class(SSFLayer),
     )
 )

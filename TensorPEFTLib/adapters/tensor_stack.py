@@ -184,16 +184,19 @@ class StackSlices(Sequence[torch.Tensor]):
     """One forward pass's updates of a stack's members; item i is member i's ``(count_i, rows, cols)`` ΔW.
 
     Either *factored* - ``ΔW`` of slice c of member i is ``left @ rights[i][c]`` with ``left (rows, k)`` shared by
-    the stack and ``rights[i] (count_i, k, cols)`` - or given as ``full`` pieces. Items are materialised on first read
-    and kept for the rest of the pass, so each slice is computed at most once; :meth:`factored` lets a member apply
+    the stack and ``rights[i] (count_i, k, cols)`` - or given as ``full`` pieces; :meth:`factored` lets a member apply
     its update to activations without materialising it.
+
+    A factored item is materialised by the member reading it, each time it is read, and not kept: every member
+    reads its own item once per pass, and under activation checkpointing a recomputed block must repeat exactly
+    the operations of its forward, so its reads must not find a result left from the forward (the shared
+    ``left``/``rights``, computed before the blocks, are the part that is kept).
     """
 
     def __init__(self, sizes: list[int], left: torch.Tensor | None = None,
                  rights: Sequence[torch.Tensor] | None = None, full: Sequence[torch.Tensor] | None = None) -> None:
         self._sizes = sizes
         self._left, self._rights, self._full = left, rights, full
-        self._done: dict[int, torch.Tensor] = {}
 
     def factored(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(left (rows, k), right (count, k, cols))`` of member ``index``, or None when not factored."""
@@ -204,15 +207,13 @@ class StackSlices(Sequence[torch.Tensor]):
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
         if not 0 <= index < len(self._sizes):
             raise IndexError(index)
-        if index not in self._done:
-            if self._full is not None:
-                self._done[index] = self._full[index]
-            else:
-                right = self._rights[index]
-                left = self._left
-                self._done[index] = (left @ right[0]).unsqueeze(0) if right.shape[0] == 1 else \
-                    torch.bmm(left.expand(right.shape[0], *left.shape), right)  # in place, no fold-and-copy
-        return self._done[index]
+        if self._full is not None:
+            return self._full[index]
+        right = self._rights[index]
+        left = self._left
+        if right.shape[0] == 1:
+            return (left @ right[0]).unsqueeze(0)
+        return torch.bmm(left.expand(right.shape[0], *left.shape), right)  # in place, no fold-and-copy
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -249,9 +250,7 @@ class TensorStackGroup(AdapterGroup):
         raise NotImplementedError
 
     def factored(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._cache is None:
-            self._cache = self.compute_deltas()
-        return self._cache.factored(index)
+        return self.results().factored(index)
 
     def stack_delta(self) -> torch.Tensor:
         """ΔW of every slice, ``(n, rows, cols)`` (for inspection and tests)."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 _HOME = {
     "EVENT_KINDS": "events", "EXIT_CANCELLED": "events", "Events": "events",
+    "disable_checkpointing": "checkpointing", "enable_checkpointing": "checkpointing",
     "list_methods": "info", "list_models": "info", "parameter_report": "info",
     "evaluate": "jobs", "finetune": "jobs", "resolve_model": "jobs", "segment": "jobs", "synthesize": "jobs",
     "EngineError": "runtime", "select_runtime": "runtime",
@@ -21,6 +22,7 @@ _HOME = {
 __all__ = sorted(_HOME)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .checkpointing import disable_checkpointing, enable_checkpointing
     from .events import EVENT_KINDS, EXIT_CANCELLED, Events
     from .info import list_methods, list_models, parameter_report
     from .jobs import evaluate, finetune, resolve_model, segment, synthesize

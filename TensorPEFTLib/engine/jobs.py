@@ -201,7 +201,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
-             centre_jitter: int = 16) -> TrainResult:
+             centre_jitter: int = 16, checkpointing: bool | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -219,6 +219,9 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     :data:`~.segmentation.LABEL_RESAMPLING`; ``centre_jitter``: how far (voxels) a foreground-centred training patch is
     moved off its centre voxel (:func:`~TensorPEFTLib.data.train_transforms`); a resumed run keeps the ones it
     started with.
+    ``checkpointing``: activation checkpointing of the UNETR's ViT blocks or the DDPM's resnet blocks
+    (:mod:`.checkpointing`): less activation memory for recomputing those blocks in backward, the same gradients.
+    ``None``: off for a new run, the run's own setting on ``resume``.
 
     Under ``torchrun`` (see :mod:`.distributed`) the job is data-parallel: ``batch_size`` patches per rank, rank 0
     alone checks the data, holds the run lock and writes the run; every check's outcome is agreed by all ranks.
@@ -251,7 +254,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                          device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                          threads=threads, loss=loss, label_resampling=label_resampling,
-                         centre_jitter=centre_jitter, ctx=ctx)
+                         centre_jitter=centre_jitter, checkpointing=checkpointing, ctx=ctx)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -353,7 +356,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    settings: TrainSettings, *, device: str, amp: str, events: Events, resume: bool,
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
-                   centre_jitter: int, ctx: Any) -> tuple[Trainer, str | None]:
+                   centre_jitter: int, checkpointing: bool | None, ctx: Any) -> tuple[Trainer, str | None]:
     import dataclasses
 
     from ..data import case_name
@@ -375,6 +378,12 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         loss = saved.get("loss", "dice-ce-all")
         label_resampling = saved.get("label_resampling", "nearest")
         centre_jitter = int(saved.get("centre_jitter", 0))
+        recorded = bool(saved.get("checkpointing", False))
+        if checkpointing is None:
+            checkpointing = recorded
+        elif checkpointing != recorded:  # allowed: it changes memory and time, not the gradients
+            events.message(f"note: this run started with{'' if recorded else 'out'} activation checkpointing; it "
+                           f"continues with{'' if checkpointing else 'out'} (same gradients, other memory and time)")
         if threads is None and saved.get("train_threads"):
             threads = int(saved["train_threads"])  # the same thread count as before, so the run ends as an uninterrupted one
             events.message(f"resuming with the run's {threads} CPU thread(s)")
@@ -405,6 +414,13 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         device = f"cuda:{ctx.local_rank}"  # each rank its own GPU (setup() made it the current one)
     runtime = select_runtime(device, amp, threads)
     model.to(runtime.device)
+    checkpointing = bool(checkpointing)
+    if checkpointing:
+        from .checkpointing import enable_checkpointing
+
+        blocks = enable_checkpointing(model)
+        events.message(f"activation checkpointing: {len(blocks)} blocks ({blocks[0]} ... {blocks[-1]}) recomputed in "
+                       f"backward instead of keeping their activations")
     size = tuple(patch_size) if patch_size else model_input_size(model)
     per_rank = batch_size or (2 if task_kind == "segmentation" else 1)
     shard = (ctx.rank, ctx.world_size)
@@ -442,6 +458,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
         # patches per rank and ranks: --resume takes the same per-rank batch, and says so if the ranks changed
         "train_batch_size": per_rank, "train_ranks": ctx.world_size,
+        "checkpointing": checkpointing,
     }
     if task_kind == "segmentation":
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels

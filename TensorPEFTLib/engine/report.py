@@ -52,13 +52,23 @@ def as_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
-    """The mask voxel nearest to the mask's centroid (the volume's centre if it is empty). Not the centroid itself:
-    for a bilateral structure (both hippocampi) that lies on the midline, where a sagittal slice shows no mask."""
-    if mask is not None and mask.any():
-        voxels = np.argwhere(mask > 0)
-        nearest = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
-        return tuple(int(c) for c in nearest)  # type: ignore[return-value]
-    return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+    """A point to slice through: the middle of the mask's part nearest to its centroid (the volume's centre if the
+    mask is empty). Not the centroid itself: for a bilateral structure (both hippocampi) that lies on the midline,
+    where a sagittal slice shows no mask; and not the mask voxel nearest to it either, which is the medial edge of
+    one hippocampus, where a sagittal slice shows a sliver. So: the connected part holding that nearest voxel, and
+    the voxel of that part nearest to the part's own centroid."""
+    from scipy import ndimage
+
+    if mask is None or not mask.any():
+        return tuple(s // 2 for s in shape)  # type: ignore[return-value]
+
+    def nearest_to_centroid(voxels: np.ndarray) -> np.ndarray:
+        return voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
+
+    voxels = np.argwhere(mask > 0)
+    parts, _ = ndimage.label(mask > 0)
+    part = parts[tuple(nearest_to_centroid(voxels))]
+    return tuple(int(c) for c in nearest_to_centroid(np.argwhere(parts == part)))  # type: ignore[return-value]
 
 
 def _curves(ax: Any, history: dict[str, Any], metric: str) -> None:
