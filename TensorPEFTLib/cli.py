@@ -198,7 +198,8 @@ class OneLineParser(argparse.ArgumentParser):
     usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # every process of a torchrun job parses the same command line: rank 0 alone says what is wrong with it
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n" if _env_rank() == 0 else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,9 +280,21 @@ def _spacing(text: str | None) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
+def _env_rank() -> int:
+    """This process's rank in a torchrun job, from the environment (0 outside one; read without importing torch)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _events(args: argparse.Namespace):
     from .engine import Events
 
+    if _env_rank() != 0:
+        return Events.silent_sink()  # rank 0 speaks for a torchrun job (progress, events file, messages)
     return Events(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
 
 
@@ -317,9 +330,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       checkpointing=args.checkpointing)
     events.close()
     if result.status == "cancelled":
-        print(f"cancelled at step {result.step}; checkpoint kept in {args.out} (continue with --resume)", file=sys.stderr)
+        if _env_rank() == 0:
+            print(f"cancelled at step {result.step}; checkpoint kept in {args.out} (continue with --resume)", file=sys.stderr)
         return EXIT_CANCELLED
-    if not args.quiet and args.events != "-":
+    if not args.quiet and args.events != "-" and _env_rank() == 0:
         best = f", best validation {result.best:.4f}" if result.best is not None else ""
         print(f"adapter written to {result.out} ({result.step} steps, {result.seconds:.0f} s{best})")
     return 0
@@ -331,8 +345,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     events = _events(args)
     records = segment(args.image, args.out, model_source=args.model, adapter=args.adapter, device=args.device,
                       amp=args.amp, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                      min_component_mm3=args.min_component, mirror=args.mirror, events=events, threads=args.threads)
+                      min_component_mm3=args.min_component, mirror=args.mirror, events=events, threads=args.threads,
+                      skip_existing=args.skip_existing)
     events.close()
+    if _env_rank() != 0:
+        return 0  # rank 0 lists every rank's masks
     if args.json:
         _print_json(records)
     elif not args.quiet and args.events != "-":
@@ -457,6 +474,9 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
                         "passes; all: 8). auto (default): the flips the adapter was trained with, none without one")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave images whose mask is already in --out (masks are written whole or not at all): run a "
+                        "killed job again with this flag and it continues where it stopped")
     p.add_argument("--json", action="store_true", help="print the written masks as JSON")
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_segment)
@@ -587,7 +607,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     card = pretrain(args.recipe, args.out, cohort=args.cohort, steps=args.steps, device=args.device,
                     threads=args.threads, events=events, resume=args.resume, ship=args.ship)
     events.close()
-    if args.events != "-":
+    if args.events != "-" and _env_rank() == 0:
         print(json.dumps(card, indent=2))
     return 0
 
@@ -626,16 +646,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:
+        if type(err).__name__ == "PeerError":
+            return EXIT_USER_ERROR  # another rank of this torchrun job failed and printed why
         _report_error(args, str(err), "user")
-        print(f"tensorpeft: error: {err}", file=sys.stderr)
+        print(f"tensorpeft: error: {_rank_prefix()}{err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Interrupted as err:
         _report_error(args, str(err), "interrupted")
-        print(f"tensorpeft: {err}", file=sys.stderr)
+        print(f"tensorpeft: {_rank_prefix()}{err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         _report_error(args, "interrupted", "interrupted")
-        print("tensorpeft: interrupted (outputs are written whole or not at all)", file=sys.stderr)
+        print(f"tensorpeft: {_rank_prefix()}interrupted (outputs are written whole or not at all)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
         if not is_write_failure(err):
@@ -650,6 +672,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         _restore_signal(previous)
+        _leave_process_group()
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` before a message from rank N > 0 of a torchrun job (rank 0 and plain runs: nothing)."""
+    module = sys.modules.get("TensorPEFTLib.engine.distributed")
+    return module.rank_prefix() if module is not None else ""
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a command joined under torchrun (torch warns at exit about one left open)."""
+    module = sys.modules.get("TensorPEFTLib.engine.distributed")
+    if module is not None:
+        module.shutdown()
 
 
 EXIT_INTERRUPTED = 130

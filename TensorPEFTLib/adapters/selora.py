@@ -17,6 +17,12 @@ and a step post-hook replaces, for the new components only, the update Adam made
 a fresh Adam would make with the component's own count (see :func:`_fresh_adam_start`). Other optimisers have no
 bias correction (SGD's momentum starts at zero either way) and are left as they are.
 
+Data-parallel training (``torch.distributed`` initialised, several ranks): each rank's gradients come from its own
+slice of the batch, so before the Fisher scores are taken the candidate factors' gradients are averaged over the
+ranks (both passes): the scores are those of the global batch, as one process on the whole batch would get them. The
+keep/grow decisions are then taken from rank 0, so every rank grows the same layers at the same step even if a
+score differed in its last bit; the trainer rebuilds its DDP wrapper after a growth.
+
 Grown ranks are per-layer metadata (:meth:`SeLoRALayer.layer_meta`), saved in ``adapter_config.json``; ``load_adapter``
 re-injects with them, so the loaded shapes match the saved tensors.
 
@@ -131,6 +137,40 @@ class SeLoRALayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, max_rank={self.max_rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _ranks() -> int:
+    """How many processes train together (1 without an initialised torch.distributed process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks, in one all-reduce (no-op in one process)."""
+    ranks = _ranks()
+    if ranks == 1 or not tensors:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= ranks
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _decisions_of_rank_zero(keep: list[bool], device: torch.device) -> list[bool]:
+    """Rank 0's grow/keep decisions on every rank (no-op in one process)."""
+    if _ranks() == 1 or not keep:
+        return keep
+    import torch.distributed as dist
+
+    flags = torch.tensor([1 if k else 0 for k in keep], dtype=torch.int64, device=device)
+    dist.broadcast(flags, src=0)
+    return [bool(f) for f in flags.tolist()]
 
 
 def selora_layers(model: nn.Module) -> dict[str, SeLoRALayer]:
@@ -320,6 +360,7 @@ class SeLoRAGrowth:
         candidates = {n: l for n, l in self.layers.items() if l.rank < l.max_rank}
         if not candidates:
             return {}
+        _average_over_ranks(_factor_grads(candidates.values()))  # data-parallel: the global batch's gradients
         before = {n: l.fisher_score() for n, l in candidates.items()}
         originals = {n: (l.lora_A, l.lora_B) for n, l in candidates.items()}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -341,13 +382,20 @@ class SeLoRAGrowth:
             raise
         finally:
             self.model.train(was_training)
-        grown: dict[str, int] = {}
+        _average_over_ranks(_factor_grads(candidates.values()))
+        scores: dict[str, tuple[float, float, bool, bool]] = {}
         for name, layer in candidates.items():
             after = layer.fisher_score()
             fi = before[name]
             self.peak_fisher[name] = max(fi, self.peak_fisher.get(name, 0.0))
             idle = fi < self.idle_fraction * self.peak_fisher[name] or fi < self.fisher_floor
             keep = not idle and after > 0 and (after / fi >= self.threshold if fi > 0 else True)
+            scores[name] = (fi, after, idle, keep)
+        device = next(iter(candidates.values())).lora_A.device
+        agreed = _decisions_of_rank_zero([s[3] for s in scores.values()], device)
+        grown: dict[str, int] = {}
+        for (name, layer), keep in zip(candidates.items(), agreed):
+            fi, after, idle, _ = scores[name]
             old_a, old_b = originals[name]
             if keep:
                 _swap_in_optimizer(self.optimizer, old_a, layer.lora_A, axis=0)
@@ -363,6 +411,11 @@ class SeLoRAGrowth:
             if id(p) not in new_ids:
                 p.grad = saved_grads[id(p)]
         return grown
+
+
+def _factor_grads(layers: Any) -> list[torch.Tensor]:
+    """The gradients of the layers' factors (those that have one: the same on every rank, the graph being one)."""
+    return [p.grad for layer in layers for p in (layer.lora_A, layer.lora_B) if p.grad is not None]
 
 
 def trainer_hook(model: nn.Module, cfg: AdapterConfig) -> SeLoRAGrowth:

@@ -23,6 +23,7 @@ class Events:
     def __init__(self, target: str | None = None, quiet: bool = False) -> None:
         self.json_stream: IO[str] | None = None
         self._owned = False
+        self.silent = False  # see silent()
         if target == "-":
             self.json_stream = sys.stdout
         elif target:
@@ -30,6 +31,14 @@ class Events:
             self._owned = True
         self.quiet = quiet
         self._bar = None
+
+    @classmethod
+    def silent_sink(cls) -> "Events":
+        """Events that go nowhere, warnings included: what ranks other than 0 of a torchrun job report to (rank 0
+        speaks for the job, so 8 ranks do not print every line 8 times or append to one events file together)."""
+        events = cls(None, quiet=True)
+        events.silent = True
+        return events
 
     @property
     def human(self) -> bool:
@@ -45,6 +54,8 @@ class Events:
 
     def warn(self, text: str) -> None:
         """A warning: shown on stderr even with ``--quiet`` or ``--events -`` (stdout stays JSON)."""
+        if self.silent:
+            return
         text = f"warning: {text}"
         if self._bar is not None:
             self._bar.write(text, file=sys.stderr)

@@ -222,55 +222,81 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     ``checkpointing``: activation checkpointing of the UNETR's ViT blocks or the DDPM's resnet blocks
     (:mod:`.checkpointing`): less activation memory for recomputing those blocks in backward, the same gradients.
     ``None``: off for a new run, the run's own setting on ``resume``.
+
+    Under ``torchrun`` (see :mod:`.distributed`) the job is data-parallel: ``batch_size`` patches per rank, rank 0
+    alone checks the data, holds the run lock and writes the run; every check's outcome is agreed by all ranks.
     """
-    if flip not in FLIP_AXES:
-        raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
-    from ..data import find_cases, validate_cases
+    from .distributed import setup
 
+    ctx = setup(device)
     events = events or Events()
+    if not ctx.is_main:
+        events = Events.silent_sink()
     out = os.fspath(out)
-    check_output_folder(out)
-    if batch_size is not None and batch_size < 1:
-        raise EngineError(f"--batch-size must be >= 1, got {batch_size}")
-    _check_existing_run(out, resume, overwrite)
+    lock = RunLock(out, "finetune") if ctx.is_main else None  # one writer per run: rank 0
     try:
-        model = resolve_model(model_source)
-        task_kind = task_of(model)
-        if patch_size is not None:
-            check_input_size(model, patch_size, "--patch-size")
-        if not os.path.exists(model_source) and model_source in PRESETS:
-            events.message(f"note: {model_source} is a preset with random weights; pass a pretrained checkpoint for real use")
-
-        train_cases = find_cases(data, "training", require_labels=task_kind == "segmentation")
-        val_cases = find_cases(val, "training", require_labels=task_kind == "segmentation") if val else []
-        if not train_cases:
-            raise EngineError(f"{data}: no training cases found (expected imagesTr/ or a datalist with 'training')")
-        if task_kind == "synthesis" and any(c.get("label") for c in train_cases + val_cases):
-            events.warn(f"{data} has labels, but a DDPM learns from the images alone: the labels are unused "
-                        "(to train a segmentation adapter, give a UNETR as --model)")
-        if auto_val and not val_cases:
-            train_cases, val_cases = split_validation(train_cases, settings.seed)
-            if val_cases:
-                events.message(f"no --val given: {len(val_cases)} of the {len(train_cases) + len(val_cases)} cases pick the "
-                               f"best adapter ({', '.join(c.get('name', os.path.basename(c['image'])) for c in val_cases)})")
-        num_classes = num_classes_of(model) if task_kind == "segmentation" else None
-        events.message(f"checking {len(train_cases) + len(val_cases)} case(s) before training ...")
-        validate_cases(train_cases + val_cases, num_classes, require_labels=task_kind == "segmentation",
-                       require_foreground=task_kind == "segmentation")
-        with RunLock(out, "finetune"):
-            _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
-            if overwrite and not resume:
-                clear_run(out)
-            return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
-                             device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
-                             patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
-                             threads=threads, loss=loss, label_resampling=label_resampling,
-                             centre_jitter=centre_jitter, checkpointing=checkpointing)
+        with ctx.agreement():
+            if flip not in FLIP_AXES:
+                raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
+            if ctx.is_main:
+                check_output_folder(out)
+            if batch_size is not None and batch_size < 1:
+                raise EngineError(f"--batch-size must be >= 1, got {batch_size}")
+            _check_existing_run(out, resume, overwrite)
+            model, task_kind, num_classes, train_cases, val_cases = _prepare_finetune(
+                model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main)
+            if lock is not None:
+                lock.acquire()
+                _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
+                if overwrite and not resume:
+                    clear_run(out)
+        return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
+                         device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
+                         patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
+                         threads=threads, loss=loss, label_resampling=label_resampling,
+                         centre_jitter=centre_jitter, checkpointing=checkpointing, ctx=ctx)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
             raise Interrupted(f"finetune interrupted; {kept} is intact: continue with --resume") from None
         raise Interrupted("finetune interrupted before its first checkpoint; nothing was saved") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prepare_finetune(model_source: str, data: str, val: str | None, patch_size: Sequence[int] | None,
+                      auto_val: bool, seed: int, events: Events, check_data: bool
+                      ) -> tuple[nn.Module, str, int | None, list[dict], list[dict]]:
+    """The model, its task, the training and validation cases, every case checked (``check_data``: rank 0 of a
+    data-parallel job reads every file once for all ranks)."""
+    from ..data import find_cases, validate_cases
+
+    model = resolve_model(model_source)
+    task_kind = task_of(model)
+    if patch_size is not None:
+        check_input_size(model, patch_size, "--patch-size")
+    if not os.path.exists(model_source) and model_source in PRESETS:
+        events.message(f"note: {model_source} is a preset with random weights; pass a pretrained checkpoint for real use")
+
+    train_cases = find_cases(data, "training", require_labels=task_kind == "segmentation")
+    val_cases = find_cases(val, "training", require_labels=task_kind == "segmentation") if val else []
+    if not train_cases:
+        raise EngineError(f"{data}: no training cases found (expected imagesTr/ or a datalist with 'training')")
+    if task_kind == "synthesis" and any(c.get("label") for c in train_cases + val_cases):
+        events.warn(f"{data} has labels, but a DDPM learns from the images alone: the labels are unused "
+                    "(to train a segmentation adapter, give a UNETR as --model)")
+    if auto_val and not val_cases:
+        train_cases, val_cases = split_validation(train_cases, seed)
+        if val_cases:
+            events.message(f"no --val given: {len(val_cases)} of the {len(train_cases) + len(val_cases)} cases pick the "
+                           f"best adapter ({', '.join(c.get('name', os.path.basename(c['image'])) for c in val_cases)})")
+    num_classes = num_classes_of(model) if task_kind == "segmentation" else None
+    if check_data:
+        events.message(f"checking {len(train_cases) + len(val_cases)} case(s) before training ...")
+        validate_cases(train_cases + val_cases, num_classes, require_labels=task_kind == "segmentation",
+                       require_foreground=task_kind == "segmentation")
+    return model, task_kind, num_classes, train_cases, val_cases
 
 
 RUN_FILES = ("adapter_config.json", "adapter.safetensors", "history.json", "metrics.csv", "report.png")
@@ -316,11 +342,22 @@ def unfinished_run_message(folder: str) -> str | None:
 
 
 def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: int | None,
-              train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None, settings: TrainSettings, *, device: str, amp: str,
-              events: Events, resume: bool, batch_size: int | None, patch_size: Sequence[int] | None,
-              spacing: Sequence[float] | None, affine: bool, elastic: bool, flip: str,
-              threads: int | None, loss: str, label_resampling: str, centre_jitter: int,
-              checkpointing: bool | None) -> TrainResult:
+              train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None,
+              settings: TrainSettings, *, ctx: Any, **options: Any) -> TrainResult:
+    """Build the trainer (every rank agreeing that it could) and run it."""
+    with ctx.agreement():
+        trainer, ckpt = _build_trainer(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg,
+                                       settings, ctx=ctx, **options)
+    return trainer.run(resume_from=ckpt)
+
+
+def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_classes: int | None,
+                   train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None,
+                   settings: TrainSettings, *, device: str, amp: str, events: Events, resume: bool,
+                   batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
+                   affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
+                   centre_jitter: int, checkpointing: bool | None, ctx: Any
+                   ) -> tuple[Trainer, str | None]:
     import dataclasses
 
     from ..data import case_name
@@ -351,6 +388,13 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         if threads is None and saved.get("train_threads"):
             threads = int(saved["train_threads"])  # the same thread count as before, so the run ends as an uninterrupted one
             events.message(f"resuming with the run's {threads} CPU thread(s)")
+        if batch_size is None and saved.get("train_batch_size"):
+            batch_size = int(saved["train_batch_size"])  # patches per rank, as before
+        before = (int(saved.get("train_ranks", 1)), int(saved.get("train_batch_size") or 0))
+        if before[1] and before != (ctx.world_size, batch_size):
+            events.warn(f"this run trained with {before[0]} rank(s) x {before[1]} patches and resumes with "
+                        f"{ctx.world_size} x {batch_size}: a global batch of {before[0] * before[1]} becomes "
+                        f"{ctx.world_size * batch_size}, so it will not end with an uninterrupted run's weights")
     else:
         if cfg is None:
             raise EngineError("choose an adapter: --method NAME --rank R")
@@ -367,6 +411,8 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
     if not settings.checkpoint_every:
         settings = dataclasses.replace(settings, checkpoint_every=settings.eval_every)
 
+    if ctx.active and device_is_cuda(device):
+        device = f"cuda:{ctx.local_rank}"  # each rank its own GPU (setup() made it the current one)
     runtime = select_runtime(device, amp, threads)
     model.to(runtime.device)
     checkpointing = bool(checkpointing)
@@ -377,21 +423,27 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         events.message(f"activation checkpointing: {len(blocks)} blocks ({blocks[0]} ... {blocks[-1]}) recomputed in "
                        f"backward instead of keeping their activations")
     size = tuple(patch_size) if patch_size else model_input_size(model)
+    per_rank = batch_size or (2 if task_kind == "segmentation" else 1)
+    shard = (ctx.rank, ctx.world_size)
+    # Only rank 0 validates: the others need no validation cases (caching them would cost every rank the
+    # preprocessing of whole scans).
+    own_val = val_cases if ctx.is_main else []
     prep = None
     if task_kind == "segmentation":
         from .segmentation import SegmentationTask
 
         prep = working_preprocessing(model, train_cases, spacing)
         events.message(f"working grid: {prep.describe()} (every case is resampled to it)")
-        check_training_geometry(model, train_cases + val_cases, prep, size, events)
-        task: Any = SegmentationTask(train_cases, val_cases, patch_size=size, num_classes=num_classes, runtime=runtime,
-                                     batch_size=batch_size or 2, preprocessing=prep, affine=affine, elastic=elastic,
+        if ctx.is_main:
+            check_training_geometry(model, train_cases + val_cases, prep, size, events)
+        task: Any = SegmentationTask(train_cases, own_val, patch_size=size, num_classes=num_classes, runtime=runtime,
+                                     batch_size=per_rank, preprocessing=prep, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
-                                     centre_jitter=centre_jitter)
+                                     centre_jitter=centre_jitter, shard=shard)
     else:
         from .synthesis import SynthesisTask
 
-        task = SynthesisTask(train_cases, val_cases, size=size, runtime=runtime, batch_size=batch_size or 1)
+        task = SynthesisTask(train_cases, own_val, size=size, runtime=runtime, batch_size=per_rank, shard=shard)
 
     hooks = growth_hooks(model, cfg)
     meta = {
@@ -406,6 +458,8 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
         "train_checkpoint_every": settings.checkpoint_every,
         "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
         "checkpointing": checkpointing,
+        # patches per rank and ranks: --resume takes the same per-rank batch, and says so if the ranks changed
+        "train_batch_size": per_rank, "train_ranks": ctx.world_size,
     }
     if task_kind == "segmentation":
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
@@ -414,16 +468,29 @@ def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: 
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         meta["spacing"] = list(_first_spacing(train_cases, size))
-    trainer = Trainer(model, task, settings, out, runtime, events, hooks=hooks, extra_meta=meta)
+    trainer = Trainer(model, task, settings, out, runtime, events, hooks=hooks, extra_meta=meta, dist=ctx)
     events.message(f"{report['method']} rank {cfg.rank}: {report['trainable']:,} trainable of {report['base_total']:,} "
                    f"({report['trainable_percent']:.2f}%), {report['layers_wrapped']} layers adapted; "
                    f"device {runtime.name}")
+    if ctx.active:
+        # The learning rate is the one given (or the default), not scaled with the global batch: what scaling suits
+        # adapters is not settled (docs/scale.md), and a resumed run must keep its schedule.
+        events.message(f"data parallel: {ctx.world_size} ranks ({ctx.backend}) x {per_rank} patch(es) = global batch "
+                       f"{ctx.world_size * per_rank} per step (x{settings.accumulate} accumulated); learning rate "
+                       f"{settings.lr:g}, not scaled with the batch (see docs/scale.md)")
     # Hooks keep their own state between steps; build the optimiser after the adapter is in place (done above).
     for hook in hooks:
         bind = getattr(hook, "bind", None)
         if bind:
             bind(trainer.optimizer)
-    return trainer.run(resume_from=ckpt if resume else None)
+    return trainer, ckpt if resume else None
+
+
+def device_is_cuda(device: str) -> bool:
+    """Whether ``--device`` means a CUDA GPU here (``auto`` with one visible)."""
+    from .distributed import wants_cuda
+
+    return wants_cuda(device)
 
 
 def growth_hooks(model: nn.Module, cfg: AdapterConfig) -> list[Any]:
@@ -500,61 +567,105 @@ def inference_preprocessing(model: nn.Module, saved: dict[str, Any]) -> Any:
 def segment(image: str, out: str, *, model_source: str | None = None, adapter: str | None = None,
             device: str = "auto", amp: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5,
             min_component_mm3: float = 1000.0, mirror: str = "auto", events: Events | None = None,
-            threads: int | None = None) -> list[dict[str, Any]]:
+            threads: int | None = None, skip_existing: bool = False) -> list[dict[str, Any]]:
     """Segment an image or every image of a folder; masks are written on each image's own grid.
 
     ``out``: a file path for a single image (``.nii.gz``, ``.nrrd`` or ``.seg.nrrd``), else a folder where each mask
     keeps its image's case name (``<case>.nii.gz``). ``mirror``: test-time mirroring along ``lr``, ``all`` or
     ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
+    ``skip_existing``: leave images whose mask is already there (every mask is written whole or not at all, so one
+    that exists is finished): a killed job run again continues where it stopped.
+
+    Under ``torchrun`` each rank segments every N-th image of the sorted list (:meth:`~.distributed.Distributed.shard`:
+    no rank needs to ask another which files are its own, and each mask has exactly one writer); ranks without an
+    image load no model. Rank 0 gathers the records at the end, reports for the job and returns all of them.
     """
     from ..data import case_name
+    from .distributed import SEGMENT_TIMEOUT, PeerError, setup
     from .segmentation import segment_images
 
-    if mirror not in MIRROR_CHOICES:
-        raise EngineError(f"--mirror {mirror!r}: choose one of {', '.join(MIRROR_CHOICES)}")
-    if not 0.0 <= overlap < 1.0:
-        raise EngineError(f"--overlap {overlap:g}: must be at least 0 and below 1 (e.g. 0.5)")
-    if sw_batch_size < 1:
-        raise EngineError(f"--sw-batch-size must be >= 1, got {sw_batch_size}")
-    if min_component_mm3 < 0:
-        raise EngineError(f"--min-component must be >= 0 mm³, got {min_component_mm3:g}")
+    # gloo whatever the device: the ranks exchange only a few Python objects at the start and the end
+    ctx = setup(device, backend="gloo", collective_timeout=SEGMENT_TIMEOUT)
     events = events or Events()
-    images = _image_list(image)
-    single_file = len(images) == 1 and not Path(image).is_dir() and _has_extension(out)
-    if single_file:
-        check_output_file(out, MASK_EXTENSIONS)
-        outputs = [out]
-    else:
-        check_output_folder(out)
-        outputs = [os.path.join(out, case_name(p) + ".nii.gz") for p in images]
-    if adapter:
-        check_adapter_folder(adapter)
-    runtime = select_runtime(device, amp, threads)
-    model, saved = load_adapted_model(model_source, adapter, runtime)
-    if task_of(model) != "segmentation":
-        raise EngineError("segment needs a UNETR; this model is a DDPM (use synthesize)")
-    patch = tuple(saved.get("patch_size") or model_input_size(model))
-    prep = inference_preprocessing(model, saved)
-    if mirror == "auto":
-        mirror = saved.get("flip") or "none"
-    events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
+    if not ctx.is_main:
+        events = Events.silent_sink()
+    with ctx.agreement():
+        if mirror not in MIRROR_CHOICES:
+            raise EngineError(f"--mirror {mirror!r}: choose one of {', '.join(MIRROR_CHOICES)}")
+        if not 0.0 <= overlap < 1.0:
+            raise EngineError(f"--overlap {overlap:g}: must be at least 0 and below 1 (e.g. 0.5)")
+        if sw_batch_size < 1:
+            raise EngineError(f"--sw-batch-size must be >= 1, got {sw_batch_size}")
+        if min_component_mm3 < 0:
+            raise EngineError(f"--min-component must be >= 0 mm³, got {min_component_mm3:g}")
+        images = _image_list(image)
+        single_file = len(images) == 1 and not Path(image).is_dir() and _has_extension(out)
+        if single_file:
+            check_output_file(out, MASK_EXTENSIONS)
+            outputs = [out]
+        else:
+            check_output_folder(out)
+            outputs = [os.path.join(out, case_name(p) + ".nii.gz") for p in images]
+        if adapter:
+            check_adapter_folder(adapter)
+        mine = ctx.shard(list(range(len(images))))
+        done = [i for i in mine if skip_existing and os.path.isfile(outputs[i])]
+        todo = [i for i in mine if i not in done]
+        if ctx.active:
+            events.message(f"{len(images)} image(s) shared by {ctx.world_size} ranks (rank r takes images r, "
+                           f"r + {ctx.world_size}, ...)" + (f"; ranks {len(images)}-{ctx.world_size - 1} have none"
+                                                            if len(images) < ctx.world_size else ""))
+        if done:
+            events.message(f"--skip-existing: {len(done)} of {len(mine)} mask(s) already written, left as they are")
+        model = None
+        if todo:
+            if ctx.active and device_is_cuda(device):
+                device = f"cuda:{ctx.local_rank}"
+            runtime = select_runtime(device, amp, threads)
+            model, saved = load_adapted_model(model_source, adapter, runtime)
+            if task_of(model) != "segmentation":
+                raise EngineError("segment needs a UNETR; this model is a DDPM (use synthesize)")
+            patch = tuple(saved.get("patch_size") or model_input_size(model))
+            prep = inference_preprocessing(model, saved)
+            if mirror == "auto":
+                mirror = saved.get("flip") or "none"
+            events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
     # With one bad file among many the others are still segmented and the bad ones named at the end (segment_images
     # checks every header before the first scan, each scan's voxels just before its turn); one file fails at once.
     failures: list[tuple[str, Exception]] = []
-    events.emit("start", kind="segment", images=len(images), out=out, mirror=mirror,
-                preprocessing=prep.to_dict(), **runtime.describe())
-    records = segment_images(model, images, outputs, runtime, events, patch_size=patch, preprocessing=prep,
-                             sw_batch_size=sw_batch_size, overlap=overlap, min_component_mm3=min_component_mm3,
-                             mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures)
-    for record in records:
-        record["mirror"] = mirror
+    records: list[dict[str, Any]] = []
+    with ctx.agreement():  # one file that fails, or a full disk, stops every rank with one line
+        if model is not None:
+            events.emit("start", kind="segment", images=len(todo), out=out, mirror=mirror,
+                        preprocessing=prep.to_dict(), **runtime.describe(), **_ranks_fields(ctx, len(images)))
+            records = segment_images(model, [images[i] for i in todo], [outputs[i] for i in todo], runtime, events,
+                                     patch_size=patch, preprocessing=prep, sw_batch_size=sw_batch_size,
+                                     overlap=overlap, min_component_mm3=min_component_mm3,
+                                     mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures)
+            for record in records:
+                record["mirror"] = mirror
+        elif not ctx.active or ctx.is_main:
+            events.emit("start", kind="segment", images=0, out=out, mirror=mirror, **_ranks_fields(ctx, len(images)))
+    if ctx.active:
+        # Rank 0 speaks for the job: every rank's masks and failures, in the order of the images.
+        shares = ctx.gather((records, [(p, str(e)) for p, e in failures]))
+        order = {path: n for n, path in enumerate(images)}
+        records = sorted((r for share, _ in shares for r in share), key=lambda r: order.get(r["image"], 0))
+        failures = sorted(((p, EngineError(e)) for _, share in shares for p, e in share),  # type: ignore[misc]
+                          key=lambda f: order.get(f[0], 0))
     events.emit("done", status="completed" if not failures else "failed", out=out, masks=[r["mask"] for r in records],
                 failed=[p for p, _ in failures])
     if failures:
         names = "; ".join(str(err) for _, err in failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
-        raise EngineError(f"{len(failures)} of {len(images)} images could not be segmented ({len(records)} masks "
-                          f"written to {out}): {names}")
+        message = (f"{len(failures)} of {len(images)} images could not be segmented ({len(records)} masks "
+                   f"written to {out}): {names}")
+        raise EngineError(message) if ctx.is_main else PeerError(message)
     return records
+
+
+def _ranks_fields(ctx: Any, images: int) -> dict[str, Any]:
+    """What a sharded segment's start event adds: the ranks and the whole job's image count."""
+    return {"ranks": ctx.world_size, "job_images": images} if ctx.active else {}
 
 
 def _has_extension(path: str) -> bool:

@@ -76,26 +76,25 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
 
     ``ship``: also copy both into the package's ``models/weights/`` (what ``tensorpeft demo`` loads) — for
     maintainers refreshing the shipped models.
+
+    Under ``torchrun`` the training is data-parallel (``finetune``'s rules, the recipe's batch per rank); rank 0 alone
+    builds the cohort, writes the initial weights and exports the result; the other ranks return an empty card.
     """
     from ..data import build_demo_cohort
     from ..data.demo import write_json
+    from ..data.preprocess import Preprocessing
     from ..models.checkpoints import save_model
+    from .distributed import setup
     from .jobs import finetune
 
-    if recipe_name not in RECIPES:
-        raise EngineError(f"unknown recipe {recipe_name!r}; choose one of: {', '.join(RECIPES)}")
-    recipe = RECIPES[recipe_name]
+    ctx = setup(device)
     events = events or Events()
-    os.makedirs(out, exist_ok=True)
-    if cohort is None:
-        cohort = os.path.join(out, "cohort")
-        if not os.path.isfile(os.path.join(cohort, "dataset.json")):
-            events.message(f"building the demo cohort in {cohort} ...")
-            build_demo_cohort(cohort, seed=0)
-    data = os.path.join(cohort, recipe.task_folder)
-
-    from ..data.preprocess import Preprocessing
-
+    if not ctx.is_main:
+        events = Events.silent_sink()
+    with ctx.agreement():
+        if recipe_name not in RECIPES:
+            raise EngineError(f"unknown recipe {recipe_name!r}; choose one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[recipe_name]
     preprocessing = Preprocessing(spacing=recipe.spacing).to_dict() if recipe.spacing else None
 
     def fresh() -> torch.nn.Module:
@@ -105,9 +104,18 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
         return model
 
     init = os.path.join(out, f"{recipe.name}-init.safetensors")
-    if not resume:
-        torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
-        save_model(fresh(), init)
+    with ctx.agreement():  # rank 0 writes the cohort and the initial weights; the others wait for them here
+        if ctx.is_main:
+            os.makedirs(out, exist_ok=True)
+        if cohort is None:
+            cohort = os.path.join(out, "cohort")
+            if ctx.is_main and not os.path.isfile(os.path.join(cohort, "dataset.json")):
+                events.message(f"building the demo cohort in {cohort} ...")
+                build_demo_cohort(cohort, seed=0)
+        if not resume and ctx.is_main:
+            torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
+            save_model(fresh(), init)
+    data = os.path.join(cohort, recipe.task_folder)
     run = os.path.join(out, "run")
     settings = TrainSettings(steps=steps or recipe.steps, lr=recipe.lr, eval_every=recipe.eval_every,
                              checkpoint_every=recipe.eval_every, seed=recipe.seed, optimizer="adamw")
@@ -119,6 +127,8 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
                       centre_jitter=recipe.centre_jitter)
     if result.status != "completed":
         raise EngineError(f"pretraining {recipe.name} was cancelled at step {result.step}; continue with --resume")
+    if not ctx.is_main:
+        return {}
 
     # The trained weights: a fresh model of the preset with the run's (full) adapter loaded, exported as fp16.
     model = fresh()

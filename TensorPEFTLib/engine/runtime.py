@@ -48,9 +48,16 @@ def default_threads() -> int:
     other work shares the cores, pass ``--threads`` (two threads competing for one free core made a step 5x slower).
     """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    # torchrun's processes on one node share its cores (LOCAL_WORLD_SIZE of them): each takes its share, so 2
+    # ranks on 2 cores run a thread each instead of four threads fighting over two cores
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
+    except ValueError:
+        local = 1
+    return max(1, cores // max(1, local))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -125,10 +132,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
+def step_seed(seed: int, step: int, stream: int = 0, rank: int = 0) -> int:
     """The seed of one training step: data sampling and augmentation depend only on (seed, step), so a resumed run
-    draws exactly what an uninterrupted one would."""
-    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**31 - 1)
+    draws exactly what an uninterrupted one would. ``rank`` (data-parallel jobs) gives each rank its own stream for
+    torch-side randomness (adapter dropout), since each holds other patches; rank 0's is the one-process seed."""
+    return (seed * 1_000_003 + step * 7919 + stream * 104_729 + rank * 15_485_863) % (2**31 - 1)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

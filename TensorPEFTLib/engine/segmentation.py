@@ -33,15 +33,51 @@ SEGMENTATION_LOSSES = ("dice-ce", "dice-ce-all")
 LABEL_RESAMPLING = ("linear", "nearest")
 
 
-def segmentation_loss(name: str) -> nn.Module:
-    """The loss called ``name`` (one of :data:`SEGMENTATION_LOSSES`) on logits (B, K, ...) and labels (B, 1, ...)."""
+def segmentation_loss(name: str, sharded: bool = False) -> nn.Module:
+    """The loss called ``name`` (one of :data:`SEGMENTATION_LOSSES`) on logits (B, K, ...) and labels (B, 1, ...).
+
+    ``sharded``: each rank of a data-parallel job holds a slice of the global batch. ``dice-ce-all`` and the
+    cross-entropy are means over samples and voxels, so DDP's average of the ranks' gradients is the global batch's
+    gradient as it is; ``dice-ce``'s Dice over the batch is not a mean, so its statistics are summed over the ranks
+    first (:class:`BatchDiceCELoss`, as nnU-Net does under DDP)."""
     from monai.losses import DiceCELoss
 
     if name == "dice-ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        return BatchDiceCELoss(loss) if sharded else loss
     if name == "dice-ce-all":
         return DiceCELoss(to_onehot_y=True, softmax=True)
     raise EngineError(f"segmentation loss {name!r}: choose one of {', '.join(SEGMENTATION_LOSSES)}")
+
+
+class BatchDiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss(to_onehot_y, softmax, include_background=False, batch=True)`` with its Dice statistics
+    summed over every rank of a data-parallel job, so that each rank's slice of the global batch trains as the whole
+    batch does in one process (``Testing/test_distributed.py`` compares the two). The statistics are MONAI's
+    (tp, fp, fn of the foreground classes over batch and space; its smoothing terms), the cross-entropy is
+    ``DiceCELoss.ce`` itself; in a one-process job it equals ``DiceCELoss`` to rounding."""
+
+    def __init__(self, monai_loss: nn.Module) -> None:
+        super().__init__()
+        self.monai_loss = monai_loss
+        dice = monai_loss.dice
+        self.smooth_nr, self.smooth_dr = float(dice.smooth_nr), float(dice.smooth_dr)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from monai.networks import one_hot
+
+        from .distributed import sum_over_ranks
+
+        classes = logits.shape[1]
+        probs = torch.softmax(logits, 1)[:, 1:]
+        target = one_hot(labels, num_classes=classes)[:, 1:]
+        axes = [0, *range(2, logits.dim())]
+        # (3, K-1): Σ p·t, Σ p, Σ t over this rank's patches, then over all ranks' patches
+        stats = sum_over_ranks(torch.stack([(probs * target).sum(axes), probs.sum(axes), target.sum(axes)]))
+        tp = stats[0]
+        fp, fn = stats[1] - tp, stats[2] - tp
+        dice = 1 - (2 * tp + self.smooth_nr) / (2 * (tp + 0.5 * fp + 0.5 * fn) + self.smooth_dr)
+        return dice.mean() + self.monai_loss.ce(logits, labels)
 
 
 class SegmentationTask:
@@ -56,7 +92,7 @@ class SegmentationTask:
                  runtime: Runtime, batch_size: int = 2, preprocessing: Any = None,
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
-                 centre_jitter: int = 16) -> None:
+                 centre_jitter: int = 16, shard: tuple[int, int] = (0, 1)) -> None:
         from monai.data import CacheDataset
 
         from ..data import train_transforms, val_transforms
@@ -64,7 +100,9 @@ class SegmentationTask:
 
         if label_resampling not in LABEL_RESAMPLING:
             raise EngineError(f"label resampling {label_resampling!r}: choose one of {', '.join(LABEL_RESAMPLING)}")
-        self.loss_fn = segmentation_loss(loss)
+        #: (rank, ranks): this process trains on patches rank·b .. rank·b + b − 1 of each step's global batch
+        self.shard = (int(shard[0]), int(shard[1]))
+        self.loss_fn = segmentation_loss(loss, sharded=self.shard[1] > 1)
         label_classes = num_classes if label_resampling == "linear" else None
         prep = preprocessing or Preprocessing()
         self.preprocessing = prep
@@ -86,10 +124,11 @@ class SegmentationTask:
     # ------------------------------------------------------------------ training
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng(seed)
-        picks = rng.integers(len(self.train_data), size=self.batch_size)
+        picks = global_batch_picks(rng, len(self.train_data), self.batch_size, self.shard)
         images, labels = [], []
-        for j, index in enumerate(picks):
-            # Random crop/flip/intensity of this sample depend on (seed, j) only: resume draws the same batch.
+        for j, index in picks:
+            # Random crop/flip/intensity of this sample depend on (seed, j) only: resume draws the same batch, and a
+            # rank's slice of a data-parallel batch is what one process would draw at those positions.
             self.train_transform.set_random_state(seed=(seed + 7919 * j) % (2**31 - 1))
             sample = self.train_data[int(index)]
             sample = sample[0] if isinstance(sample, list) else sample
@@ -126,6 +165,18 @@ class SegmentationTask:
                 pred = self.predict_logits(model, image).argmax(1)[0].cpu().numpy()
             example = (np.asarray(item["image"])[0], np.asarray(item["label"])[0], pred, self.val_names[0])
         return [segmentation_report(os.path.join(out, "report.png"), history, example, metric=self.metric)]
+
+
+def global_batch_picks(rng: np.random.Generator, cases: int, batch_size: int,
+                       shard: tuple[int, int] = (0, 1)) -> list[tuple[int, int]]:
+    """This rank's ``(position, case index)`` pairs of one step's global batch.
+
+    The whole global batch (``batch_size`` per rank × ranks) is drawn from the step's one seeded stream and each
+    rank takes its slice, so ``torchrun`` with N ranks of batch b trains on exactly the patches one process of batch
+    N·b would (the test of data-parallel training compares the two); one process draws what it always drew."""
+    rank, ranks = shard
+    picks = rng.integers(cases, size=batch_size * ranks)
+    return [(j, int(picks[j])) for j in range(rank * batch_size, (rank + 1) * batch_size)]
 
 
 def sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,

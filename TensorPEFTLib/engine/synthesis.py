@@ -41,13 +41,14 @@ class SynthesisTask:
 
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, size: Sequence[int], runtime: Runtime,
                  batch_size: int = 1, flip: bool = True, schedule: dict[str, Any] | None = None,
-                 sample_steps: int = 25) -> None:
+                 sample_steps: int = 25, shard: tuple[int, int] = (0, 1)) -> None:
         from monai.data import CacheDataset
 
         from ..data import synthesis_transforms
 
         self.size = tuple(int(s) for s in size)
         self.runtime, self.batch_size, self.sample_steps = runtime, batch_size, sample_steps
+        self.shard = (int(shard[0]), int(shard[1]))  # (rank, ranks): see segmentation.global_batch_picks
         self.schedule = dict(schedule or SCHEDULE)
         self.scheduler = make_scheduler("ddpm", self.schedule)
         self.train_transform = synthesis_transforms(self.size, flip_prob=0.5 if flip else 0.0)
@@ -56,16 +57,22 @@ class SynthesisTask:
                          if val_cases else None)
 
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
+        from .segmentation import global_batch_picks
+
         rng = np.random.default_rng(seed)
-        picks = rng.integers(len(self.train_data), size=self.batch_size)
+        picks = global_batch_picks(rng, len(self.train_data), self.batch_size, self.shard)
         images = []
-        for j, index in enumerate(picks):
+        for j, index in picks:
             self.train_transform.set_random_state(seed=(seed + 7919 * j) % (2**31 - 1))
             images.append(torch.as_tensor(self.train_data[int(index)]["image"]))
         gen = torch.Generator().manual_seed(seed)
         image = torch.stack(images).float()
-        noise = torch.randn(image.shape, generator=gen)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (image.shape[0],), generator=gen)
+        # noise and timesteps of the whole global batch from the step's stream, then this rank's rows (one process:
+        # all of them, drawn as before)
+        rank, ranks = self.shard
+        rows = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
+        noise = torch.randn((image.shape[0] * ranks, *image.shape[1:]), generator=gen)[rows]
+        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (image.shape[0] * ranks,), generator=gen)[rows]
         device = self.runtime.device
         return {"image": image.to(device), "noise": noise.to(device), "timesteps": timesteps.to(device)}
 

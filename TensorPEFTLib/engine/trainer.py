@@ -17,10 +17,16 @@ Output folder layout (``OUT``)::
 A cancelled or failed run never leaves an adapter at the top level, so whatever sits there is a finished run's.
     OUT/history.json, OUT/metrics.csv                  losses, learning rates, validation scores per step
     OUT/report.png                                     curves and a look at the data (by the task)
+
+Data-parallel (``torchrun``, see :mod:`.distributed`): every rank runs this loop on its slice of each step's global
+batch through a ``DistributedDataParallel`` wrapper; rank 0 alone validates and writes every file above (the others
+write nothing), the ranks agree after each step on the global batch's loss and on whether to stop, and a rank that
+dies stops the others with a line saying which checkpoint ``--resume`` continues from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -36,6 +42,7 @@ from torch import nn
 
 from ..adapters import save_adapter, trainable_parameters
 from ..atomic import copy_atomically, write_text_atomically
+from .distributed import SINGLE, Distributed, data_parallel, is_lost_peer, unused_parameters
 from .events import Events
 from .outputs import disk_full_message, folder_bytes, is_disk_full, torch_bytes, write_bytes
 from .runtime import EngineError, Runtime, out_of_memory_as_error, peak_memory_gb, step_seed
@@ -183,9 +190,15 @@ def load_trainer_state(path: str) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, settings: TrainSettings, out: str, runtime: Runtime,
-                 events: Events, hooks: list[StepHook] | None = None, extra_meta: dict[str, Any] | None = None) -> None:
+                 events: Events, hooks: list[StepHook] | None = None, extra_meta: dict[str, Any] | None = None,
+                 dist: Distributed | None = None) -> None:
         settings.validate()
         self.model, self.task, self.settings, self.out = model, task, settings, os.fspath(out)
+        self.dist = dist or SINGLE
+        #: what the training step runs: ``model`` itself, or its DDP wrapper in a data-parallel job (built by run())
+        self.train_model: nn.Module = model
+        self._wrapped: list[int] = []
+        self._unused: list[str] | None = None  # trainable parameters no forward pass uses (data-parallel only)
         self.runtime, self.events, self.hooks = runtime, events, list(hooks or [])
         self.extra_meta = extra_meta or {}
         self.optimizer = make_optimizer(trainable_parameters(model), settings)
@@ -307,13 +320,17 @@ class Trainer:
         batch = None
         for micro in range(settings.accumulate):
             seed = step_seed(settings.seed, self.step, micro)
-            torch.manual_seed(seed)  # adapter dropout and any torch-side randomness of this micro-step
+            # adapter dropout and any torch-side randomness of this micro-step (each rank its own stream)
+            torch.manual_seed(step_seed(settings.seed, self.step, micro, self.dist.rank))
             batch = self.task.batch(self.step, micro, seed)
-            with self.runtime.autocast():
-                loss = self.task.loss(self.model, batch) / settings.accumulate
-            if not torch.isfinite(loss):
-                raise EngineError(f"loss became {loss.item()} at step {self.step}: lower --lr (now {settings.lr:g})")
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # DDP exchanges gradients once per optimiser step: not after the micro-batches before the last
+            skip_sync = self.dist.active and micro < settings.accumulate - 1
+            with self.train_model.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with self.runtime.autocast():
+                    loss = self.task.loss(self.train_model, batch) / settings.accumulate
+                if not torch.isfinite(loss):
+                    raise EngineError(f"loss became {loss.item()} at step {self.step}: lower --lr (now {settings.lr:g})")
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -327,8 +344,59 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, batch
 
+    def _data_parallel(self, init_sync: bool = True) -> None:
+        """(Re)build the DDP wrapper over the current trainable parameters: at the start, and after a hook replaced
+        parameters (SeLoRA's growth), since DDP registers its parameters once. Every rank must hold the same
+        parameters; that is checked first, so a rank that grew differently is named instead of DDP failing on a
+        shape mismatch."""
+        self.train_model = self.model  # the old wrapper (and its reducer's hooks) goes before the next is built
+        if not self.dist.active:
+            return
+        named = [(name, tuple(p.shape)) for name, p in self.model.named_parameters() if p.requires_grad]
+        layouts = self.dist.gather(named)
+        if any(layout != layouts[0] for layout in layouts):
+            differ = next(r for r, layout in enumerate(layouts) if layout != layouts[0])
+            diff = sorted(set(map(str, layouts[differ])) ^ set(map(str, layouts[0])))[:3]
+            raise EngineError(f"at step {self.step} rank {differ} holds other trainable parameters than rank 0 "
+                              f"({'; '.join(diff)}); the ranks must grow/adapt the same layers")
+        if self._unused is None:
+            self._unused = self._probe_unused_parameters()
+        self.train_model = data_parallel(self.model, self.runtime.device, init_sync=init_sync,
+                                         find_unused=bool(self._unused))
+        self._wrapped = [id(p) for p in trainable_parameters(self.model)]
+
+    def _probe_unused_parameters(self) -> list[str]:
+        """Trainable parameters the loss does not reach, from one forward pass on the first batch (every rank does
+        it: the task's loss may exchange statistics). DDP must be told about them, or it waits for their gradients
+        forever; they get none in one process either, so the optimiser leaves them alone in both."""
+        seed = step_seed(self.settings.seed, self.step, 0)
+        batch = self.task.batch(self.step, 0, seed)
+        with torch.enable_grad(), self.runtime.autocast():
+            loss = self.task.loss(self.model, batch)
+        unused = unused_parameters(self.model, loss)
+        del loss, batch
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            self.events.message(f"DDP: {len(unused)} trainable tensor(s) take no part in the forward pass "
+                                f"({', '.join(unused[:3])}{more}); searching for unused parameters every step")
+        return unused
+
+    def _parameters_changed(self) -> bool:
+        return [id(p) for p in trainable_parameters(self.model)] != self._wrapped
+
+    def lost_peer_error(self, err: BaseException) -> EngineError:
+        """What a rank says when another rank of its job died (killed, crashed, node lost): one line, and how to
+        continue."""
+        kept = checkpoint_path(self.out)
+        previous = (f"the checkpoint of step {self._checkpoint_step(kept)} is intact" if kept else
+                    "no checkpoint was written yet")
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        return EngineError(f"another rank of this job stopped during step {self.step + 1} ({type(err).__name__}: "
+                           f"{first}); {previous}: run the same torchrun command with --resume")
+
     def run(self, resume_from: str | None = None) -> TrainResult:
-        os.makedirs(self.out, exist_ok=True)
+        if self.dist.is_main:
+            os.makedirs(self.out, exist_ok=True)
         if resume_from:
             self.restore(resume_from)
         settings, started = self.settings, time.time()
@@ -339,25 +407,37 @@ class Trainer:
         self.model.train()
         self.events.start_bar(settings.steps, f"fine-tuning ({self.extra_meta.get('method', 'adapter')})", initial=self.step)
         try:
+            self._data_parallel()
             return self._run(started)
         except OSError as err:
             if not is_disk_full(err):
                 raise
             self.events.close_bar()
             raise self.disk_full_error() from None
+        except Exception as err:  # noqa: BLE001 - only a lost peer of a data-parallel job is translated
+            if not (self.dist.active and is_lost_peer(err)):
+                raise
+            self.events.close_bar()
+            raise self.lost_peer_error(err) from None
 
     def _run(self, started: float) -> TrainResult:
         settings = self.settings
         recent: list[float] = []
         status = "completed"
+        stop = False  # data-parallel: the ranks' common decision (one process: its own cancel request)
         with CancelToken() as cancel, out_of_memory_as_error(f"training step {self.step}"):
             while self.step < settings.steps:
-                if cancel.requested:
+                if stop or (cancel.requested and not self.dist.active):
                     status = "cancelled"
                     break
                 tick = time.time()
                 loss, batch = self._one_step()
                 self.step += 1
+                if self.dist.active:
+                    # The global batch's loss for the log, and one decision to stop: torchrun signals every rank,
+                    # but not within the same step, and a rank that stopped alone would leave the others waiting in
+                    # their next all-reduce.
+                    loss, stop = self.dist.mean_and_any(loss, cancel.requested, self.runtime.device)
                 extra: dict[str, Any] = {}
                 for hook in self.hooks:
                     # the hook re-runs the loss on this step's batch (e.g. SeLoRA's Fisher test)
@@ -366,6 +446,8 @@ class Trainer:
                             return self.task.loss(self.model, b)
 
                     extra.update(hook.after_step(self.step, batch, loss_fn) or {})
+                if self.dist.active and self._parameters_changed():
+                    self._data_parallel(init_sync=False)  # SeLoRA grew: DDP must know the new factors
                 seconds = time.time() - tick
                 recent = (recent + [seconds])[-20:]
                 eta = sum(recent) / len(recent) * (settings.steps - self.step)
@@ -377,21 +459,27 @@ class Trainer:
                 if self.best is not None:
                     postfix[self.task.metric] = self.best
                 self.events.update_bar(1, **postfix)
-                if self.step % settings.eval_every == 0 or self.step == settings.steps:
+                # rank 0 validates and writes; the others go on to the next step and wait for it in its all-reduce
+                if self.dist.is_main and (self.step % settings.eval_every == 0 or self.step == settings.steps):
                     self._evaluate()
-                if self.step % settings.checkpoint_every == 0 and self.step < settings.steps:
+                if self.dist.is_main and self.step % settings.checkpoint_every == 0 and self.step < settings.steps:
                     self.save_checkpoint()
         self.events.close_bar()
-        self.save_checkpoint()
-        self._save_outputs(finished=status == "completed")
+        if self.dist.is_main:
+            self.save_checkpoint()
+            self._save_outputs(finished=status == "completed")
         self.history["peak_gpu_memory_gb"] = peak_memory_gb(self.runtime.device)
-        if status == "completed":
-            self.model.eval()
-            try:
-                self.history["report"] = self.task.report(self.model, self.out, self.history)
-            except Exception as err:  # noqa: BLE001 - a plot must never lose a finished training run
-                self.events.message(f"report not written: {type(err).__name__}: {err}")
-            self.write_history()
+        if self.dist.is_main:
+            if status == "completed":
+                self.model.eval()
+                try:
+                    self.history["report"] = self.task.report(self.model, self.out, self.history)
+                except Exception as err:  # noqa: BLE001 - a plot must never lose a finished training run
+                    self.events.message(f"report not written: {type(err).__name__}: {err}")
+                self.write_history()
+        # No rank leaves before rank 0's files are whole: torchrun stops the other processes as soon as one exits
+        # with an error status (a cancelled run's 130), which could cut rank 0's last checkpoint short.
+        self.dist.barrier()
         seconds = time.time() - started
         self.events.emit("done", status=status, step=self.step, steps=settings.steps, out=self.out, best=self.best,
                          metric=self.task.metric, seconds=round(seconds, 2),
