@@ -356,7 +356,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    settings: TrainSettings, *, device: str, amp: str, events: Events, resume: bool,
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
-                   centre_jitter: int, checkpointing: bool | None, ctx: Any) -> tuple[Trainer, str | None]:
+                   centre_jitter: int, checkpointing: bool | None, ctx: Any
+                   ) -> tuple[Trainer, str | None]:
     import dataclasses
 
     from ..data import case_name
@@ -456,9 +457,9 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         "train_steps": settings.steps, "train_lr": settings.lr, "train_eval_every": settings.eval_every,
         "train_checkpoint_every": settings.checkpoint_every,
         "train_threads": runtime.threads if runtime.device.type == "cpu" else None,
+        "checkpointing": checkpointing,
         # patches per rank and ranks: --resume takes the same per-rank batch, and says so if the ranks changed
         "train_batch_size": per_rank, "train_ranks": ctx.world_size,
-        "checkpointing": checkpointing,
     }
     if task_kind == "segmentation":
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
