@@ -348,9 +348,14 @@ def test_torchrun_finetune_writes_once_and_resumes_after_rank_1_is_killed(blobs,
                 break
         stdout, stderr = proc.communicate(timeout=300)
         assert killed and proc.returncode != 0
+        # the survivor says so in one line naming --resume. Which line is a race: either its next collective fails
+        # first ("another rank of this job stopped"), or torchrun, having seen the dead worker, SIGTERMs it first
+        # ("finetune interrupted; ... intact"); CI saw both
         ours = [line for line in stderr.splitlines() if line.startswith("tensorpeft:")]
-        assert len(ours) == 1 and "another rank of this job stopped" in ours[0] and "--resume" in ours[0], stderr[-3000:]
-        assert ours[0].startswith("tensorpeft: error: [rank 1] " if victim == 0 else "tensorpeft: error: another")
+        assert len(ours) == 1 and "--resume" in ours[0], stderr[-3000:]
+        survivor = "[rank 1] " if victim == 0 else ""
+        assert ours[0].startswith((f"tensorpeft: error: {survivor}another rank of this job stopped",
+                                   f"tensorpeft: {survivor}finetune interrupted; ")), ours[0]
         assert not (cut / "adapter_config.json").exists()  # an unfinished run publishes nothing
         resumed = subprocess.run(torchrun(2, *common, "--out", str(cut), "--resume"), env=_env(),
                                  capture_output=True, text=True, timeout=600)
