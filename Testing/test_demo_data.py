@@ -110,3 +110,40 @@ def test_multiclass_source_and_refusing_foreign_folders(tmp_path):
     (foreign / "thesis.tex").write_text("keep me")
     with pytest.raises(DemoDataError, match="not empty"):
         build_demo_cohort(foreign, n_train=1)
+
+
+def test_translation_search_recovers_a_known_shift():
+    """The label-transfer search (used to put Harvard-Oxford labels onto another template's anatomy) finds a
+    translation it is given, to its 0.25 mm resolution, on a smooth blob-and-edge field."""
+    from scipy.ndimage import gaussian_filter
+
+    from TensorPEFTLib.data.demo import _best_translation, _Field
+
+    rng = np.random.default_rng(0)
+    data = gaussian_filter(rng.random((40, 40, 40)).astype(np.float32), 2.5)
+    affine = np.eye(4)
+    affine[:3, 3] = -20.0
+    fixed = _Field(data, affine)
+    shift = np.array([1.25, -0.5, 0.75])
+    moving = _Field(data, affine, offset=shift)  # the same anatomy, moved by `shift`
+    points = np.stack(np.meshgrid(*[np.arange(-8.0, 8.01, 1.0)] * 3, indexing="ij")).reshape(3, -1)
+    np.testing.assert_allclose(_best_translation(fixed, moving, points), shift, atol=1e-9)
+    np.testing.assert_allclose(_best_translation(fixed, fixed, points), 0.0, atol=1e-9)
+
+
+def test_labels_of_other_templates_follow_their_anatomy():
+    """Harvard-Oxford is defined on FSL's MNI152; ICBM 2009c/2009a put the left hippocampus about 1.25 mm further
+    left (measured by the search above). Their subjects' labels are moved there; MNI152's stay where they are."""
+    from TensorPEFTLib.data.demo import _LABEL_BOX, _SOURCE_CACHE as src
+
+    assert np.abs(src.label_offset("mni152", "Left_Hippocampus")).max() == 0.0
+    for template in ("icbm2009c", "icbm2009a"):
+        left, right = src.label_offset(template, "Left_Hippocampus"), src.label_offset(template, "Right_Hippocampus")
+        assert -2.0 <= left[0] <= -1.0 and np.abs(left).max() <= 2.0 and np.abs(right).max() <= 1.0, (left, right)
+    names = ["Left_Hippocampus", "Right_Hippocampus"]
+    moved, plain = src.prob(names, _LABEL_BOX, "icbm2009c"), src.prob(names, _LABEL_BOX)
+    # the same map, moved: the left hippocampus's centre of mass (world x < 0) shifts by the left offset
+    affine = np.linalg.inv(plain.inv)
+    x = (affine[:3, :3] @ np.indices(plain.data.shape).reshape(3, -1) + affine[:3, 3:4])[0]
+    centre = [np.average(x[x < 0], weights=f.data.reshape(-1)[x < 0]) for f in (moved, plain)]
+    assert centre[0] - centre[1] == pytest.approx(src.label_offset("icbm2009c", "Left_Hippocampus")[0], abs=0.15)

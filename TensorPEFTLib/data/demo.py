@@ -157,15 +157,50 @@ def sources_markdown() -> str:
 class _Field:
     """A 3D array on a world grid, sampled at world points with trilinear interpolation."""
 
-    def __init__(self, data: np.ndarray, affine: np.ndarray) -> None:
+    def __init__(self, data: np.ndarray, affine: np.ndarray, offset: np.ndarray | None = None) -> None:
+        """``offset`` (mm): the field moved by this translation in world space."""
         self.data = np.ascontiguousarray(data, dtype=np.float32)
-        self.inv = np.linalg.inv(affine)
+        moved = np.array(affine, dtype=np.float64)
+        if offset is not None:
+            moved[:3, 3] += offset
+        self.inv = np.linalg.inv(moved)
 
     def sample(self, world: np.ndarray, order: int = 1) -> np.ndarray:
         from scipy.ndimage import map_coordinates
 
         vox = self.inv[:3, :3] @ world + self.inv[:3, 3:4]
         return map_coordinates(self.data, vox, order=order, mode="constant", cval=0.0, prefilter=False)
+
+
+def _best_translation(fixed: _Field, moving: _Field, points: np.ndarray, max_mm: float = 6.0) -> np.ndarray:
+    """The translation t (mm, within ±``max_mm``) maximising the normalised cross-correlation of ``moving`` at
+    ``points`` + t with ``fixed`` at ``points`` (3 × n world points): coordinate search with steps 2, 1, 0.5 and
+    0.25 mm from t = 0. Deterministic, a few dozen evaluations (the correlation is smooth over a few mm)."""
+
+    def standardised(values: np.ndarray) -> np.ndarray:
+        return (values - values.mean()) / max(float(values.std()), 1e-9)
+
+    reference = standardised(fixed.sample(points))
+
+    def score(t: np.ndarray) -> float:
+        return float(np.mean(reference * standardised(moving.sample(points + t[:, None]))))
+
+    best = np.zeros(3)
+    best_score = score(best)
+    for step in (2.0, 1.0, 0.5, 0.25):
+        improved = True
+        while improved:
+            improved = False
+            for axis in range(3):
+                for sign in (-1.0, 1.0):
+                    trial = best.copy()
+                    trial[axis] += sign * step
+                    if np.abs(trial).max() > max_mm:
+                        continue
+                    value = score(trial)
+                    if value > best_score + 1e-9:
+                        best, best_score, improved = trial, value, True
+    return best
 
 
 def _crop_to(data: np.ndarray, affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,14 +252,36 @@ class _Sources:
         """Drop the 4D atlas (~80 MB); the small cropped probability maps stay cached."""
         self._cache.pop("atlas", None)
 
-    def prob(self, names: Sequence[str], box: tuple[np.ndarray, np.ndarray]) -> _Field:
-        """max over ``names`` of the atlas probability maps, cropped to ``box``."""
-        key = f"prob:{','.join(names)}:{tuple(box[0])}:{tuple(box[1])}"
+    def prob(self, names: Sequence[str], box: tuple[np.ndarray, np.ndarray], template: str = "mni152") -> _Field:
+        """max over ``names`` of the atlas probability maps, cropped to ``box``, each moved onto ``template``'s
+        anatomy (:meth:`label_offset`; none for ``mni152``, the template Harvard-Oxford is defined on)."""
+        key = f"prob:{','.join(names)}:{tuple(box[0])}:{tuple(box[1])}:{template}"
         if key not in self._cache:
             sub, affine = self.atlas()
-            data = np.max(np.stack([sub[..., _HO[n] - 96] for n in names]), axis=0).astype(np.float32)
-            data, affine = _crop_to(data, affine, *box)
-            self._cache[key] = _Field(data, affine)
+            data, affine = _crop_to(np.max(np.stack([sub[..., _HO[n] - 96] for n in names]), axis=0), affine, *box)
+            if template != "mni152":
+                world = affine[:3, :3] @ np.indices(data.shape).reshape(3, -1) + affine[:3, 3:4]
+                moved = [_Field(_crop_to(sub[..., _HO[n] - 96], self.atlas()[1], *box)[0], affine,
+                                offset=self.label_offset(template, n)).sample(world) for n in names]
+                data = np.max(np.stack(moved), axis=0).reshape(data.shape)
+            self._cache[key] = _Field(data.astype(np.float32), affine)
+        return self._cache[key]
+
+    def label_offset(self, template: str, name: str) -> np.ndarray:
+        """Where structure ``name`` of the Harvard-Oxford atlas lies in ``template``: the translation (mm) that best
+        aligns ``template``'s intensities to the FSL MNI152's (the atlas's own template) in a box 8 mm around the
+        structure, by normalised cross-correlation. The MNI templates are not voxel-aligned copies of one brain: at
+        the left hippocampus ICBM 2009c's anatomy sits 1.5 mm to the left of FSL MNI152's (2009a: 1.0 mm), so labels
+        copied over unchanged miss the structure that the image shows (Dice against them is capped well below 1)."""
+        key = f"offset:{template}:{name}"
+        if key not in self._cache:
+            sub, affine = self.atlas()
+            inside = np.argwhere(sub[..., _HO[name] - 96] >= _THRESHOLD)
+            world = affine[:3, :3] @ inside.T + affine[:3, 3:4]
+            lo, hi = world.min(1) - 8.0, world.max(1) + 8.0
+            points = np.stack(np.meshgrid(*[np.arange(a, b + 1e-6, 1.0) for a, b in zip(lo, hi)], indexing="ij"))
+            points = points.reshape(3, -1)
+            self._cache[key] = _best_translation(self.template("mni152"), self.template(template), points)
         return self._cache[key]
 
 
@@ -518,7 +575,9 @@ def build_demo_cohort(
              + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
                 for i in range(n_unseen)])
     for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
-        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, hippo_prob, _rng(seed, task_code, index))
+        probs = hippo_prob if template_key == "mni152" else [
+            src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, template_key)]
+        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index))
         files += 2
         if group is None:
             training.append(entry)
@@ -675,7 +734,6 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
     if not usable:
         raise DemoDataError("none of the evaluation templates is installed: " + "; ".join(s["why"] for s in skipped))
     src = _SOURCE_CACHE
-    prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX)]
     entries = []
     bar = None
     if progress:
@@ -687,6 +745,7 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
             rng = _rng(seed, 20 + t_index, i)
             # the brain on a 1 mm RAS reference grid larger than any variant's field of view
             reference = _Grid(np.round((np.asarray(fov_mm) + 24) / reference_mm).astype(int), reference_mm, _BRAIN_CENTRE)
+            prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, key)]  # on this template's anatomy
             image, maps = _simulate(reference, src.template(key), prob, rng, rotate_deg=15.0, scale=0.1,
                                     elastic_mm=2.0, shift_mm=12.0)
             # the reference label of every variant is drawn from the probability map, as every cohort subject's is
