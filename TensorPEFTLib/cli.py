@@ -92,8 +92,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        cols = ["name", "layers", "summary"] + (["reference", "options"] if args.verbose else [])
-        print(format_table(rows, cols))
+        cols = ["name", "layers", "summary"] + (["lr_unetr", "lr_ddpm", "reference", "options"] if args.verbose else [])
+        heads = ["name", "layers", "summary"] + (["lr UNETR", "lr DDPM", "reference", "options"] if args.verbose else [])
+        print(format_table(rows, cols, heads))
     return 0
 
 
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the adaptation methods", description="List the adaptation methods.")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--verbose", "-v", action="store_true", help="also show references and options")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show each method's default learning rates, references and options")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("models", help="list the model presets and shipped pretrained models",
@@ -423,7 +425,9 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser steps (default: 1000 for up to 10 segmentation cases, 100 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
-                   help="learning rate, decayed polynomially (default: 1e-3 segmentation; 1e-4 synthesis, 5e-5 full)")
+                   help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
+                        "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-4 the others; "
+                        "`tensorpeft methods -v` lists them)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
     t.add_argument("--batch-size", type=positive_int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")

@@ -10,10 +10,14 @@ from ..models import PRESETS, build_model, is_shipped, model_card, shipped_model
 
 
 def list_methods() -> list[dict[str, str]]:
-    """Every registered method: name, layers it adapts, one-line summary, reference."""
+    """Every registered method: name, layers it adapts, one-line summary, reference, and its default learning
+    rate on a UNETR (``lr_unetr``) and a DDPM (``lr_ddpm``: pixel or latent diffusion U-Net)."""
+    from ..adapters.catalog import default_lr
+
     return [
         {"name": m.name, "layers": m.layer_kinds, "summary": m.summary, "reference": m.reference,
-         "options": ", ".join(f"{k}={v}" for k, v in m.options.items())}
+         "options": ", ".join(f"{k}={v}" for k, v in m.options.items()),
+         "lr_unetr": default_lr(m.name, "unetr"), "lr_ddpm": default_lr(m.name, "ddpm")}
         for m in all_methods()
     ]
 

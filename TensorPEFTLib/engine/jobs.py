@@ -105,15 +105,17 @@ def num_classes_of(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- finetune
 
 
-#: learning rates that worked, per task and method (measured on the demo: every UNETR method, full fine-tuning
-#: included, at 1e-3; TenVOO-L on the DDPM turned its samples into blobs at 1e-3 within 60 steps and kept brains at
-#: 1e-4, the TenVOO paper uses 1e-5..5e-5)
-DEFAULT_LR = {"segmentation": {"*": 1e-3}, "synthesis": {"*": 1e-4, "full": 5e-5}}
+#: the model family a task name stands for (``default_lr("synthesis", ...)`` = a DDPM's default)
+FAMILY_OF_TASK = {task: family for family, task in TASK_OF_FAMILY.items()}
 
 
-def default_lr(task_kind: str, method: str) -> float:
-    table = DEFAULT_LR[task_kind]
-    return table.get(method, table["*"])
+def default_lr(family: str, method: str) -> float:
+    """The learning rate ``finetune`` uses without ``--lr``: the method's default for the model family (``unetr``,
+    ``ddpm``; a task name, ``segmentation`` or ``synthesis``, stands for its family). The table and the measurement
+    behind it live with the methods: :data:`TensorPEFTLib.adapters.catalog.DEFAULT_LR`."""
+    from ..adapters.catalog import default_lr as method_default_lr
+
+    return method_default_lr(method, FAMILY_OF_TASK.get(family, family))
 
 
 def default_steps(task_kind: str, num_train: int) -> int:
@@ -400,10 +402,14 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
             raise EngineError("choose an adapter: --method NAME --rank R")
         inject(model, cfg)
     report = summary(model)
+    lr_given = settings.lr is not None
     settings = dataclasses.replace(
         settings,
         steps=settings.steps or default_steps(task_kind, len(train_cases)),
-        lr=settings.lr or default_lr(task_kind, cfg.method))
+        lr=settings.lr or default_lr(model_family(model), cfg.method))
+    if not lr_given:
+        events.message(f"learning rate {settings.lr:g}: {cfg.method}'s default on a {model_family(model)} model "
+                       "(--lr to choose another)")
     if not settings.eval_every:
         # Five validations: each is a sliding window over whole validation scans (4 s for the demo's two on the
         # 2-core CPU), and with the poly-decayed learning rate the best adapter is nearly always one of the last.
