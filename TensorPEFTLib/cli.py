@@ -329,7 +329,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
-                      checkpointing=args.checkpointing)
+                      checkpointing=args.checkpointing, autoencoder=args.autoencoder)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -366,7 +366,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     events = _events(args)
     paths = synthesize(args.out, args.count, model_source=args.model, adapter=args.adapter, steps=args.steps,
                        sampler=args.sampler, size=_size(args.size), seed=args.seed, device=args.device, amp=args.amp,
-                       events=events, threads=args.threads)
+                       events=events, threads=args.threads, autoencoder=args.autoencoder)
     events.close()
     if not args.quiet and args.events != "-":
         print("\n".join(paths))
@@ -416,7 +416,14 @@ def _add_job_commands(sub: Any) -> None:
                        description="Fine-tune a pretrained UNETR (segmentation) or DDPM (synthesis) with an adapter. "
                                    "Writes OUT/adapter.safetensors + adapter_config.json (best validation score, else "
                                    "last), OUT/last/, OUT/checkpoint/ (for --resume), history.json, metrics.csv, report.png.")
-    p.add_argument("--model", required=True, help="pretrained checkpoint (.safetensors/.pt/bundle folder) or preset name")
+    p.add_argument("--model", required=True,
+                   help="pretrained checkpoint (.safetensors/.pt/bundle folder) or preset name; a latent diffusion model "
+                        "is its MONAI bundle folder (configs/inference.json defining AutoencoderKL + "
+                        "DiffusionModelUNet, models/ with both weights): its U-Net is adapted, its autoencoder frozen")
+    p.add_argument("--autoencoder", default=None, metavar="FILE",
+                   help="the autoencoder's weights of a latent diffusion model, when they are not in the bundle folder "
+                        "given as --model (default: the file its configs/inference.json names, e.g. "
+                        "models/autoencoder.pt)")
     p.add_argument("--data", required=True, help="training data: Decathlon folder (imagesTr/, labelsTr/) or MONAI datalist JSON")
     p.add_argument("--val", help="validation data (same layout), scored during training")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -485,15 +492,25 @@ def _add_job_commands(sub: Any) -> None:
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("synthesize", help="generate volumes with a DDPM",
-                       description="Generate MRI volumes with a DDPM and an adapter; writes NIfTI files and samples.png.")
+    p = sub.add_parser("synthesize", help="generate volumes with a DDPM or a latent diffusion model",
+                       description="Generate MRI volumes with a DDPM (pixel space, or a latent diffusion model given as "
+                                   "its MONAI bundle folder: latents are denoised, then decoded by its autoencoder) and "
+                                   "an adapter; writes NIfTI files and samples.png.")
     p.add_argument("--out", required=True, help="folder for the generated volumes")
     p.add_argument("--count", type=positive_int, default=4, help="number of volumes (default 4)")
-    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--model", default=None,
+                   help="base model: preset, shipped model, checkpoint or latent diffusion bundle folder (default: the "
+                        "one the adapter was trained on)")
+    p.add_argument("--autoencoder", default=None, metavar="FILE",
+                   help="the autoencoder's weights of a latent diffusion model, when they are not in the bundle folder "
+                        "given as --model (default: the file the adapter was fine-tuned with, else the one the "
+                        "bundle's configs/inference.json names, e.g. models/autoencoder.pt)")
     p.add_argument("--adapter", default=None, help="adapter folder (omit to sample the base model)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--size", default=None, help="volume size, e.g. 32 or 128x128x96 (default: the training size)")
+    p.add_argument("--size", default=None,
+                   help="volume size in voxels, e.g. 32 or 128x128x96 (default: the training size; a latent bundle's "
+                        "latent shape times its autoencoder's down-sampling)")
     p.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_synthesize)
