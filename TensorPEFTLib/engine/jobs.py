@@ -781,9 +781,13 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
     return paths
 
 
-def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
+def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure: str | None = None,
+             features: bool = True) -> dict[str, Any]:
     """Score predictions against references (``segmentation``: Dice/HD95 per case) or generated volumes against
-    real ones (``synthesis``: MS-SSIM and MMD). ``auto``: label maps → segmentation, else synthesis."""
+    real ones (``synthesis``: the TenVOO paper's MS-SSIM with real volume i paired to generated volume i, FD and MMD
+    on the shipped demo-unetr's features, MMD on voxels; see :func:`.scoring.evaluate_synthesis`). ``auto``: label
+    maps → segmentation, else synthesis. ``window``: the MS-SSIM window; ``figure``: where synthesis writes its PNG
+    (default ``evaluation.png`` in the generated volumes' folder)."""
     from ..data import read_volume
     from .scoring import evaluate_segmentations, evaluate_synthesis
 
@@ -799,8 +803,17 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
     if kind != "synthesis":
         raise EngineError(f"--kind {kind!r}: choose auto, segmentation or synthesis")
     gen = [np.asarray(read_volume(p).array, dtype=np.float32) for p in preds]
+    # generated volumes are in [0, 1] already; a --pred volume outside it (real scans, to see what real data scores)
+    # is brought to [0, 1] as the references are
+    gen = [g if g.min() >= 0 and g.max() <= 1 else unit_range_like(g, g.shape) for g in gen]
     real = [unit_range_like(np.asarray(read_volume(r).array, dtype=np.float32), gen[0].shape) for r in refs]
-    return {"kind": kind, "mean": evaluate_synthesis(gen, real)}
+    if figure is None:
+        figure = os.path.join(pred if Path(pred).is_dir() else os.path.dirname(os.path.abspath(pred)), "evaluation.png")
+    check_output_file(figure, (".png",), option="--figure")
+    metrics = evaluate_synthesis(gen, real, win_size=window, features=features, figure=figure)
+    return {"kind": kind, "mean": metrics, "figure": metrics.pop("figure", None),
+            "pairs": [{"real": os.path.basename(r), "generated": os.path.basename(g)}
+                      for r, g in zip(refs, preds)][:metrics["pairs"]]}
 
 
 def unit_range_like(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
