@@ -197,3 +197,11 @@ def test_conditional_bundle_is_refused_by_name(tmp_path):
     json.dump(config, open(config_path, "w"))
     with pytest.raises(CheckpointError, match="conditional latent diffusion"):
         load_latent_model(root)
+
+
+def test_params_counts_the_diffusion_unet_alone(bundles, capsys):
+    ae, unet = build_networks(0)
+    assert main(["params", "--model", bundles["monai"], "--method", "lora", "--rank", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["base_total"] == sum(p.numel() for p in unet.parameters())  # the autoencoder is not counted
+    assert 0 < report["trainable"] < report["base_total"]
