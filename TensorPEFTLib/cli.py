@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog="tensorpeft",
-        description="Parameter-efficient fine-tuning of 3D medical models (UNETR segmentation, 3D DDPM synthesis).",
+        description="Parameter-efficient fine-tuning of 3D medical models (UNETR segmentation; 3D DDPM and latent "
+                    "diffusion synthesis).",
         epilog="Run `tensorpeft COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"tensorpeft {__version__}")
@@ -229,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="count total / trainable / adapter parameters",
                        description="Count the parameters a method trains on a model preset.")
     p.add_argument("--model", default="unetr-paper",
-                   help="model preset, shipped model or checkpoint file (default unetr-paper; see `tensorpeft models`)")
+                   help="model preset, shipped model, checkpoint file or latent diffusion bundle folder (default "
+                        "unetr-paper; see `tensorpeft models`)")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
