@@ -69,9 +69,8 @@ class SynthesisTask:
                 latent.fit_scale_factor(torch.stack(first).float().to(runtime.device))
 
     def _to_latents(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        """Volumes → the diffusion model's input space (the scaled latents of a latent model; else as they are)."""
-        if self.latent is None:
-            return image
+        """Volumes ``(B, 1, *size)`` → a latent model's scaled latents ``(B, C, *size / downsample)``, the posterior
+        draw seeded so that a step repeats."""
         return self.latent.encode(image, torch.Generator().manual_seed(seed)).float()
 
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
@@ -84,7 +83,9 @@ class SynthesisTask:
             self.train_transform.set_random_state(seed=(seed + 7919 * j) % (2**31 - 1))
             images.append(torch.as_tensor(self.train_data[int(index)]["image"]))
         gen = torch.Generator().manual_seed(seed)
-        image = self._to_latents(torch.stack(images).float().to(self.runtime.device), seed + 1).cpu()
+        image = torch.stack(images).float()
+        if self.latent is not None:
+            image = self._to_latents(image.to(self.runtime.device), seed + 1).cpu()
         # noise and timesteps of the whole global batch from the step's stream, then this rank's rows (one process:
         # all of them, drawn as before)
         rank, ranks = self.shard
@@ -105,8 +106,9 @@ class SynthesisTask:
         losses = []
         gen = torch.Generator().manual_seed(1234)  # the same noise and timesteps at every evaluation
         for index, item in enumerate(self.val_data):
-            image = self._to_latents(torch.as_tensor(item["image"])[None].float().to(self.runtime.device),
-                                     4321 + index).cpu()
+            image = torch.as_tensor(item["image"])[None].float()
+            if self.latent is not None:
+                image = self._to_latents(image.to(self.runtime.device), 4321 + index).cpu()
             for t in (50, 250, 500, 750):
                 noise = torch.randn(image.shape, generator=gen)
                 batch = {"image": image.to(self.runtime.device), "noise": noise.to(self.runtime.device),
