@@ -198,6 +198,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         self.ui.methodDescriptionLabel.text = METHODS.get(p.method, "")
+        self.ui.learningRateSpinBox.specialValueText = _("auto ({lr:g})").format(lr=requests.default_learning_rate(p.modelKind, p.method))
         self.ui.dataCollapsibleButton.text = (_("Training data") if p.modelKind == "UNETR"
                                               else _("Training data (volumes; labels unused)"))
         self.pairsTable.labels = p.modelKind == "UNETR"  # DDPM: volumes only

@@ -92,8 +92,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        cols = ["name", "layers", "summary"] + (["reference", "options"] if args.verbose else [])
-        print(format_table(rows, cols))
+        cols = ["name", "layers", "summary"] + (["lr_unetr", "lr_ddpm", "reference", "options"] if args.verbose else [])
+        heads = ["name", "layers", "summary"] + (["lr UNETR", "lr DDPM", "reference", "options"] if args.verbose else [])
+        print(format_table(rows, cols, heads))
     return 0
 
 
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog="tensorpeft",
-        description="Parameter-efficient fine-tuning of 3D medical models (UNETR segmentation, 3D DDPM synthesis).",
+        description="Parameter-efficient fine-tuning of 3D medical models (UNETR segmentation; 3D DDPM and latent "
+                    "diffusion synthesis).",
         epilog="Run `tensorpeft COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"tensorpeft {__version__}")
@@ -215,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the adaptation methods", description="List the adaptation methods.")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--verbose", "-v", action="store_true", help="also show references and options")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show each method's default learning rates, references and options")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("models", help="list the model presets and shipped pretrained models",
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="count total / trainable / adapter parameters",
                        description="Count the parameters a method trains on a model preset.")
     p.add_argument("--model", default="unetr-paper",
-                   help="model preset, shipped model or checkpoint file (default unetr-paper; see `tensorpeft models`)")
+                   help="model preset, shipped model, checkpoint file or latent diffusion bundle folder (default "
+                        "unetr-paper; see `tensorpeft models`)")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
@@ -327,7 +331,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
-                      checkpointing=args.checkpointing)
+                      checkpointing=args.checkpointing, autoencoder=args.autoencoder)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -364,7 +368,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     events = _events(args)
     paths = synthesize(args.out, args.count, model_source=args.model, adapter=args.adapter, steps=args.steps,
                        sampler=args.sampler, size=_size(args.size), seed=args.seed, device=args.device, amp=args.amp,
-                       events=events, threads=args.threads)
+                       events=events, threads=args.threads, autoencoder=args.autoencoder)
     events.close()
     if not args.quiet and args.events != "-":
         print("\n".join(paths))
@@ -374,7 +378,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
-    result = evaluate(args.pred, args.ref, kind=args.kind)
+    result = evaluate(args.pred, args.ref, kind=args.kind, window=args.window, figure=args.figure)
     lone = result.get("unmatched_references") or []
     if lone:
         names = ", ".join(os_basename(r) for r in lone[:5]) + (" ..." if len(lone) > 5 else "")
@@ -385,7 +389,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows = result["cases"] + [{"case": "mean", **result["mean"]}]
         print(format_table(rows, ["case", "dice", "hd95"], ["case", "Dice", "HD95 (mm)"]))
     else:
-        print(format_table([result["mean"]], ["generated", "real", "ms_ssim", "mmd"], ["generated", "real", "MS-SSIM", "MMD"]))
+        mean = result["mean"]
+        print(format_table([mean], ["generated", "real", "pairs", "ms_ssim", "fd_features", "mmd_features", "mmd_voxels"],
+                           ["generated", "real", "pairs", "MS-SSIM", "FD (features)", "MMD (features)", "MMD (voxels)"]))
+        print(f"MS-SSIM: real volume i paired with generated volume i (sorted by name), window {mean['ms_ssim_window']}, "
+              f"{mean['ms_ssim_scales']} scale(s); features: {mean.get('feature_network', 'not computed')}; MMD: "
+              f"squared, Gaussian kernel, median-distance bandwidth")
+        if result.get("figure"):
+            print(f"figure: {result['figure']}")
     return 0
 
 
@@ -414,7 +425,14 @@ def _add_job_commands(sub: Any) -> None:
                        description="Fine-tune a pretrained UNETR (segmentation) or DDPM (synthesis) with an adapter. "
                                    "Writes OUT/adapter.safetensors + adapter_config.json (best validation score, else "
                                    "last), OUT/last/, OUT/checkpoint/ (for --resume), history.json, metrics.csv, report.png.")
-    p.add_argument("--model", required=True, help="pretrained checkpoint (.safetensors/.pt/bundle folder) or preset name")
+    p.add_argument("--model", required=True,
+                   help="pretrained checkpoint (.safetensors/.pt/bundle folder) or preset name; a latent diffusion model "
+                        "is its MONAI bundle folder (configs/inference.json defining AutoencoderKL + "
+                        "DiffusionModelUNet, models/ with both weights): its U-Net is adapted, its autoencoder frozen")
+    p.add_argument("--autoencoder", default=None, metavar="FILE",
+                   help="the autoencoder's weights of a latent diffusion model, when they are not in the bundle folder "
+                        "given as --model (default: the file its configs/inference.json names, e.g. "
+                        "models/autoencoder.pt)")
     p.add_argument("--data", required=True, help="training data: Decathlon folder (imagesTr/, labelsTr/) or MONAI datalist JSON")
     p.add_argument("--val", help="validation data (same layout), scored during training")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -423,7 +441,9 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser steps (default: 1000 for up to 10 segmentation cases, 100 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
-                   help="learning rate, decayed polynomially (default: 1e-3 segmentation; 1e-4 synthesis, 5e-5 full)")
+                   help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
+                        "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-4 the others; "
+                        "`tensorpeft methods -v` lists them)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
     t.add_argument("--batch-size", type=positive_int, default=None, help="patches per step (default 2 segmentation, 1 synthesis)")
@@ -481,25 +501,45 @@ def _add_job_commands(sub: Any) -> None:
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("synthesize", help="generate volumes with a DDPM",
-                       description="Generate MRI volumes with a DDPM and an adapter; writes NIfTI files and samples.png.")
+    p = sub.add_parser("synthesize", help="generate volumes with a DDPM or a latent diffusion model",
+                       description="Generate MRI volumes with a DDPM (pixel space, or a latent diffusion model given as "
+                                   "its MONAI bundle folder: latents are denoised, then decoded by its autoencoder) and "
+                                   "an adapter; writes NIfTI files and samples.png.")
     p.add_argument("--out", required=True, help="folder for the generated volumes")
     p.add_argument("--count", type=positive_int, default=4, help="number of volumes (default 4)")
-    p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--model", default=None,
+                   help="base model: preset, shipped model, checkpoint or latent diffusion bundle folder (default: the "
+                        "one the adapter was trained on)")
+    p.add_argument("--autoencoder", default=None, metavar="FILE",
+                   help="the autoencoder's weights of a latent diffusion model, when they are not in the bundle folder "
+                        "given as --model (default: the file the adapter was fine-tuned with, else the one the "
+                        "bundle's configs/inference.json names, e.g. models/autoencoder.pt)")
     p.add_argument("--adapter", default=None, help="adapter folder (omit to sample the base model)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--size", default=None, help="volume size, e.g. 32 or 128x128x96 (default: the training size)")
+    p.add_argument("--size", default=None,
+                   help="volume size in voxels, e.g. 32 or 128x128x96 (default: the training size; a latent bundle's "
+                        "latent shape times its autoencoder's down-sampling)")
     p.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(p)
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("evaluate", help="Dice/HD95 of masks, or MS-SSIM/MMD of generated volumes",
+    p = sub.add_parser("evaluate", help="Dice/HD95 of masks, or MS-SSIM/FD/MMD of generated volumes",
                        description="Score masks against reference labels (matched by case name) or generated volumes "
-                                   "against real ones.")
+                                   "against real ones with the TenVOO paper's metrics, computed as its released code "
+                                   "does: MS-SSIM of each real volume paired with one generated volume (sorted by "
+                                   "name; Gaussian window, 5 scales where the size allows, fewer on small volumes), "
+                                   "the Frechet distance and MMD between the two sets' features (of the shipped "
+                                   "demo-unetr's ViT encoder: the paper's Med3D cannot be downloaded here, so the "
+                                   "numbers compare runs of this tool, not the paper's) and MMD on the voxels. "
+                                   "Synthesis also writes a figure (the pairs and the feature sets).")
     p.add_argument("--pred", required=True, help="predicted mask(s) or generated volume(s): file or folder")
     p.add_argument("--ref", required=True, help="reference label(s) or real volume(s): file or folder")
     p.add_argument("--kind", choices=["auto", "segmentation", "synthesis"], default="auto")
+    p.add_argument("--window", type=positive_int, default=7,
+                   help="synthesis: MS-SSIM window in voxels, odd (default 7 as the TenVOO release; it uses 5 for BraTS)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="synthesis: where to write the figure (default: evaluation.png in the --pred folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
 

@@ -168,7 +168,7 @@ def test_recipe_defaults_for_few_subjects():
     from TensorPEFTLib.engine.jobs import default_lr, default_steps, split_validation
 
     assert default_steps("segmentation", 5) == 1000 and default_steps("segmentation", 20) == 2000
-    assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "tenvoo-l") == 1e-4
+    assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "lora") == 1e-4
     cases = [{"image": f"c{i}.nii.gz"} for i in range(7)]
     train, val = split_validation(cases, seed=0)
     assert len(train) == 5 and len(val) == 2 and not {c["image"] for c in train} & {c["image"] for c in val}

@@ -74,3 +74,28 @@ PAPER_COUNT_NOTES: dict[str, str] = {
                  "rows include them, as we do for every method (603,904 here); the paper's parameter formula (eq. 6) "
                  "and its table disagree. --bias none drops the biases."),
 }
+
+
+#: Each method's default learning rate per model family: what ``finetune`` trains with when ``--lr`` is not given
+#: (the Slicer panel's "auto" too), recorded in the adapter's ``adapter_config.json`` as ``train_lr``. ``"*"`` is
+#: every method the family does not name.
+#:
+#: UNETR: every method at 1e-3, the LoRA-PT / tCURLoRA recipe (the demo's measured Dice rests on it).
+#: DDPM (pixel and latent diffusion U-Nets), measured with benchmarks/lr_ddpm.py (results/lr_ddpm_cpu_2026-12-02.md):
+#: 6 ``finetune`` steps of the shipped demo-ddpm on the demo's ICBM brains, then the largest max|ΔW| / max|W| over the
+#: model's weights. TenVOO-L: 12.7 at 1e-3, 0.88 at 1e-4, 0.22 at 3e-5, 0.13 at 1e-5; TenVOO-Q: 25.9, 3.2, 0.67,
+#: 0.28 (a product of ten trained cores: one step changes ΔW by a product of changes). 1e-5 is also the TenVOO
+#: paper's rate. The others at 1e-4: LoHa 0.14 (0.94 at 1e-3), QuanTA 0.019, LoKr 0.010, LoRA 0.002, SeLoRA 0.001;
+#: full fine-tuning 0.022 at 1e-4 and 0.007 at 3e-5 (at 1e-3 its validation loss doubled, 0.017 → 0.039), so 5e-5.
+DEFAULT_LR: dict[str, dict[str, float]] = {
+    "unetr": {"*": 1e-3},
+    "ddpm": {"*": 1e-4, "full": 5e-5, "tenvoo-l": 1e-5, "tenvoo-q": 1e-5},
+    "generic": {"*": 1e-3},
+}
+
+
+def default_lr(method: str, family: str) -> float:
+    """The learning rate ``finetune`` uses for ``method`` on a model of ``family`` (``unetr``, ``ddpm``, ``generic``)
+    when none is given."""
+    table = DEFAULT_LR.get(family, DEFAULT_LR["generic"])
+    return table.get(str(method).strip().lower(), table["*"])

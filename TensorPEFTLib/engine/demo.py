@@ -185,8 +185,8 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
                        events: Events) -> dict[str, Any]:
     """Fine-tune the shipped DDPM towards the ICBM 2009c brains, synthesize, and compare MMD before/after."""
     from ..data import find_cases, read_volume
-    from .scoring import evaluate_synthesis
     from .jobs import finetune, synthesize, unit_range_like
+    from .scoring import monai_voxel_mmd
 
     data = os.path.join(cohort, "synthesis-icbm")
     run = os.path.join(out, f"ddpm-{settings.syn_method}-r{settings.syn_rank}")
@@ -213,7 +213,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
 
     def mmd(paths: list[str]) -> float:
         gen = [np.asarray(read_volume(p).array, np.float32) for p in paths]
-        return float(evaluate_synthesis(gen, real)["mmd"])
+        return monai_voxel_mmd(gen, real)
 
     return {"method": settings.syn_method, "rank": settings.syn_rank, "adapter": run, "volumes": adapted,
             "png": os.path.join(out, "synthesis", "samples.png"), "trainable": saved["trainable"],

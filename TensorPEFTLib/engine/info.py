@@ -10,10 +10,14 @@ from ..models import PRESETS, build_model, is_shipped, model_card, shipped_model
 
 
 def list_methods() -> list[dict[str, str]]:
-    """Every registered method: name, layers it adapts, one-line summary, reference."""
+    """Every registered method: name, layers it adapts, one-line summary, reference, and its default learning
+    rate on a UNETR (``lr_unetr``) and a DDPM (``lr_ddpm``: pixel or latent diffusion U-Net)."""
+    from ..adapters.catalog import default_lr
+
     return [
         {"name": m.name, "layers": m.layer_kinds, "summary": m.summary, "reference": m.reference,
-         "options": ", ".join(f"{k}={v}" for k, v in m.options.items())}
+         "options": ", ".join(f"{k}={v}" for k, v in m.options.items()),
+         "lr_unetr": default_lr(m.name, "unetr"), "lr_ddpm": default_lr(m.name, "ddpm")}
         for m in all_methods()
     ]
 
@@ -62,12 +66,13 @@ def list_models() -> list[dict[str, Any]]:
 def parameter_report(model_name: str, cfg: AdapterConfig) -> dict[str, Any]:
     """Build the model, inject ``cfg`` and count: total, trainable, adapter parameters and trainable %.
 
-    ``model_name``: a preset, a shipped model (built from its card's preset: counts do not depend on weights) or a
-    checkpoint file (loaded, so a user's own architecture is counted as it is)."""
+    ``model_name``: a preset, a shipped model (built from its card's preset: counts do not depend on weights), a
+    checkpoint file (loaded, so a user's own architecture is counted as it is) or a latent diffusion bundle folder
+    (its diffusion U-Net is counted: the frozen autoencoder is no part of the model an adapter trains)."""
     if os.path.exists(model_name):
-        from ..models import load_model
+        from .jobs import resolve_model
 
-        model = load_model(model_name)
+        model = resolve_model(model_name)
     else:
         preset, overrides = _preset_of(model_name)
         model = build_model(preset, **overrides)

@@ -31,11 +31,20 @@ SPACING_WARN_RATIO = 3.0
 # ----------------------------------------------------------------------------------------------- models
 
 
-def resolve_model(source: str) -> nn.Module:
+def resolve_model(source: str, autoencoder: str | None = None) -> nn.Module:
     """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``), a file saved by
-    TensorPEFT (spec inside), or a checkpoint fitting a preset."""
-    from ..models.checkpoints import load_model
+    TensorPEFT (spec inside), a checkpoint fitting a preset, or a latent diffusion model's MONAI bundle folder
+    (``configs/inference.json`` defining an ``AutoencoderKL`` and a ``DiffusionModelUNet``, ``models/`` with both
+    weights; ``autoencoder``: the autoencoder's weights from another file): then the diffusion U-Net with its frozen
+    autoencoder attached (:func:`~TensorPEFTLib.models.latent.load_latent_model`)."""
+    from ..models.checkpoints import CheckpointError, load_model
+    from ..models.latent import is_latent_bundle, load_latent_model
 
+    if autoencoder or is_latent_bundle(source):
+        if not os.path.isdir(source):
+            raise CheckpointError(f"--autoencoder {autoencoder}: needs --model to be the latent diffusion model's MONAI "
+                                  f"bundle folder (its configs/inference.json describes both networks), not {source}")
+        return load_latent_model(source, autoencoder)
     return load_model(source)
 
 
@@ -53,7 +62,18 @@ def task_of(model: nn.Module) -> str:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """UNETR's fixed input size (its ViT position embedding) or the DDPM preset's training size."""
+    """UNETR's fixed input size (its ViT position embedding), the DDPM preset's training size, or the image size a
+    latent diffusion bundle samples at (its latent shape times the autoencoder's down-sampling)."""
+    from ..models.latent import latent_parts
+
+    latent = latent_parts(model)
+    if latent is not None:
+        shape = latent.image_shape()
+        if shape is None:
+            raise EngineError(f"{latent.source}: the bundle config gives no latent_shape, so the image size is unknown: "
+                              f"give it (--size for synthesize, --patch-size for finetune), sides multiples of "
+                              f"{size_multiple(model)}")
+        return shape  # type: ignore[return-value]
     spec = getattr(model, "tensorpeft_spec", None) or {}
     preset = PRESETS.get(spec.get("preset", ""))
     kwargs = {**(preset.kwargs if preset else {}), **spec.get("overrides", {})}
@@ -65,11 +85,16 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def size_multiple(model: nn.Module) -> int:
     """What every side of a DDPM's input must be a multiple of: 2 to the number of its down-sampling blocks (a
-    side that does not halve evenly cannot be joined to its skip connection on the way up). 1 for a UNETR."""
+    side that does not halve evenly cannot be joined to its skip connection on the way up). 1 for a UNETR. A latent
+    model's image sides also pass its autoencoder's down-sampling first."""
+    from ..models.latent import latent_parts
+
     blocks = getattr(model, "down_blocks", None)
     if blocks is None:
         return 1
-    return 2 ** sum(1 for block in blocks if getattr(block, "downsampler", None) is not None)
+    latent = latent_parts(model)
+    return (latent.downsample if latent else 1) * 2 ** sum(
+        1 for block in blocks if getattr(block, "downsampler", None) is not None)
 
 
 def check_input_size(model: nn.Module, size: Sequence[int], option: str) -> tuple[int, int, int]:
@@ -87,9 +112,16 @@ def check_input_size(model: nn.Module, size: Sequence[int], option: str) -> tupl
         return size  # type: ignore[return-value]
     step = size_multiple(model)
     if any(s % step for s in size):
+        from ..models.latent import latent_parts
+
         near = "x".join(str(max(step, int(round(s / step)) * step)) for s in size)
-        raise EngineError(f"{option} {text}: this DDPM needs every side to be a multiple of {step} (it halves the "
-                          f"volume {step.bit_length() - 1} times), e.g. {near}")
+        latent = latent_parts(model)
+        how = (f"its autoencoder shrinks the volume {latent.downsample}x and its U-Net halves the latents "
+               f"{(step // latent.downsample).bit_length() - 1} times" if latent else
+               f"it halves the volume {step.bit_length() - 1} times")
+        kind = "latent diffusion model" if latent else "DDPM"
+        raise EngineError(f"{option} {text}: this {kind} needs every side to be a multiple of {step} ({how}), "
+                          f"e.g. {near}")
     return size  # type: ignore[return-value]
 
 
@@ -105,15 +137,17 @@ def num_classes_of(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- finetune
 
 
-#: learning rates that worked, per task and method (measured on the demo: every UNETR method, full fine-tuning
-#: included, at 1e-3; TenVOO-L on the DDPM turned its samples into blobs at 1e-3 within 60 steps and kept brains at
-#: 1e-4, the TenVOO paper uses 1e-5..5e-5)
-DEFAULT_LR = {"segmentation": {"*": 1e-3}, "synthesis": {"*": 1e-4, "full": 5e-5}}
+#: the model family a task name stands for (``default_lr("synthesis", ...)`` = a DDPM's default)
+FAMILY_OF_TASK = {task: family for family, task in TASK_OF_FAMILY.items()}
 
 
-def default_lr(task_kind: str, method: str) -> float:
-    table = DEFAULT_LR[task_kind]
-    return table.get(method, table["*"])
+def default_lr(family: str, method: str) -> float:
+    """The learning rate ``finetune`` uses without ``--lr``: the method's default for the model family (``unetr``,
+    ``ddpm``; a task name, ``segmentation`` or ``synthesis``, stands for its family). The table and the measurement
+    behind it live with the methods: :data:`TensorPEFTLib.adapters.catalog.DEFAULT_LR`."""
+    from ..adapters.catalog import default_lr as method_default_lr
+
+    return method_default_lr(method, FAMILY_OF_TASK.get(family, family))
 
 
 def default_steps(task_kind: str, num_train: int) -> int:
@@ -201,7 +235,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
-             centre_jitter: int = 16, checkpointing: bool | None = None) -> TrainResult:
+             centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -222,6 +256,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     ``checkpointing``: activation checkpointing of the UNETR's ViT blocks or the DDPM's resnet blocks
     (:mod:`.checkpointing`): less activation memory for recomputing those blocks in backward, the same gradients.
     ``None``: off for a new run, the run's own setting on ``resume``.
+    ``autoencoder``: for a latent diffusion bundle (``model_source``), autoencoder weights from another file than the
+    bundle's (see :func:`resolve_model`); the adapter records it, and its scale factor.
 
     Under ``torchrun`` (see :mod:`.distributed`) the job is data-parallel: ``batch_size`` patches per rank, rank 0
     alone checks the data, holds the run lock and writes the run; every check's outcome is agreed by all ranks.
@@ -244,7 +280,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                 raise EngineError(f"--batch-size must be >= 1, got {batch_size}")
             _check_existing_run(out, resume, overwrite)
             model, task_kind, num_classes, train_cases, val_cases = _prepare_finetune(
-                model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main)
+                model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main, autoencoder)
             if lock is not None:
                 lock.acquire()
                 _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
@@ -266,16 +302,18 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
 
 
 def _prepare_finetune(model_source: str, data: str, val: str | None, patch_size: Sequence[int] | None,
-                      auto_val: bool, seed: int, events: Events, check_data: bool
+                      auto_val: bool, seed: int, events: Events, check_data: bool, autoencoder: str | None = None
                       ) -> tuple[nn.Module, str, int | None, list[dict], list[dict]]:
     """The model, its task, the training and validation cases, every case checked (``check_data``: rank 0 of a
     data-parallel job reads every file once for all ranks)."""
     from ..data import find_cases, validate_cases
 
-    model = resolve_model(model_source)
+    model = resolve_model(model_source, autoencoder)
     task_kind = task_of(model)
     if patch_size is not None:
         check_input_size(model, patch_size, "--patch-size")
+    else:
+        model_input_size(model)  # a latent bundle without a latent shape: ask for --patch-size before any work
     if not os.path.exists(model_source) and model_source in PRESETS:
         events.message(f"note: {model_source} is a preset with random weights; pass a pretrained checkpoint for real use")
 
@@ -400,10 +438,14 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
             raise EngineError("choose an adapter: --method NAME --rank R")
         inject(model, cfg)
     report = summary(model)
+    lr_given = settings.lr is not None
     settings = dataclasses.replace(
         settings,
         steps=settings.steps or default_steps(task_kind, len(train_cases)),
-        lr=settings.lr or default_lr(task_kind, cfg.method))
+        lr=settings.lr or default_lr(model_family(model), cfg.method))
+    if not lr_given:
+        events.message(f"learning rate {settings.lr:g}: {cfg.method}'s default on a {model_family(model)} model "
+                       "(--lr to choose another)")
     if not settings.eval_every:
         # Five validations: each is a sliding window over whole validation scans (4 s for the demo's two on the
         # 2-core CPU), and with the poly-decayed learning rate the best adapter is nearly always one of the last.
@@ -443,7 +485,15 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     else:
         from .synthesis import SynthesisTask
 
-        task = SynthesisTask(train_cases, own_val, size=size, runtime=runtime, batch_size=per_rank, shard=shard)
+        from ..models.latent import latent_parts
+
+        latent = latent_parts(model)
+        task = SynthesisTask(train_cases, own_val, size=size, runtime=runtime, batch_size=per_rank, shard=shard,
+                             latent=latent, schedule=latent.schedule if latent else None)
+        if latent is not None:
+            events.message(f"latent diffusion: {latent.latent_channels}-channel latents at 1/{latent.downsample} of "
+                           f"{'x'.join(map(str, size))}, scale factor {latent.scale_factor:.4g}; the autoencoder stays "
+                           "frozen")
 
     hooks = growth_hooks(model, cfg)
     meta = {
@@ -468,6 +518,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         meta["spacing"] = list(_first_spacing(train_cases, size))
+        if task.latent is not None:  # synthesize rebuilds the same latent model: autoencoder file and scale factor
+            meta["latent"] = task.latent.record()
     trainer = Trainer(model, task, settings, out, runtime, events, hooks=hooks, extra_meta=meta, dist=ctx)
     events.message(f"{report['method']} rank {cfg.rank}: {report['trainable']:,} trainable of {report['base_total']:,} "
                    f"({report['trainable_percent']:.2f}%), {report['layers_wrapped']} layers adapted; "
@@ -517,16 +569,26 @@ def check_adapter_folder(adapter: str) -> None:
         raise EngineError(unfinished)
 
 
-def load_adapted_model(model_source: str | None, adapter: str | None, runtime: Runtime) -> tuple[nn.Module, dict[str, Any]]:
+def load_adapted_model(model_source: str | None, adapter: str | None, runtime: Runtime,
+                       autoencoder: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Base model (from ``model_source`` or the adapter's record of it) with the adapter loaded, merged and unloaded:
-    the base architecture with the adapted weights, so inference costs exactly what the base model costs."""
+    the base architecture with the adapted weights, so inference costs exactly what the base model costs. A latent
+    model gets the autoencoder and scale factor it was fine-tuned with (``autoencoder`` overrides the file)."""
+    from ..models.latent import latent_parts
+
     if adapter:
         check_adapter_folder(adapter)
     saved: dict[str, Any] = read_adapter_config(adapter) if adapter else {}
     source = model_source or saved.get("base_model_source")
     if not source:
         raise EngineError("give --model (a checkpoint file or preset); the adapter does not record its base model")
-    model = resolve_model(source)
+    recorded = saved.get("latent") or {}
+    if autoencoder is None and model_source is None and os.path.isfile(recorded.get("autoencoder") or ""):
+        autoencoder = recorded["autoencoder"]  # the autoencoder file the run was fine-tuned with
+    model = resolve_model(source, autoencoder)
+    parts = latent_parts(model)
+    if parts is not None and recorded.get("scale_factor"):
+        parts.scale_factor = float(recorded["scale_factor"])
     if adapter:
         load_adapter(model, adapter)
         merge_and_unload(model)
@@ -676,10 +738,12 @@ def _has_extension(path: str) -> bool:
 def synthesize(out: str, count: int, *, model_source: str | None = None, adapter: str | None = None,
                steps: int = 50, sampler: str = "ddim", size: Sequence[int] | None = None, seed: int = 0,
                device: str = "auto", amp: str = "auto", events: Events | None = None,
-               threads: int | None = None) -> list[str]:
+               threads: int | None = None, autoencoder: str | None = None) -> list[str]:
     """Generate ``count`` volumes into the folder ``out`` (NIfTI, RAS affine with the training data's voxel size),
-    plus ``samples.png`` with three views of each."""
+    plus ``samples.png`` with three views of each. A latent diffusion bundle samples latents and decodes them with
+    its autoencoder (``autoencoder``: another weights file for it)."""
     from ..data import write_volume
+    from ..models.latent import latent_parts
     from .report import slice_grid
     from .synthesis import default_affine, sample_volumes
 
@@ -692,17 +756,20 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
     check_output_folder(out)
     events = events or Events()
     runtime = select_runtime(device, amp, threads)
-    model, saved = load_adapted_model(model_source, adapter, runtime)
+    model, saved = load_adapted_model(model_source, adapter, runtime, autoencoder)
     if task_of(model) != "synthesis":
         raise EngineError("synthesize needs a DDPM; this model is a UNETR (use segment)")
     shape = check_input_size(model, size, "--size") if size else tuple(saved.get("patch_size") or model_input_size(model))
     spacing = saved.get("spacing") or (1.0, 1.0, 1.0)
     os.makedirs(out, exist_ok=True)
     events.emit("start", kind="synthesize", count=count, steps=steps, sampler=sampler, out=out, **runtime.describe())
-    chain = steps if sampler == "ddim" else int((saved.get("schedule") or {}).get("num_train_timesteps", 1000))
+    latent = latent_parts(model)
+    # the schedule the model was trained with: the adapter's record, else a latent bundle's own scheduler settings
+    schedule = saved.get("schedule") or (latent.schedule if latent is not None else None)
+    chain = steps if sampler == "ddim" else int((schedule or {}).get("num_train_timesteps", 1000))
     events.start_bar(count * chain, f"synthesizing {count} volume(s)")
     volumes = sample_volumes(model, count, shape, runtime, steps=steps, sampler=sampler, seed=seed,
-                             schedule=saved.get("schedule"), events=events)
+                             schedule=schedule, events=events)
     events.close_bar()
     paths = []
     for index, volume in enumerate(volumes, start=1):
@@ -714,9 +781,13 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
     return paths
 
 
-def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
+def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure: str | None = None,
+             features: bool = True) -> dict[str, Any]:
     """Score predictions against references (``segmentation``: Dice/HD95 per case) or generated volumes against
-    real ones (``synthesis``: MS-SSIM and MMD). ``auto``: label maps → segmentation, else synthesis."""
+    real ones (``synthesis``: the TenVOO paper's MS-SSIM with real volume i paired to generated volume i, FD and MMD
+    on the shipped demo-unetr's features, MMD on voxels; see :func:`.scoring.evaluate_synthesis`). ``auto``: label
+    maps → segmentation, else synthesis. ``window``: the MS-SSIM window; ``figure``: where synthesis writes its PNG
+    (default ``evaluation.png`` in the generated volumes' folder)."""
     from ..data import read_volume
     from .scoring import evaluate_segmentations, evaluate_synthesis
 
@@ -732,8 +803,17 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto") -> dict[str, Any]:
     if kind != "synthesis":
         raise EngineError(f"--kind {kind!r}: choose auto, segmentation or synthesis")
     gen = [np.asarray(read_volume(p).array, dtype=np.float32) for p in preds]
+    # generated volumes are in [0, 1] already; a --pred volume outside it (real scans, to see what real data scores)
+    # is brought to [0, 1] as the references are
+    gen = [g if g.min() >= 0 and g.max() <= 1 else unit_range_like(g, g.shape) for g in gen]
     real = [unit_range_like(np.asarray(read_volume(r).array, dtype=np.float32), gen[0].shape) for r in refs]
-    return {"kind": kind, "mean": evaluate_synthesis(gen, real)}
+    if figure is None:
+        figure = os.path.join(pred if Path(pred).is_dir() else os.path.dirname(os.path.abspath(pred)), "evaluation.png")
+    check_output_file(figure, (".png",), option="--figure")
+    metrics = evaluate_synthesis(gen, real, win_size=window, features=features, figure=figure)
+    return {"kind": kind, "mean": metrics, "figure": metrics.pop("figure", None),
+            "pairs": [{"real": os.path.basename(r), "generated": os.path.basename(g)}
+                      for r, g in zip(refs, preds)][:metrics["pairs"]]}
 
 
 def unit_range_like(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -151,3 +151,49 @@ def slice_grid(path: str, volumes: list[np.ndarray], titles: list[str] | None = 
             axes[row, col].set_title(f"{(titles or [])[row] if titles else f'volume {row + 1}'}: {view}", fontsize=9)
             axes[row, col].axis("off")
     return _save(fig, plt, path)
+
+
+def synthesis_metrics_figure(path: str, real: list[np.ndarray], generated: list[np.ndarray], per_pair: list[float],
+                             feats_real: np.ndarray | None, feats_gen: np.ndarray | None, metrics: dict[str, Any]) -> str:
+    """What ``evaluate --kind synthesis`` measured, to look at: each MS-SSIM pair (real i beside generated i, mid
+    axial and coronal slices, its value in the title; at most 4 pairs) and the two feature sets projected on their
+    first two principal components (real vs generated), the metrics in the title."""
+    shown = min(4, len(per_pair))
+    plt, (fig, axes) = _figure(max(shown, 2), 5, figsize=(15, 3 * max(shown, 2)), squeeze=False)
+    for row in range(axes.shape[0]):
+        for col in range(4):
+            axes[row, col].axis("off")
+        if row >= shown:
+            continue
+        for offset, (label, volume) in enumerate((("real", real[row]), ("generated", generated[row]))):
+            centre = tuple(s // 2 for s in volume.shape)
+            for k, (view, index) in enumerate((("axial", centre[2]), ("coronal", centre[1]))):
+                ax = axes[row, 2 * offset + k]
+                ax.imshow(view_slice(volume, view, index), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"pair {row + 1} {label}: {view}" + (f"  MS-SSIM {per_pair[row]:.3f}"
+                                                                   if offset == 1 and k == 0 else ""), fontsize=8)
+    gs = axes[0, 4].get_gridspec()
+    for row in range(axes.shape[0]):
+        axes[row, 4].remove()
+    ax = fig.add_subplot(gs[:, 4])
+    if feats_real is not None and feats_gen is not None:
+        both = np.concatenate([feats_real, feats_gen]).astype(np.float64)
+        centred = both - both.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        points = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, np.zeros(len(both))]
+        n = len(feats_real)
+        ax.scatter(points[:n, 0], points[:n, 1], c="tab:green", label="real", s=30)
+        ax.scatter(points[n:, 0], points[n:, 1], c="tab:red", marker="x", label="generated", s=30)
+        ax.legend(fontsize=8)
+        ax.set_title("features (demo-unetr ViT), first two principal components", fontsize=8)
+    else:
+        ax.axis("off")
+
+    def fmt(key: str) -> str:
+        value = metrics.get(key)
+        return "-" if value is None else f"{value:.4g}"
+
+    fig.suptitle(f"MS-SSIM {fmt('ms_ssim')} ({metrics.get('pairs')} pairs, window {metrics.get('ms_ssim_window')}, "
+                 f"{metrics.get('ms_ssim_scales')} scales)   FD {fmt('fd_features')}   MMD features "
+                 f"{fmt('mmd_features')}   MMD voxels {fmt('mmd_voxels')}", fontsize=10)
+    return _save(fig, plt, path)

@@ -1,4 +1,4 @@
-"""Synthesis (3D DDPM): the fine-tuning task and sampling.
+"""Synthesis (3D DDPM, pixel or latent): the fine-tuning task and sampling.
 
 Training follows MONAI's 3D DDPM recipe: intensities in [0, 1], a DDPM scheduler with 1000 steps and the
 scaled-linear β schedule, noise-prediction MSE. The scheduler settings travel with the adapter (``extra`` metadata)
@@ -33,7 +33,13 @@ def make_scheduler(kind: str = "ddpm", schedule: dict[str, Any] | None = None):
 
 class SynthesisTask:
     """Fine-tune a DDPM on volumes: noise-prediction MSE at uniformly drawn timesteps. Validation is the same loss
-    on held-out volumes at fixed noise and timesteps (lower is better)."""
+    on held-out volumes at fixed noise and timesteps (lower is better).
+
+    A latent diffusion model (``latent``: the U-Net's :class:`~TensorPEFTLib.models.latent.LatentParts`) learns the
+    same loss on the frozen autoencoder's scaled latents of the volumes (MONAI's ``LatentDiffusionInferer``
+    training): the volumes are encoded without gradients, the noise has the latents' shape. Without a recorded
+    scale factor it is set to 1 / std of the first training volumes' latents before training.
+    """
 
     kind = "synthesis"
     metric = "val_loss"
@@ -41,7 +47,7 @@ class SynthesisTask:
 
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, size: Sequence[int], runtime: Runtime,
                  batch_size: int = 1, flip: bool = True, schedule: dict[str, Any] | None = None,
-                 sample_steps: int = 25, shard: tuple[int, int] = (0, 1)) -> None:
+                 sample_steps: int = 25, shard: tuple[int, int] = (0, 1), latent: Any = None) -> None:
         from monai.data import CacheDataset
 
         from ..data import synthesis_transforms
@@ -55,6 +61,17 @@ class SynthesisTask:
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
         self.val_data = (CacheDataset(val_cases, synthesis_transforms(self.size), progress=False, num_workers=0)
                          if val_cases else None)
+        self.latent = latent
+        if latent is not None:
+            latent.autoencoder.to(runtime.device)
+            if latent.scale_factor is None:
+                first = [torch.as_tensor(self.train_data[i]["image"]) for i in range(min(4, len(self.train_data)))]
+                latent.fit_scale_factor(torch.stack(first).float().to(runtime.device))
+
+    def _to_latents(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """Volumes ``(B, 1, *size)`` → a latent model's scaled latents ``(B, C, *size / downsample)``, the posterior
+        draw seeded so that a step repeats."""
+        return self.latent.encode(image, torch.Generator().manual_seed(seed)).float()
 
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
         from .segmentation import global_batch_picks
@@ -67,6 +84,8 @@ class SynthesisTask:
             images.append(torch.as_tensor(self.train_data[int(index)]["image"]))
         gen = torch.Generator().manual_seed(seed)
         image = torch.stack(images).float()
+        if self.latent is not None:
+            image = self._to_latents(image.to(self.runtime.device), seed + 1).cpu()
         # noise and timesteps of the whole global batch from the step's stream, then this rank's rows (one process:
         # all of them, drawn as before)
         rank, ranks = self.shard
@@ -86,8 +105,10 @@ class SynthesisTask:
             return None
         losses = []
         gen = torch.Generator().manual_seed(1234)  # the same noise and timesteps at every evaluation
-        for item in self.val_data:
+        for index, item in enumerate(self.val_data):
             image = torch.as_tensor(item["image"])[None].float()
+            if self.latent is not None:
+                image = self._to_latents(image.to(self.runtime.device), 4321 + index).cpu()
             for t in (50, 250, 500, 750):
                 noise = torch.randn(image.shape, generator=gen)
                 batch = {"image": image.to(self.runtime.device), "noise": noise.to(self.runtime.device),
@@ -111,7 +132,12 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
     """Generate ``count`` volumes of ``size`` by reverse diffusion; returns arrays clipped to [0, 1].
 
     ``sampler``: ``ddim`` (``steps`` denoising steps, fast) or ``ddpm`` (the full chain; ``steps`` ignored).
+    A latent diffusion model (its U-Net carries :class:`~TensorPEFTLib.models.latent.LatentParts`) denoises latents
+    of ``size / downsample`` and decodes them at the end, as ``LatentDiffusionInferer.sample`` does.
     """
+    from ..models.latent import latent_parts
+
+    latent = latent_parts(model)
     scheduler = make_scheduler(sampler, schedule)
     if sampler == "ddim":
         scheduler.set_timesteps(num_inference_steps=steps)
@@ -119,8 +145,12 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
     volumes = []
     gen = torch.Generator().manual_seed(seed)
     total = len(scheduler.timesteps)
+    channels, shape = 1, tuple(int(s) for s in size)
+    if latent is not None:
+        latent.autoencoder.to(runtime.device)
+        channels, shape = latent.latent_channels, tuple(s // latent.downsample for s in shape)
     for index in range(count):
-        x = torch.randn((1, 1, *size), generator=gen).to(runtime.device)
+        x = torch.randn((1, channels, *shape), generator=gen).to(runtime.device)
         for k, t in enumerate(scheduler.timesteps):
             with torch.no_grad(), runtime.autocast():
                 eps = model(x, timesteps=torch.tensor([int(t)], device=runtime.device)).float()
@@ -129,6 +159,9 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
                 events.update_bar(1)
                 if (k + 1) % max(1, total // 10) == 0 or k + 1 == total:
                     events.emit("step", step=index * total + k + 1, steps=count * total, volume=index + 1)
+        if latent is not None:
+            with torch.no_grad(), runtime.autocast():
+                x = latent.decode(x).float()
         volumes.append(x[0, 0].clamp(0, 1).cpu().numpy())
     return volumes
 

@@ -32,6 +32,18 @@ def method_summaries() -> dict:
     return {name: info.summary for name, info in METHODS.items()}
 
 
+#: the adapter catalog's model family behind each panel model kind
+FAMILY_OF_KIND = {"UNETR": "unetr", "DDPM": "ddpm"}
+
+
+def default_learning_rate(model_kind: str, method: str) -> float:
+    """What ``finetune`` trains ``method`` with on a ``model_kind`` model when the panel leaves the learning rate at
+    0 ("auto"): the method's default for the family (:data:`TensorPEFTLib.adapters.catalog.DEFAULT_LR`)."""
+    from ..adapters.catalog import default_lr
+
+    return default_lr(method, FAMILY_OF_KIND.get(model_kind, "generic"))
+
+
 def demo_model(model_kind: str) -> str:
     """The built-in model of a family (its model card names the preset it was trained on)."""
     from ..models.shipped import SHIPPED_MODELS, model_card

@@ -18,6 +18,7 @@ _HOME = {
     "build_model": "presets", "make_unetr": "presets",
     "SHIPPED_MODELS": "shipped", "ShippedModelError": "shipped", "is_shipped": "shipped", "model_card": "shipped",
     "shipped_models": "shipped", "shipped_path": "shipped",
+    "LatentParts": "latent", "is_latent_bundle": "latent", "latent_parts": "latent", "load_latent_model": "latent",
 }
 
 __all__ = sorted(_HOME)
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoints import (CheckpointError, fitting_presets, load_checkpoint, load_model, read_spec,
                               read_state_dict, save_model)
     from .presets import PRESETS, TASK_OF_FAMILY, Preset, PresetError, build_model, make_unetr
+    from .latent import LatentParts, is_latent_bundle, latent_parts, load_latent_model
     from .shipped import SHIPPED_MODELS, ShippedModelError, is_shipped, model_card, shipped_models, shipped_path
 
 

@@ -375,6 +375,11 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
         channels = int(rest.strip("()").split("=")[1])
         model = build_model(name, out_channels=channels)
     else:
+        from .latent import latent_unet_hint
+
+        hint = latent_unet_hint(state)
+        if hint:
+            raise CheckpointError(f"{p}: {hint}")
         raise CheckpointError(f"{p}: carries no TensorPEFT spec and fits none of the presets ({', '.join(PRESETS)}); "
                               "build the model yourself and use load_checkpoint(model, path)")
     load_checkpoint(model, p)
