@@ -32,8 +32,8 @@ def curve_svg(losses: Sequence[Point], scores: Sequence[Point], steps: int, scor
         low, high = (low - 0.05, high + 0.05) if high - low < 1e-9 else (low, high)
         parts.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" '
                      f'points="{_path(losses, x_max, low, high, box)}"/>')
-        parts.append(f'<text x="2" y="{box[1] + 8}" fill="#1f77b4">{high:.2f}</text>')
-        parts.append(f'<text x="2" y="{box[1] + box[3]}" fill="#1f77b4">{low:.2f}</text>')
+        parts.append(f'<text x="2" y="{box[1] + 8}" fill="#1f77b4">{high:.3g}</text>')
+        parts.append(f'<text x="2" y="{box[1] + box[3]}" fill="#1f77b4">{low:.3g}</text>')
     if scores:
         low, high = (0.0, 1.0) if all(0 <= p[1] <= 1 for p in scores) else (min(p[1] for p in scores),
                                                                               max(p[1] for p in scores) or 1.0)
@@ -42,8 +42,8 @@ def curve_svg(losses: Sequence[Point], scores: Sequence[Point], steps: int, scor
         for point in points.split(" "):  # a dot per validation: few of them, each one matters
             x, y = point.split(",")
             parts.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="#ff7f0e"/>')
-        parts.append(f'<text x="{box[0] + box[2] + 3}" y="{box[1] + 8}" fill="#ff7f0e">{high:.2f}</text>')
-        parts.append(f'<text x="{box[0] + box[2] + 3}" y="{box[1] + box[3]}" fill="#ff7f0e">{low:.2f}</text>')
+        parts.append(f'<text x="{box[0] + box[2] + 3}" y="{box[1] + 8}" fill="#ff7f0e">{high:.3g}</text>')
+        parts.append(f'<text x="{box[0] + box[2] + 3}" y="{box[1] + box[3]}" fill="#ff7f0e">{low:.3g}</text>')
     legend = f'<tspan fill="#1f77b4">— loss</tspan>  <tspan fill="#ff7f0e">— {escape(score_name)}</tspan>'
     parts.append(f'<text x="{box[0]}" y="{height - 6}">{legend}  step {int(x_max)}</text>')
     parts.append("</svg>")

@@ -53,9 +53,9 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                 html.Div("3 · Fine-tune", classes="text-subtitle-2 mt-3")
                 with html.Div(classes="d-flex", style="gap: 8px"):
                     v3.VTextField(label="Steps", v_model_number=("steps",), type="number", density="compact",
-                                  hide_details=True, id="tp-steps")
+                                  hide_details=True, id="tp-steps", update_modelValue=(ctrl.refresh_estimates,))
                     v3.VTextField(label="Validate every", v_model_number=("eval_every",), type="number",
-                                  density="compact", hide_details=True)
+                                  density="compact", hide_details=True, id="tp-eval-every")
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VBtn("Fine-tune", id="tp-finetune", color="primary", disabled=("job_busy",),
                             click=(ctrl.finetune,))
@@ -77,9 +77,9 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                 with html.Div(v_if="model_kind == 'DDPM'"):
                     with html.Div(classes="d-flex", style="gap: 8px"):
                         v3.VTextField(label="Volumes", v_model_number=("synth_count",), type="number",
-                                      density="compact", hide_details=True)
+                                      density="compact", hide_details=True, id="tp-synth-count")
                         v3.VTextField(label="Sampling steps", v_model_number=("synth_steps",), type="number",
-                                      density="compact", hide_details=True)
+                                      density="compact", hide_details=True, id="tp-synth-steps")
                     v3.VBtn("Synthesize", id="tp-synthesize", color="primary", disabled=("job_busy",),
                             click=(ctrl.synthesize,), classes="mt-2")
                     v3.VSelect(v_if="synthesized.length", label="Generated volumes", items=("synthesized",),
@@ -91,7 +91,7 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                          classes="text-caption")
                 with html.Div(classes="d-flex", style="gap: 8px"):
                     v3.VTextField(label="Save to (folder under the data root)", v_model=("save_to",),
-                                  density="compact", hide_details=True)
+                                  density="compact", hide_details=True, id="tp-save-to")
                     v3.VBtn("Save", id="tp-save", disabled=("job_busy || !adapter",),
                             click=(ctrl.save_adapter,))
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):

@@ -151,6 +151,9 @@ class AppSession:
         self.probes.count(self.model_choice(requests.ParameterCountRequest))
 
     def _show_device(self, text: str, warning: str) -> None:
+        # the shared line speaks to Slicer users (its PyTorch extension); here torch is the app's own Python's
+        text = text.replace("reinstall PyTorch from the PyTorch Utils module with a CUDA backend",
+                            "install a CUDA build of PyTorch into the app's Python")
         self.state["device_text"], self.state["cpu_warning"] = text, warning
 
     def _show_count(self, text: str) -> None:
@@ -220,12 +223,14 @@ class AppSession:
     def busy(self) -> bool:
         return self.job is not None and self.job.running
 
-    def _start_user_job(self, request: requests.Request, name: str, on_success: Callable[[JobResult], None]) -> None:
+    def _start_user_job(self, request: requests.Request, name: str, on_success: Callable[[JobResult], None],
+                        keep_curve: bool = False) -> None:
         if self.busy():
             raise requests.RequestError(f"{self.job.name} is running: wait for it or cancel it first")
         args = request.asArgList()
         self.log(f"$ tensorpeft {' '.join(args)}")
-        self.losses, self.scores = [], []
+        if not keep_curve:  # a resumed run continues the curve of the run it resumes
+            self.losses, self.scores = [], []
         self.state.update({"job_name": name, "job_busy": True, "progress": 0, "eta": "", "curve": "", "info": "",
                            "progress_text": "starting the worker (loading torch and the model) ..."})
 
@@ -252,11 +257,13 @@ class AppSession:
 
     def _on_event(self, event: Dict[str, Any]) -> None:
         if event.get("event") == "step" and event.get("loss") is not None and not event.get("images"):
-            self.losses.append((float(event.get("step", 0)), float(event["loss"])))
+            step = float(event.get("step", 0))
+            self.losses = [p for p in self.losses if p[0] < step] + [(step, float(event["loss"]))]  # resumed: redone
         elif event.get("event") == "eval":
             name = next((k for k in ("dice", "val_loss") if event.get(k) is not None), None)
             if name:
-                self.scores.append((float(event.get("step", 0)), float(event[name])))
+                step = float(event.get("step", 0))
+                self.scores = [p for p in self.scores if p[0] < step] + [(step, float(event[name]))]
 
     def _on_progress(self, progress: Progress) -> None:
         self.state["progress"] = round(100 * progress.fraction, 1)
@@ -299,7 +306,7 @@ class AppSession:
             score = f", best validation {best:.3f}" if best is not None else ""
             self.info(f"adapter written to {self.root.relative(out)}{score}")
 
-        self._start_user_job(request, "fine-tune", done)
+        self._start_user_job(request, "fine-tune", done, keep_curve=resume)
 
     def _adapter_for(self, task: str) -> str:
         """The loaded or fine-tuned adapter for ``task`` (its real path), or '' to use the chosen model as it is."""

@@ -99,6 +99,10 @@ class SceneViewer:
         from ..frontend.scene import load_synthesized_volumes
 
         nodes = load_synthesized_volumes(self.scene, list(paths))
+        for node in self.case_nodes + self.result_nodes:  # another case's overlays would lie over a new volume
+            display = node.GetDisplayNode() if node.IsA("vtkMRMLSegmentationNode") else None
+            if display is not None:
+                display.SetVisibility(False)
         self.result_nodes.extend(nodes)
         self.synthesized = nodes
         if nodes:
