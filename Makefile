@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tensorpeft-installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test app setup clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tensorpeft demo $(ARGS)
+
+# the browser app on http://localhost:8080/ (scans from DATA_ROOT; another host needs a token: see docs/app.md)
+DATA_ROOT ?= .
+app: $(STAMP)
+	$(VENV)/bin/tensorpeft app --data-root $(DATA_ROOT) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest Testing -q $(ARGS)

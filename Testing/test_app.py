@@ -243,3 +243,28 @@ def test_the_app_process_stays_torch_free(tmp_path):
             "print('torch' in sys.modules, len(s.state['models']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.stdout.split() == ["False", "1"], done.stdout + done.stderr
+
+
+def test_save_and_load_an_adapter_inside_the_root(tmp_path):
+    import json
+
+    from TensorPEFTLib.adapters.config import ADAPTER_FORMAT, CONFIG_FILE
+    from TensorPEFTLib.app.session import AppSession
+
+    run = tmp_path / "runs" / "one"
+    run.mkdir(parents=True)
+    (run / CONFIG_FILE).write_text(json.dumps({"format": ADAPTER_FORMAT, "method": "lora", "rank": 2,
+                                               "family": "unetr"}))
+    (run / "adapter.safetensors").write_bytes(b"not read here")
+    state: dict = {}
+    session = AppSession(DataRoot(str(tmp_path)), state, viewer=None)
+    session.start_job = _Recorder()
+    session.probes.start_job = _Recorder()
+    session.load_adapter("runs/one")
+    assert not state["error"] and state["adapter"] == "runs/one" and state["model_kind"] == "UNETR"
+    assert "runs/one" in session.adapter_folders()
+    session.save_adapter("kept/copy")
+    assert not state["error"], state["error"]
+    assert sorted(os.listdir(tmp_path / "kept" / "copy")) == ["adapter.safetensors", CONFIG_FILE]
+    session.load_adapter("kept")  # not an adapter folder: one line naming it
+    assert "kept" in state["error"] and "not an adapter folder" in state["error"]

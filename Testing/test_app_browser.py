@@ -1,8 +1,8 @@
 """The browser app in a real browser: ``tensorpeft app`` on a free localhost port, headless Chromium (the system's)
 driven over the DevTools protocol, the whole workflow clicked through the page, results checked in screenshot pixels.
 
-Small on purpose (a 4+1-subject demo cohort, 4 fine-tuning steps, 10 sampling steps). Set
-``TENSORPEFT_APP_SCREENSHOTS=docs/images`` to keep the screenshots for docs/app.md.
+Small on purpose (a 4+1-subject demo cohort, 4 fine-tuning steps, one generated volume). docs/app.md's screenshots
+come from ``TENSORPEFT_APP_SCREENSHOTS=docs/images TENSORPEFT_APP_STEPS=30 pytest Testing/test_app_browser.py``.
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
         return (len(three_d) == 1 and _green(_crop(image, three_d[0])) > 0.002
                 and any(_green(_crop(image, box)) > 0.0002 for box in slices))
 
+    # the live trainable-parameter count and the device, both asked of worker processes in the background
+    count = page.wait_for_text("#tp-params", "parameters", 180)
+    assert "585,194 of 3,418,546" in count, count  # demo-unetr with LoRA-PT rank 1 (the README's number)
+    page.wait("!document.getElementById('tp-device').innerText.startsWith('checking')", 180, "the device line")
+    assert "CPU" in page.js("document.getElementById('tp-device').innerText") or "GPU" in page.js(
+        "document.getElementById('tp-device').innerText")
     image = _pixels_until(page, os.path.join(shots, "app-data.png"), label_shown, 30, "the green label in the views")
     assert all(_red(_crop(image, box)) < 0.0002 for _, box in _views(page)), "red before any segmentation"
 
@@ -147,9 +153,12 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
                   "the red surface in 3D and the red overlay in a slice view")
 
     # 3. fine-tune a few steps: progress arrives, Cancel returns to idle within 5 s, Resume finishes the run
-    _set_number(page, "tp-steps", 4)
-    _set_number(page, "tp-eval-every", 2)
-    page.wait("window.trame.state.get('steps') == 4 && window.trame.state.get('eval_every') == 2", 5, "the fields")
+    steps = int(os.environ.get("TENSORPEFT_APP_STEPS", "4"))  # docs/app.md's curve: a longer run
+    every = max(1, steps // 3) if steps > 4 else 2
+    _set_number(page, "tp-steps", steps)
+    _set_number(page, "tp-eval-every", every)
+    page.wait(f"window.trame.state.get('steps') == {steps} && window.trame.state.get('eval_every') == {every}", 5,
+              "the fields")
     page.click("#tp-finetune")
     page.wait("window.trame.state.get('job_busy')", 10, "the job to start")
     page.wait("window.trame.state.get('progress') > 0", 300, "the first training step")
@@ -165,7 +174,7 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
 
     page.click("#tp-resume")
     page.wait("window.trame.state.get('job_busy')", 10, "the resumed job to start")
-    page.wait("!window.trame.state.get('job_busy')", 400, "the resumed run to finish")
+    page.wait("!window.trame.state.get('job_busy')", 400 + 30 * steps, "the resumed run to finish")
     assert not page.state("error"), page.state("error")
     assert "adapter written" in page.state("info"), page.state("info")
     curve = page.js("document.getElementById('tp-curve').innerHTML")
@@ -187,8 +196,8 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     page.click("#tp-kind-ddpm")
     page.wait("window.trame.state.get('model') == 'demo-ddpm' && document.getElementById('tp-synthesize')", 10,
               "the DDPM panel")
-    _set_number(page, "tp-synth-steps", 10)
-    page.wait("window.trame.state.get('synth_steps') == 10", 5, "the sampling steps")
+    _set_number(page, "tp-synth-steps", 50)
+    page.wait("window.trame.state.get('synth_steps') == 50", 5, "the sampling steps")
     page.click("#tp-synthesize")
     page.wait("(window.trame.state.get('synthesized') || []).length || window.trame.state.get('error')", 300,
               "the generated volume")

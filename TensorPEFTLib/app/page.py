@@ -41,19 +41,19 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                     v3.VBtn("UNETR", value="UNETR", id="tp-kind-unetr")
                     v3.VBtn("DDPM", value="DDPM", id="tp-kind-ddpm")
                 v3.VSelect(label="Model", items=("models",), v_model=("model",), density="compact",
-                           hide_details=True, update_modelValue=(ctrl.refresh_estimates,))
+                           hide_details=True)
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VSelect(label="Method", items=("methods",), v_model=("method",), density="compact",
-                               hide_details=True, update_modelValue=(ctrl.refresh_estimates,), style="flex: 2")
+                               hide_details=True, style="flex: 2")
                     v3.VTextField(label="Rank", v_model_number=("rank",), type="number", density="compact",
-                                  hide_details=True, update_modelValue=(ctrl.refresh_estimates,), style="flex: 1")
+                                  hide_details=True, style="flex: 1")
                 html.Div("{{ param_count }}", id="tp-params", classes="text-caption")
                 html.Div("{{ cpu_warning }}", v_if="cpu_warning", classes="text-caption text-warning")
 
                 html.Div("3 · Fine-tune", classes="text-subtitle-2 mt-3")
                 with html.Div(classes="d-flex", style="gap: 8px"):
                     v3.VTextField(label="Steps", v_model_number=("steps",), type="number", density="compact",
-                                  hide_details=True, id="tp-steps", update_modelValue=(ctrl.refresh_estimates,))
+                                  hide_details=True, id="tp-steps")
                     v3.VTextField(label="Validate every", v_model_number=("eval_every",), type="number",
                                   density="compact", hide_details=True, id="tp-eval-every")
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):

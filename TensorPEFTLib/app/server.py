@@ -71,6 +71,11 @@ def build_app(data_root: str, *, host: str = "127.0.0.1", port: int = 8080, toke
     ctrl.list_adapters = lambda: server.state.update({"adapter_folders": session.adapter_folders()})
     build_page(server, viewer, session)
 
+    # a state listener, not the fields' change events: those reach the server before the new value does
+    @server.state.change("model", "method", "rank", "steps", "device")
+    def _estimates(**_: Any) -> None:
+        session.refresh_estimates()
+
     async def poll_forever() -> None:
         while True:
             session.poll()

@@ -79,7 +79,7 @@ class AppSession:
             "method": "lora-pt", "rank": 1, "steps": 40, "eval_every": 10, "device": "auto",
             "device_text": "checking the device ...", "cpu_warning": "", "param_count": "",
             "job_name": "", "job_busy": False, "progress": 0, "progress_text": "idle", "eta": "", "curve": "",
-            "adapter": "", "can_resume": False, "synth_count": 1, "synth_steps": 20, "synthesized": [],
+            "adapter": "", "can_resume": False, "synth_count": 1, "synth_steps": 50, "synthesized": [],
             "synth_index": None, "segment_with": "", "save_to": "", "adapter_to_load": "",
             "error": "", "info": "", "log": "", "show_log": False, "segmented": "",
         }
