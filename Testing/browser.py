@@ -45,9 +45,13 @@ class Browser:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start
         argv = [self.executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking", "--disable-dev-shm-usage",
+                # no crash reporter: its handler daemonizes out of the browser's process group and outlives it
+                "--disable-crashpad-for-testing", "--disable-breakpad",
                 "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "about:blank"]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its own process group: close() ends the browser with every helper process it started
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
         port = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and port is None:
@@ -149,12 +153,17 @@ class Browser:
             self.ws.close()
         except Exception:  # noqa: BLE001 - closing: the browser may be gone already
             pass
-        if self.process.poll() is None:
-            self.process.terminate()
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # then helpers that outlived it, or a browser that hung
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                pass
         shutil.rmtree(self.profile, ignore_errors=True)
 
 

@@ -268,3 +268,16 @@ def test_save_and_load_an_adapter_inside_the_root(tmp_path):
     assert sorted(os.listdir(tmp_path / "kept" / "copy")) == ["adapter.safetensors", CONFIG_FILE]
     session.load_adapter("kept")  # not an adapter folder: one line naming it
     assert "kept" in state["error"] and "not an adapter folder" in state["error"]
+
+
+def test_without_the_app_extra_the_command_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from TensorPEFTLib.app import server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trame_slicer" else real(name, *a))
+    line = server.missing_app_dependencies()
+    assert "trame_slicer" in line and "pip install 'tensorpeft[app]'" in line
+    with pytest.raises(server.AppError, match=r"tensorpeft\[app\]"):
+        server.build_app(str(tmp_path))

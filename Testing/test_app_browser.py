@@ -179,6 +179,7 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     assert "adapter written" in page.state("info"), page.state("info")
     curve = page.js("document.getElementById('tp-curve').innerHTML")
     assert "<polyline" in curve and "<circle" in curve, "no loss curve or no validation point"
+    time.sleep(1)  # the buttons' idle look is drawn a frame after the state says so
     page.screenshot(os.path.join(shots, "app-finetune.png"))
     page.screenshot(os.path.join(shots, "app-curve.png"), selector="#tp-curve svg")
 

@@ -98,7 +98,10 @@ def run(data_root: str, host: str = "127.0.0.1", port: int = 8080, token: Option
     from .access import access_token, is_loopback
 
     expected = access_token(host, token, require=require_token)
-    server, _ = build_app(data_root, host=host, port=port, token=expected, worker_threads=worker_threads)
+    server, session = build_app(data_root, host=host, port=port, token=expected, worker_threads=worker_threads)
+    import atexit
+
+    atexit.register(session.stop)  # stopped app: its workers (own process groups) are asked to stop too
 
     def announce(**_: Any) -> None:  # once listening: with --port 0 only then is the port known
         address = f"http://{'localhost' if is_loopback(host) else host}:{server.port}/"

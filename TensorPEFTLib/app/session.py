@@ -143,12 +143,15 @@ class AppSession:
         self.state["rank"] = 1 if kind == "UNETR" else 4
         self.refresh_estimates()
 
-    @one_line_errors
     def refresh_estimates(self) -> None:
-        """The trainable-parameter count and the device line for what is chosen now (both asked in the background)."""
-        choice = self.model_choice()
-        self.probes.describe(choice, str(self.state["device"]), int(self.state["steps"] or 0), 0)
-        self.probes.count(self.model_choice(requests.ParameterCountRequest))
+        """The trainable-parameter count and the device line for what is chosen now (both asked in the background).
+        A problem with the choice shows in place of the count: the page's error line stays the last action's."""
+        try:
+            choice = self.model_choice()
+            self.probes.describe(choice, str(self.state["device"]), int(self.state["steps"] or 0), 0)
+            self.probes.count(self.model_choice(requests.ParameterCountRequest))
+        except (requests.RequestError, PathRefused, ValueError, TypeError) as err:
+            self.state["param_count"] = str(err).splitlines()[0]
 
     def _show_device(self, text: str, warning: str) -> None:
         # the shared line speaks to Slicer users (its PyTorch extension); here torch is the app's own Python's

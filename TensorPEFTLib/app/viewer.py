@@ -106,12 +106,18 @@ class SceneViewer:
         self.result_nodes.extend(nodes)
         self.synthesized = nodes
         if nodes:
-            self.show_volume(nodes[0])
+            self.show_synthesized_index(0)
         return [node.GetName() for node in nodes]
 
     def show_synthesized_index(self, index: int) -> None:
-        if 0 <= index < len(self.synthesized):
-            self.show_volume(self.synthesized[index])
+        """A generated volume in the slice views and, volume-rendered (Slicer's MR-Default preset), in 3D."""
+        if not 0 <= index < len(self.synthesized):
+            return
+        manager = self.app.display_manager
+        for node in self.synthesized:
+            manager.hide_volume(node)
+        self.show_volume(self.synthesized[index])
+        manager.show_volume(self.synthesized[index], vr_preset="MR-Default", do_reset_views=True)
 
     # ------------------------------------------------------------------------------------------------ display
     def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float) -> None:
