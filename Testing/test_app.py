@@ -164,6 +164,9 @@ def test_decathlon_folders_pair_training_and_test_cases(tmp_path):
     assert found.layout == "decathlon" and len(found.cases) == 3 and found.labelled == 3
     with pytest.raises(ValueError, match="no volumes here"):
         scan_folder(str(tmp_path))
+    (tmp_path / "dataset.json").write_text('{"tasks": {"task": "task"}}')  # a cohort of tasks, as the demo's
+    with pytest.raises(ValueError, match="point at one of"):
+        scan_folder(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------- buttons → commands

@@ -125,6 +125,11 @@ def scan_folder(folder: str) -> FolderCases:
         if path in labels.values():
             continue
         found.cases.append({"name": name, "image": path, "label": labels.get(name)})
+    if not found.cases and os.path.isfile(os.path.join(folder, "dataset.json")):
+        try:
+            find_cases(folder)
+        except DataError as err:  # e.g. the demo's cohort folder: it names the task folders to choose
+            raise ValueError(str(err).splitlines()[0]) from None
     if not found.cases:
         raise ValueError(f"{folder}: no volumes here (.nii, .nii.gz, .nrrd, or a Decathlon folder with imagesTr/)")
     return found
