@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - Windows
     resource = None
 
 import TensorPEFTLib as tp
+from TensorPEFTLib.adapters import thin_conv
 from TensorPEFTLib.adapters.model import original_name
 
 #: the methods of the issue, at the ranks their papers use on each family (SeLoRA: its starting rank, see README)
@@ -56,7 +57,8 @@ DEFAULT_METHODS = {
 #: peers per family: (row label, library, algorithm, our method it is compared with)
 PEERS = {
     "unetr": [("peft lora", "peft", "lora", "lora")],
-    "ddpm": [("lycoris locon", "lycoris", "locon", "lora"), ("lycoris loha", "lycoris", "loha", "loha"),
+    "ddpm": [("peft lora", "peft", "lora", "lora"), ("lycoris locon", "lycoris", "locon", "lora"),
+             ("lycoris loha", "lycoris", "loha", "loha"),
              ("lycoris lokr", "lycoris", "lokr", "lokr")],
 }
 #: blocks wrapped in activation checkpointing (``--checkpointing``): the transformer blocks and the full-resolution
@@ -186,6 +188,7 @@ class Entry:
     rank: int = 1
     compare: str | None = None  # the method of ours a peer row is compared with
     checkpointing: bool | None = None  # None = the setting's
+    tap_matmul: bool = True  # False: LoCon's thin convolutions run as convolutions (TensorPEFTLib.adapters.thin_conv)
 
 
 def default_entries(family: str, methods: str | None = None, peers: bool = True, with_base: bool = True,
@@ -198,6 +201,9 @@ def default_entries(family: str, methods: str | None = None, peers: bool = True,
     entries += [Entry(name, "ours", name, rank) for name, rank in chosen]
     if checkpointing and "full" in ranks:
         entries.append(Entry("full (no ckpt)", "ours", "full", 1, checkpointing=False))
+    if family == "ddpm" and "lora" in ranks:  # our LoCon with its down-projection as the plain convolution
+        entries.append(Entry("lora (conv A as oneDNN conv)", "ours", "lora", ranks["lora"], compare="lora",
+                             tap_matmul=False))
     if peers:
         for label, library, algo, ours in PEERS[family]:
             if ours in ranks:
@@ -409,6 +415,7 @@ class Workload:
         model = setting.build()
         extra_params: list[nn.Parameter] = []
         start = time.perf_counter()
+        thin_conv.ENABLED = entry.tap_matmul  # this worker process only
         if entry.kind == "ours":
             tp.inject(model, tp.AdapterConfig(method=entry.method, rank=entry.rank))
         else:

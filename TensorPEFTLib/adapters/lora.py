@@ -33,6 +33,7 @@ from .base import (ADAPTABLE_TYPES, CONV_OF_TRANSPOSED, CONV_TYPES, TRANSPOSED_C
                    kaiming_uniform_, out_in_view, seeded_generator)
 from .config import AdapterConfig, AdapterError
 from .registry import MethodSpec, per_layer_class, register
+from .thin_conv import add_channel_mix, prefers_tap_matmul, tap_matmul_conv
 
 
 class LoRALayer(AdapterLayer):
@@ -87,12 +88,27 @@ class LoRALayer(AdapterLayer):
 
     def lora_path(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         """B(A(x)) without the scale (A gets a transposed convolution's ``output_size`` too)."""
+        if self._thin_conv(x, output_size):
+            return self.lora_B(self._conv_down(x))
         hidden = self.lora_A(x) if output_size is None else self.lora_A(x, output_size)
         return self.lora_B(hidden)
 
+    def _thin_conv(self, x: torch.Tensor, output_size: Any) -> bool:
+        """Whether A (a convolution to r channels) runs as one matrix product over its kernel taps
+        (:mod:`.thin_conv`: on CPU 2-3× faster than oneDNN's thin convolution, same result)."""
+        return output_size is None and self.is_conv and not self.is_transposed and prefers_tap_matmul(self.lora_A, x)
+
+    def _conv_down(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.lora_A
+        return tap_matmul_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation)
+
     def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r.
-        return self.call_base(x, output_size) + self.lora_path(self.dropout(x), output_size) * self.scaling
+        result = self.call_base(x, output_size)
+        if self._thin_conv(x, output_size):  # B and the sum as one GEMM-and-add (thin_conv.add_channel_mix)
+            mix = self.lora_B.weight.reshape(self.out_dim, self.rank)
+            return add_channel_mix(result, mix, self._conv_down(self.dropout(x)), self.scaling)
+        return result + self.lora_path(self.dropout(x), output_size) * self.scaling
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
