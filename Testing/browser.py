@@ -78,7 +78,10 @@ class Browser:
         self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            message = json.loads(self.ws.recv(timeout=60))
+            try:
+                message = json.loads(self.ws.recv(timeout=60))
+            except TimeoutError:
+                raise BrowserError(f"{method}: no answer within 60 s") from None
             if message.get("id") == ident:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error']}")
