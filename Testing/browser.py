@@ -45,8 +45,7 @@ class Browser:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start
         argv = [self.executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking", "--disable-dev-shm-usage",
-                # no crash reporter: its handler daemonizes out of the browser's process group and outlives it
-                "--disable-crashpad-for-testing", "--disable-breakpad",
+                "--disable-breakpad",  # (--disable-crashpad-for-testing breaks navigation: ERR_ABORTED)
                 "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "about:blank"]
         # its own process group: close() ends the browser with every helper process it started
