@@ -205,13 +205,15 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     assert not page.state("error"), page.state("error")
     assert [item["title"] for item in page.state("synthesized")] == ["TensorPEFT synthesized 1"]
 
-    def generated_shown(image):
-        axial = [box for s, box in _views(page) if s][0]
-        now, then = _crop(image, axial), _crop(before, axial)
-        return now.std() > 10 and np.abs(now - then).mean() > 5 and _red(now) < 0.0002
+    def generated_shown(image):  # in every slice view: a new image, not blank, no overlay of the earlier case
+        for box in [box for s, box in _views(page) if s]:
+            now, then = _crop(image, box), _crop(before, box)
+            if not (now.std() > 10 and np.abs(now - then).mean() > 5 and _red(now) < 0.0002):
+                return False
+        return True
 
     _pixels_until(page, os.path.join(shots, "app-synthesis.png"), generated_shown, 30,
-                  "the generated volume in the slice view")
+                  "the generated volume in every slice view")
     print(f"app: {app.rss_mb():.0f} MB resident after the workflow")
 
 

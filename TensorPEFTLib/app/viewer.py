@@ -110,14 +110,10 @@ class SceneViewer:
         return [node.GetName() for node in nodes]
 
     def show_synthesized_index(self, index: int) -> None:
-        """A generated volume in the slice views and, volume-rendered (Slicer's MR-Default preset), in 3D."""
-        if not 0 <= index < len(self.synthesized):
-            return
-        manager = self.app.display_manager
-        for node in self.synthesized:
-            manager.hide_volume(node)
-        self.show_volume(self.synthesized[index])
-        manager.show_volume(self.synthesized[index], vr_preset="MR-Default", do_reset_views=True)
+        """A generated volume in the slice views. (Volume rendering it in 3D was tried: on Mesa's CPU renderer it
+        delayed the slice views' frames by seconds and the 3D view stayed empty in the screenshots; left out.)"""
+        if 0 <= index < len(self.synthesized):
+            self.show_volume(self.synthesized[index])
 
     # ------------------------------------------------------------------------------------------------ display
     def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float) -> None:
