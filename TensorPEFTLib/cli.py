@@ -236,9 +236,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("app", help="the browser app: the whole workflow in Slicer-core views (trame-slicer)",
+                       description="Serve the browser app: load scans from a folder under --data-root, fine-tune with "
+                                   "live progress and Cancel/Resume, segment and synthesize, shown in Slicer-core's "
+                                   "slice and 3D views. Jobs run in worker processes, as from the Slicer module. "
+                                   "Needs the app extra: pip install 'tensorpeft[app]'.")
+    p.add_argument("--data-root", default=".", metavar="DIR",
+                   help="the one folder the page may read and write (scans, models, runs; default: here)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any other address needs a token)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--token", nargs="?", const="", default=None,
+                   help="require this access token (16+ characters); --token alone generates one; required and "
+                        "generated when --host is not a loopback address")
+    p.add_argument("--worker-threads", type=int, default=0, metavar="N",
+                   help="torch threads for fine-tuning jobs (default 0: one per core)")
+    p.set_defaults(func=cmd_app)
+
     for extend in _EXTENSIONS:
         extend(sub)
     return parser
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Errors of the app's own options are one line here: the app process stays torch-free (``_user_errors``
+    imports the engine)."""
+    from .app.access import AccessError
+    from .app.server import AppError, run
+
+    if not 0 <= args.port <= 65535:
+        return _app_error(f"--port {args.port}: choose 0 to 65535")
+    if args.worker_threads < 0:
+        return _app_error(f"--worker-threads {args.worker_threads}: choose 0 (one per core) or more")
+    try:
+        return run(args.data_root, host=args.host, port=args.port, token=args.token or None,
+                   require_token=args.token is not None, worker_threads=args.worker_threads)
+    except (AppError, AccessError) as err:
+        return _app_error(str(err))
+    except OSError as err:
+        if err.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            return _app_error(f"--port {args.port}: already in use; choose another port (or 0 for a free one)")
+        if err.errno in (99, 49, 10049):  # EADDRNOTAVAIL
+            return _app_error(f"--host {args.host}: not an address of this machine")
+        raise
+
+
+def _app_error(message: str) -> int:
+    print(f"tensorpeft: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 #: later command groups (data, engine jobs) register here: each gets the subparsers object

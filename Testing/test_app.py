@@ -1,0 +1,286 @@
+"""The browser app without a browser: the data-root fence, the access policy and its token check, folder pairing,
+the command lines the page's buttons build (the front-end layer's requests), the live curve, the CLI's one-line
+mistakes. Fast; the real-browser workflow is in test_app_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from TensorPEFTLib.app import access
+from TensorPEFTLib.app.curve import curve_svg
+from TensorPEFTLib.app.data_root import DataRoot, PathRefused, scan_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fenced(tmp_path):
+    """A data root with a sub-folder, a secret outside it, a link inside that leads out and one that stays in."""
+    root = tmp_path / "root"
+    (root / "scans" / "deeper").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "passwd").write_text("no")
+    os.symlink(outside, root / "escape")
+    os.symlink(root / "scans", root / "inner-link")
+    return DataRoot(str(root)), str(outside)
+
+
+# --------------------------------------------------------------------------------------------- the fence
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/etc", "absolute"), ("\\\\server\\share", "absolute"), ("C:\\Windows", "absolute"), ("~/x", "absolute"),
+    ("..", "'..'"), ("scans/../../secret", "'..'"), ("scans\\..\\..", "'..'"),
+    ("escape", "outside the data root"), ("escape/passwd", "outside the data root"),
+    ("scans/\x00", "not a valid path"),
+])
+def test_paths_from_the_page_cannot_leave_the_data_root(fenced, path, why):
+    root, _ = fenced
+    with pytest.raises(PathRefused) as refused:
+        root.resolve(path)
+    assert why in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_paths_inside_the_root_resolve_and_links_that_stay_inside_are_fine(fenced):
+    root, outside = fenced
+    assert root.resolve("") == root.root
+    assert root.resolve("scans/deeper") == os.path.join(root.root, "scans", "deeper")
+    assert root.resolve("./scans//deeper/") == os.path.join(root.root, "scans", "deeper")
+    assert root.resolve("inner-link") == os.path.join(root.root, "scans")  # a link is followed to its real place
+    listed = root.all_folders()
+    assert "scans" in listed and "scans/deeper" in listed
+    assert not any("escape" in folder or outside in folder for folder in listed)
+    with pytest.raises(PathRefused):
+        root.writable_folder("escape/new")
+    assert not os.path.exists(os.path.join(outside, "new"))
+
+
+def test_a_session_refuses_a_path_in_one_line_and_writes_nothing_outside(fenced, tmp_path):
+    from TensorPEFTLib.app.session import AppSession
+
+    root, outside = fenced
+    state: dict = {}
+    session = AppSession(root, state, viewer=None, python=sys.executable)
+    session.probes.start_job = lambda *a, **k: pytest.fail("no worker should start")
+    session.open_folder("../secret")
+    assert state["error"] == "../secret: '..' is not accepted; choose a folder under the data root"
+    session.state["adapter"] = "scans"
+    session.save_adapter("escape/copied")
+    assert "outside the data root" in state["error"] and "\n" not in state["error"]
+    assert os.listdir(outside) == ["passwd"]
+
+
+# --------------------------------------------------------------------------------------------- access
+
+
+def test_loopback_needs_no_token_and_any_other_address_gets_one():
+    assert access.access_token("127.0.0.1", None) is None
+    assert access.access_token("localhost", None) is None
+    assert access.access_token("::1", None) is None
+    generated = access.access_token("0.0.0.0", None)
+    assert generated and len(generated) >= 16 and generated != access.access_token("0.0.0.0", None)
+    assert access.access_token("192.168.1.5", "a-long-enough-token-123") == "a-long-enough-token-123"
+    assert access.access_token("127.0.0.1", None, require=True)  # --token alone on loopback
+    with pytest.raises(access.AccessError, match="16 characters"):
+        access.access_token("0.0.0.0", "short")
+
+
+def test_the_token_middleware_refuses_requests_without_it():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    token = "t" * 20
+
+    async def scenario():
+        app = web.Application(middlewares=[access.token_middleware(token)])
+        async def page(request):
+            return web.Response(text="page")
+
+        app.router.add_get("/", page)
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/")).status == 403
+            assert (await client.get("/?token=" + "t" * 19 + "x")).status == 403
+            refused = await client.get("/", cookies={access.COOKIE: "wrong"})
+            assert refused.status == 403 and "access token" in await refused.text()
+            allowed = await client.get("/?token=" + token)
+            assert allowed.status == 200 and await allowed.text() == "page"
+            assert access.COOKIE in allowed.cookies
+            # the browser sends the cookie from then on (the page's scripts, the websocket)
+            again = await client.get("/", cookies={access.COOKIE: token})
+            assert again.status == 200
+
+    asyncio.run(scenario())
+
+
+def test_cli_app_defaults_to_loopback_and_bad_options_are_one_line(tmp_path):
+    from TensorPEFTLib.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.token, args.data_root) == ("127.0.0.1", 8080, None, ".")
+    for argv, needle in ((["--data-root", str(tmp_path / "missing")], "--data-root"),
+                         (["--data-root", str(tmp_path), "--token", "short"], "--token"),
+                         (["--data-root", str(tmp_path), "--port", "70000"], "--port")):
+        done = subprocess.run([sys.executable, "-m", "TensorPEFTLib.cli", "app", *argv], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("tensorpeft: error:"), done.stderr
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def _write(path, array=None):
+    from TensorPEFTLib.data import write_volume
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_volume(str(path), np.zeros((4, 4, 4), np.float32) if array is None else array, like=np.eye(4))
+
+
+def test_loose_files_pair_images_with_their_labels(tmp_path):
+    for name in ("a.nii.gz", "a_label.nii.gz", "b.nrrd", "b.seg.nrrd", "c.nii", "d_mask.nii.gz", "d.nii.gz"):
+        _write(tmp_path / name)
+    found = scan_folder(str(tmp_path))
+    pairs = {case["name"]: os.path.basename(case["label"] or "") for case in found.cases}
+    assert found.layout == "loose"
+    assert pairs == {"a": "a_label.nii.gz", "b": "b.seg.nrrd", "c": "", "d": "d_mask.nii.gz"}
+
+
+def test_decathlon_folders_pair_training_and_test_cases(tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, os.path.dirname(__file__))
+    from synthetic import write_segmentation_dataset
+
+    write_segmentation_dataset(str(tmp_path / "task"), n_train=2, n_test=1)
+    found = scan_folder(str(tmp_path / "task"))
+    assert found.layout == "decathlon" and len(found.cases) == 3 and found.labelled == 3
+    with pytest.raises(ValueError, match="no volumes here"):
+        scan_folder(str(tmp_path))
+    (tmp_path / "dataset.json").write_text('{"tasks": {"task": "task"}}')  # a cohort of tasks, as the demo's
+    with pytest.raises(ValueError, match="point at one of"):
+        scan_folder(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- buttons → commands
+
+
+class _Recorder:
+    """Stands in for the worker: records what a button would run."""
+
+    def __init__(self):
+        self.argv = []
+
+    def __call__(self, args, name, raw=False, **callbacks):
+        self.argv.append(list(args))
+
+        class Job:
+            running = True
+
+        return Job()
+
+
+def test_finetune_and_resume_run_the_cli_commands_of_the_front_end_layer(tmp_path):
+    from TensorPEFTLib.app.session import AppSession
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from synthetic import write_segmentation_dataset
+
+    write_segmentation_dataset(str(tmp_path / "task"), n_train=2, n_test=0)
+    state: dict = {}
+    session = AppSession(DataRoot(str(tmp_path)), state, viewer=None, worker_threads=1)
+    recorder = _Recorder()
+    session.start_job = recorder
+    session.open_folder("task")
+    state.update(steps=6, eval_every=2, method="lora", rank=2)
+    session.finetune()
+    assert not state["error"], state["error"]
+    args = recorder.argv[-1]
+    assert args[:5] == ["finetune", "--model", "demo-unetr", "--data", os.path.join(str(tmp_path), "task")]
+    for flag, value in (("--method", "lora"), ("--rank", "2"), ("--steps", "6"), ("--eval-every", "2"),
+                        ("--threads", "1")):
+        assert args[args.index(flag) + 1] == value
+    out = args[args.index("--out") + 1]
+    assert out.startswith(os.path.join(str(tmp_path), "tensorpeft-app", "runs")) and args[-2:] == ["--events", "-"]
+    session.job = None  # as if it had been cancelled
+    session.finetune(resume=True)
+    resumed = recorder.argv[-1]
+    assert "--resume" in resumed and resumed[resumed.index("--out") + 1] == out
+
+
+def test_loose_labelled_files_train_through_a_datalist(tmp_path):
+    import json
+
+    from TensorPEFTLib.app.session import AppSession
+
+    for name in ("s1.nii.gz", "s1_label.nii.gz", "s2.nii.gz"):
+        _write(tmp_path / "loose" / name)
+    state: dict = {}
+    session = AppSession(DataRoot(str(tmp_path)), state, viewer=None)
+    session.start_job = _Recorder()
+    session.open_folder("loose")
+    data = session._training_data()
+    with open(data, encoding="utf-8") as handle:
+        entries = json.load(handle)["training"]
+    assert [os.path.basename(e["label"]) for e in entries] == ["s1_label.nii.gz"]  # the unlabelled one is left out
+
+
+def test_curve_draws_loss_and_validation_points():
+    svg = curve_svg([(1, 0.9), (2, 0.7), (3, 0.5)], [(2, 0.3), (3, 0.6)], steps=4)
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and svg.count("<circle") == 2
+    assert "val Dice" in svg
+    assert curve_svg([], [], 10) == ""
+
+
+def test_the_app_process_stays_torch_free(tmp_path):
+    """The app only draws and starts workers: torch loads in the worker processes, never in the server."""
+    code = ("import sys; from TensorPEFTLib.app.data_root import DataRoot; from TensorPEFTLib.app.session import "
+            f"AppSession; s = AppSession(DataRoot({str(tmp_path)!r}), {{}}); "
+            "print('torch' in sys.modules, len(s.state['models']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.stdout.split() == ["False", "1"], done.stdout + done.stderr
+
+
+def test_save_and_load_an_adapter_inside_the_root(tmp_path):
+    import json
+
+    from TensorPEFTLib.adapters.config import ADAPTER_FORMAT, CONFIG_FILE
+    from TensorPEFTLib.app.session import AppSession
+
+    run = tmp_path / "runs" / "one"
+    run.mkdir(parents=True)
+    (run / CONFIG_FILE).write_text(json.dumps({"format": ADAPTER_FORMAT, "method": "lora", "rank": 2,
+                                               "family": "unetr"}))
+    (run / "adapter.safetensors").write_bytes(b"not read here")
+    state: dict = {}
+    session = AppSession(DataRoot(str(tmp_path)), state, viewer=None)
+    session.start_job = _Recorder()
+    session.probes.start_job = _Recorder()
+    session.load_adapter("runs/one")
+    assert not state["error"] and state["adapter"] == "runs/one" and state["model_kind"] == "UNETR"
+    assert "runs/one" in session.adapter_folders()
+    session.save_adapter("kept/copy")
+    assert not state["error"], state["error"]
+    assert sorted(os.listdir(tmp_path / "kept" / "copy")) == ["adapter.safetensors", CONFIG_FILE]
+    session.load_adapter("kept")  # not an adapter folder: one line naming it
+    assert "kept" in state["error"] and "not an adapter folder" in state["error"]
+
+
+def test_without_the_app_extra_the_command_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from TensorPEFTLib.app import server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trame_slicer" else real(name, *a))
+    line = server.missing_app_dependencies()
+    assert "trame_slicer" in line and "pip install 'tensorpeft[app]'" in line
+    with pytest.raises(server.AppError, match=r"tensorpeft\[app\]"):
+        server.build_app(str(tmp_path))

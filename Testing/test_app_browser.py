@@ -1,0 +1,243 @@
+"""The browser app in a real browser: ``tensorpeft app`` on a free localhost port, headless Chromium (the system's)
+driven over the DevTools protocol, the whole workflow clicked through the page, results checked in screenshot pixels.
+
+Small on purpose (a 4+1-subject demo cohort, 4 fine-tuning steps, one generated volume). docs/app.md's screenshots
+come from ``TENSORPEFT_APP_SCREENSHOTS=docs/images TENSORPEFT_APP_STEPS=30 pytest Testing/test_app_browser.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from app_harness import RunningApp, app_missing
+from browser import Browser, BrowserError, find_chromium, poll_until
+
+pytestmark = [pytest.mark.skipif(app_missing() is not None, reason=str(app_missing())),
+              pytest.mark.skipif(find_chromium() is None,
+                                 reason="no chromium on PATH (Debian: apt-get install chromium); no browser is downloaded")]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from TensorPEFTLib.data import build_demo_cohort
+
+    root = tmp_path_factory.mktemp("app-data")
+    # the demo cohort's hippocampus task, small: 4 training subjects (one held out for validation) and 1 test one
+    build_demo_cohort(root / "cohort", seed=0, n_train=4, n_test=1, n_unseen=0, n_source=0, n_synthesis=0,
+                      n_synthesis_target=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def app(data_root):
+    running = RunningApp(data_root, "--worker-threads", "1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    browser = Browser()
+    yield browser
+    browser.close()
+
+
+def _shots_dir(tmp_path) -> str:
+    return os.environ.get("TENSORPEFT_APP_SCREENSHOTS") or str(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- pixels
+
+
+def _views(page: Browser) -> list:
+    """[(is_slice_view, (x, y, w, h))] of the layout's views, in page pixels."""
+    return page.js("Array.from(document.querySelectorAll('.layout-grid-item')).map(e => { "
+                   "const r = e.querySelector('img.image-display-area').getBoundingClientRect(); "
+                   "return [!!e.querySelector('.slice-slider'), [r.x, r.y, r.width, r.height]]; })")
+
+
+def _crop(image: np.ndarray, box) -> np.ndarray:
+    x, y, w, h = (int(round(v)) for v in box)
+    return image[y + 2:y + h - 2, x + 2:x + w - 2, :3].astype(np.int32)
+
+
+def _red(pixels: np.ndarray) -> float:
+    """Fraction of the segmentation's red (PREDICTION_COLOR, shaded or blended over grey): no grey value has it."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return float(np.mean((r > 90) & (r > 1.8 * g) & (r > 1.8 * b)))
+
+
+def _green(pixels: np.ndarray) -> float:
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return float(np.mean((g > 90) & (g > 1.5 * r) & (g > 1.5 * b)))
+
+
+def _screen(page: Browser, path: str) -> np.ndarray:
+    from PIL import Image
+
+    page.screenshot(path)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _type(page: Browser, ident: str, value) -> None:
+    """Set an input's text as typing does (Vue's v-model listens to 'input')."""
+    page.js(f"(() => {{ const i = document.getElementById('{ident}'); i.value = {json.dumps(str(value))}; "
+            "i.dispatchEvent(new Event('input', {bubbles: true})); })()")
+
+
+_set_number = _type
+
+
+def _pixels_until(page: Browser, path: str, check, timeout: float, what: str) -> np.ndarray:
+    """Screenshots until ``check(image)`` holds: the views stream their images a moment after the state changes."""
+    found = {}
+
+    def attempt():
+        found["image"] = _screen(page, path)
+        return check(found["image"])
+
+    poll_until(attempt, timeout, what)
+    return found["image"]
+
+
+# --------------------------------------------------------------------------------------------- the workflow
+
+
+def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
+    shots = _shots_dir(tmp_path)
+    page.open(app.url)
+    page.wait("document.getElementById('tp-folder') && window.trame && window.trame.state.get('folders')", 60,
+              "the page to connect")
+    print(f"\napp: listening after {app.startup_seconds:.1f} s, page connected after "
+          f"{time.monotonic() - app.started:.1f} s, {app.rss_mb():.0f} MB resident")
+
+    # 1. data: the hippocampus task's folder; the first subject in the slice views, its label in green (2D and 3D)
+    page.choose("tp-folder", "cohort/hippocampus")
+    page.wait("window.trame.state.get('case_text')", 60, "the first volume to load")
+    assert "hippo_" in page.state("case_text") and "label" in page.state("case_text")
+
+    def label_shown(image):
+        views = _views(page)
+        three_d = [box for is_slice, box in views if not is_slice]
+        slices = [box for is_slice, box in views if is_slice]
+        return (len(three_d) == 1 and _green(_crop(image, three_d[0])) > 0.002
+                and any(_green(_crop(image, box)) > 0.0002 for box in slices))
+
+    # the live trainable-parameter count and the device, both asked of worker processes in the background
+    count = page.wait_for_text("#tp-params", "parameters", 180)
+    assert "585,194 of 3,418,546" in count, count  # demo-unetr with LoRA-PT rank 1 (the README's number)
+    page.wait("!document.getElementById('tp-device').innerText.startsWith('checking')", 180, "the device line")
+    assert "CPU" in page.js("document.getElementById('tp-device').innerText") or "GPU" in page.js(
+        "document.getElementById('tp-device').innerText")
+    image = _pixels_until(page, os.path.join(shots, "app-data.png"), label_shown, 30, "the green label in the views")
+    assert all(_red(_crop(image, box)) < 0.0002 for _, box in _views(page)), "red before any segmentation"
+
+    # 2. segment the volume with the shipped model as it is: red overlay in the slice views, red surface in 3D
+    page.click("#tp-segment")
+    page.wait("window.trame.state.get('segmented') || window.trame.state.get('error')", 300, "the segmentation")
+    assert not page.state("error"), page.state("error")
+
+    def mask_shown(image):
+        views = _views(page)
+        return (any(not s and _red(_crop(image, box)) > 0.003 for s, box in views)
+                and any(s and _red(_crop(image, box)) > 0.0005 for s, box in views))
+
+    _pixels_until(page, os.path.join(shots, "app-segmentation.png"), mask_shown, 30,
+                  "the red surface in 3D and the red overlay in a slice view")
+
+    # 3. fine-tune a few steps: progress arrives, Cancel returns to idle within 5 s, Resume finishes the run
+    steps = int(os.environ.get("TENSORPEFT_APP_STEPS", "4"))  # docs/app.md's curve: a longer run
+    every = max(1, steps // 3) if steps > 4 else 2
+    _set_number(page, "tp-steps", steps)
+    _set_number(page, "tp-eval-every", every)
+    page.wait(f"window.trame.state.get('steps') == {steps} && window.trame.state.get('eval_every') == {every}", 5,
+              "the fields")
+    page.click("#tp-finetune")
+    page.wait("window.trame.state.get('job_busy')", 10, "the job to start")
+    page.wait("window.trame.state.get('progress') > 0", 300, "the first training step")
+    status = page.js("document.getElementById('tp-status').innerText")
+    assert status.startswith("step "), status
+    page.click("#tp-cancel")
+    cancelled_at = time.monotonic()
+    page.wait("!window.trame.state.get('job_busy')", 30, "the job to stop")
+    stopped = time.monotonic() - cancelled_at
+    assert stopped < 5.0, f"the UI returned to idle {stopped:.1f} s after Cancel"
+    assert "cancelled" in page.state("progress_text") and page.state("can_resume")
+    assert not page.state("error")
+
+    page.click("#tp-resume")
+    page.wait("window.trame.state.get('job_busy')", 10, "the resumed job to start")
+    page.wait("!window.trame.state.get('job_busy')", 400 + 30 * steps, "the resumed run to finish")
+    assert not page.state("error"), page.state("error")
+    assert "adapter written" in page.state("info"), page.state("info")
+    curve = page.js("document.getElementById('tp-curve').innerHTML")
+    assert "<polyline" in curve and "<circle" in curve, "no loss curve or no validation point"
+    time.sleep(1)  # the buttons' idle look is drawn a frame after the state says so
+    page.screenshot(os.path.join(shots, "app-finetune.png"))
+    page.screenshot(os.path.join(shots, "app-curve.png"), selector="#tp-curve svg")
+
+    # 4. errors are one line in the page: saving outside the data root is refused
+    _type(page, "tp-save-to", "../outside")
+    time.sleep(0.5)  # the field's value reaches the server before the click's trigger
+    page.click("#tp-save")
+    error = page.wait("window.trame.state.get('error')", 10, "the error line")
+    assert "'..' is not accepted" in error and "\n" not in error and "Traceback" not in error
+    assert not os.path.exists(os.path.join(os.path.dirname(data_root), "outside"))
+    assert "Traceback" not in page.js("document.getElementById('tp-error').innerText")
+
+    # 5. synthesize with the shipped DDPM: the volume is listed and shown in the slice views
+    before = _screen(page, os.path.join(str(tmp_path), "before-synthesis.png"))
+    page.click("#tp-kind-ddpm")
+    page.wait("window.trame.state.get('model') == 'demo-ddpm' && document.getElementById('tp-synthesize')", 10,
+              "the DDPM panel")
+    _set_number(page, "tp-synth-steps", 50)
+    page.wait("window.trame.state.get('synth_steps') == 50", 5, "the sampling steps")
+    page.click("#tp-synthesize")
+    page.wait("(window.trame.state.get('synthesized') || []).length || window.trame.state.get('error')", 300,
+              "the generated volume")
+    assert not page.state("error"), page.state("error")
+    assert [item["title"] for item in page.state("synthesized")] == ["TensorPEFT synthesized 1"]
+
+    def generated_shown(image):  # in every slice view: a new image, not blank, no overlay of the earlier case
+        for box in [box for s, box in _views(page) if s]:
+            now, then = _crop(image, box), _crop(before, box)
+            if not (now.std() > 10 and np.abs(now - then).mean() > 5 and _red(now) < 0.0002):
+                return False
+        return True
+
+    _pixels_until(page, os.path.join(shots, "app-synthesis.png"), generated_shown, 30,
+                  "the generated volume in every slice view")
+    print(f"app: {app.rss_mb():.0f} MB resident after the workflow")
+
+
+# --------------------------------------------------------------------------------------------- access
+
+
+def test_another_address_requires_the_token(data_root):
+    """Bound beyond loopback, the app generates a token, prints it, and refuses every request without it (the
+    page, its scripts and the websocket)."""
+    running = RunningApp(data_root, host="0.0.0.0")
+    try:
+        assert "?token=" in running.url
+        token = running.url.split("?token=")[1]
+        base = f"http://127.0.0.1:{running.port}"
+        for path in ("/", "/index.html", "/ws", f"/?token={token[:-1]}x"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert refused.value.code == 403, path
+        with urllib.request.urlopen(f"{base}/?token={token}", timeout=10) as answer:
+            assert answer.status == 200
+            cookie = answer.headers.get("Set-Cookie", "")
+        assert "tensorpeft_token=" in cookie and "HttpOnly" in cookie
+        request = urllib.request.Request(f"{base}/index.html", headers={"Cookie": cookie.split(";")[0]})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        running.stop()
