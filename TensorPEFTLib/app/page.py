@@ -52,9 +52,9 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
 
                 html.Div("3 · Fine-tune", classes="text-subtitle-2 mt-3")
                 with html.Div(classes="d-flex", style="gap: 8px"):
-                    v3.VTextField(label="Steps", v_model_number=("steps",), type="number", density="compact",
+                    v3.VTextField(label="Steps (0 = auto)", v_model_number=("steps",), type="number", density="compact",
                                   hide_details=True, id="tp-steps")
-                    v3.VTextField(label="Validate every", v_model_number=("eval_every",), type="number",
+                    v3.VTextField(label="Validate every (0 = auto)", v_model_number=("eval_every",), type="number",
                                   density="compact", hide_details=True, id="tp-eval-every")
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VBtn("Fine-tune", id="tp-finetune", color="primary", disabled=("job_busy",),

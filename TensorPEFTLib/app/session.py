@@ -76,7 +76,9 @@ class AppSession:
             "model_kind": "UNETR", "model": "demo-unetr", "models": self.model_choices("UNETR"),
             "methods": [{"title": f"{name}", "value": name, "subtitle": summary}
                         for name, summary in requests.method_summaries().items()],
-            "method": "lora-pt", "rank": 1, "steps": 40, "eval_every": 10, "device": "auto",
+            # steps / eval_every 0: finetune's own defaults for the cohort (1000 steps for a few cases, validation every
+            # fifth), as the CLI and the Slicer panel use them
+            "method": "lora-pt", "rank": 1, "steps": 0, "eval_every": 0, "device": "auto",
             "device_text": "checking the device ...", "cpu_warning": "", "param_count": "",
             "job_name": "", "job_busy": False, "progress": 0, "progress_text": "idle", "eta": "", "curve": "",
             "adapter": "", "can_resume": False, "synth_count": 1, "synth_steps": 50, "synthesized": [],
