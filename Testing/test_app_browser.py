@@ -217,6 +217,56 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     print(f"app: {app.rss_mb():.0f} MB resident after the workflow")
 
 
+@pytest.mark.skipif(not os.environ.get("TENSORPEFT_APP_ADAPTER"),
+                    reason="set TENSORPEFT_APP_ADAPTER to a trained hippocampus adapter folder (e.g. make demo's "
+                           "tensorpeft-demo/unetr-lora-pt-r1): loaded in the page, it segments the hippocampus")
+def test_a_trained_adapter_segments_the_hippocampus(app, page, data_root, tmp_path):
+    """docs/app.md's hippocampus: a trained adapter (the demo's) copied under the data root, loaded through the page
+    and used on the held-out subject (the demo's hippo_test_000, which it never trained on). The mask the worker
+    wrote overlaps the subject's reference label (Dice > 0.6), and the page shows it in red in 3D and a slice view."""
+    import glob
+    import shutil
+
+    from TensorPEFTLib.data import read_volume
+
+    shots = _shots_dir(tmp_path)
+    shutil.copytree(os.environ["TENSORPEFT_APP_ADAPTER"], os.path.join(data_root, "adapters", "hippocampus"),
+                    dirs_exist_ok=True)
+    page.open(app.url)
+    page.wait("document.getElementById('tp-folder') && window.trame && window.trame.state.get('folders')", 60,
+              "the page to connect")
+    page.choose("tp-folder", "cohort/hippocampus")
+    page.wait("window.trame.state.get('case_text')", 60, "the first volume to load")
+    page.choose("tp-case", "hippo_test_000")
+    page.wait("(window.trame.state.get('case_text') || '').startsWith('hippo_test_000')", 60, "the held-out volume")
+    page.js("document.getElementById('tp-adapter-to-load').closest('.v-field').click()")  # the list is read on click
+    page.wait("(window.trame.state.get('adapter_folders') || []).includes('adapters/hippocampus')", 30,
+              "the adapter in the load list")
+    page.choose("tp-adapter-to-load", "adapters/hippocampus")
+    page.click("#tp-load")
+    page.wait("window.trame.state.get('adapter') == 'adapters/hippocampus'", 10, "the adapter to load")
+    page.click("#tp-segment")
+    page.wait("window.trame.state.get('segmented') || window.trame.state.get('error')", 300, "the segmentation")
+    assert not page.state("error"), page.state("error")
+
+    masks = glob.glob(os.path.join(data_root, "tensorpeft-app", "segment", "*", "hippo_test_000_mask*"))
+    assert len(masks) == 1, masks
+    mask = read_volume(masks[0]).array > 0
+    label = read_volume(os.path.join(data_root, "cohort", "hippocampus", "labelsTs", "hippo_test_000.nii.gz")).array > 0
+    assert mask.shape == label.shape
+    dice = 2 * float((mask & label).sum()) / float(mask.sum() + label.sum())
+    print(f"\napp: the trained adapter's mask on hippo_test_000: Dice {dice:.3f}")
+    assert dice > 0.6
+
+    def mask_shown(image):
+        views = _views(page)
+        return (any(not s and _red(_crop(image, box)) > 0.001 for s, box in views)
+                and any(s and _red(_crop(image, box)) > 0.0002 for s, box in views))
+
+    _pixels_until(page, os.path.join(shots, "app-hippocampus.png"), mask_shown, 60,
+                  "the red hippocampus in 3D and a slice view")
+
+
 # --------------------------------------------------------------------------------------------- access
 
 

@@ -97,7 +97,7 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VSelect(label="Load an adapter folder", items=("adapter_folders", []),
                                v_model=("adapter_to_load",), density="compact", hide_details=True,
-                               click=(ctrl.list_adapters,))
+                               click=(ctrl.list_adapters,), id="tp-adapter-to-load")
                     v3.VBtn("Load", id="tp-load", disabled=("job_busy || !adapter_to_load",),
                             click=(ctrl.load_adapter,))
 

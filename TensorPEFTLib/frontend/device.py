@@ -16,10 +16,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from .progress import format_duration
 
 #: CPU seconds per training step measured on a 2-core machine (UNETR forward+backward at batch 1, small DDPM
-#: training step): preset → (seconds, voxels of the measured patch, batch of the measurement)
+#: training step): preset → (seconds, voxels of the measured patch, batch of the measurement). unetr-small: `make demo`
+#: on 2026-12-02 (LoRA-PT r=1, bf16, 2 threads, batch 2 at 64³: median step 0.42 s in its history.json; the earlier
+#: 1.0 s at batch 1 made the app and the Slicer panel promise 33 minutes for a 7-minute fine-tune)
 _CPU_STEP_SECONDS = {
     "unetr-paper": (17.0, 128 ** 3, 1),
-    "unetr-small": (1.0, 64 ** 3, 1),
+    "unetr-small": (0.42, 64 ** 3, 2),
     "ddpm-small": (1.1, 32 ** 3, 1),
 }
 #: the batch finetune trains with unless told otherwise (engine.jobs: segmentation 2, synthesis 1)
