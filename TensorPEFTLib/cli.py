@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -711,6 +712,27 @@ def _report_error(args: argparse.Namespace, message: str, kind: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and _env_world_size() > 1:
+        # A torchrun worker ends here without the interpreter's teardown: c10d's C++ objects (rank 0 hosts the
+        # rendezvous store, whose server thread may still be serving a peer that has not closed yet) are destroyed
+        # by static destructors in no set order, and now and then that calls std::terminate ("terminate called
+        # without an active exception", SIGABRT) after every output was written, so torchrun reports the finished
+        # job as failed. Outputs are written and renamed and the event stream closed by now: flush and leave.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     # MONAI announces future default changes on every run; they are for library authors, not for users.
