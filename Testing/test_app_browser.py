@@ -95,6 +95,18 @@ def _type(page: Browser, ident: str, value) -> None:
 _set_number = _type
 
 
+def _mask_shown(page: Browser, in_3d: float, in_a_slice: float):
+    """A screenshot check: the red mask covers more than ``in_3d`` of the 3D view and ``in_a_slice`` of some slice
+    view."""
+
+    def check(image: np.ndarray) -> bool:
+        views = _views(page)
+        return (any(not s and _red(_crop(image, box)) > in_3d for s, box in views)
+                and any(s and _red(_crop(image, box)) > in_a_slice for s, box in views))
+
+    return check
+
+
 def _pixels_until(page: Browser, path: str, check, timeout: float, what: str) -> np.ndarray:
     """Screenshots until ``check(image)`` holds: the views stream their images a moment after the state changes."""
     found = {}
@@ -144,12 +156,7 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     page.wait("window.trame.state.get('segmented') || window.trame.state.get('error')", 300, "the segmentation")
     assert not page.state("error"), page.state("error")
 
-    def mask_shown(image):
-        views = _views(page)
-        return (any(not s and _red(_crop(image, box)) > 0.003 for s, box in views)
-                and any(s and _red(_crop(image, box)) > 0.0005 for s, box in views))
-
-    _pixels_until(page, os.path.join(shots, "app-segmentation.png"), mask_shown, 30,
+    _pixels_until(page, os.path.join(shots, "app-segmentation.png"), _mask_shown(page, 0.003, 0.0005), 30,
                   "the red surface in 3D and the red overlay in a slice view")
 
     # 3. fine-tune a few steps: progress arrives, Cancel returns to idle within 5 s, Resume finishes the run
@@ -258,12 +265,7 @@ def test_a_trained_adapter_segments_the_hippocampus(app, page, data_root, tmp_pa
     print(f"\napp: the trained adapter's mask on hippo_test_000: Dice {dice:.3f}")
     assert dice > 0.6
 
-    def mask_shown(image):
-        views = _views(page)
-        return (any(not s and _red(_crop(image, box)) > 0.001 for s, box in views)
-                and any(s and _red(_crop(image, box)) > 0.0002 for s, box in views))
-
-    _pixels_until(page, os.path.join(shots, "app-hippocampus.png"), mask_shown, 60,
+    _pixels_until(page, os.path.join(shots, "app-hippocampus.png"), _mask_shown(page, 0.001, 0.0002), 60,
                   "the red hippocampus in 3D and a slice view")
 
 
