@@ -14,15 +14,34 @@ import tempfile
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: what ``open(path, "w")`` would give a new file here (read once, at import: reading the umask sets it briefly)
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
-    """Call ``write(temporary_path)``, then rename the result to ``path``; the temporary file goes on any failure."""
+    """Call ``write(temporary_path)``, then rename the result to ``path``; the temporary file goes on any failure.
+
+    The file gets the permissions a plain write would give it (an existing target's own, else 0666 less the umask):
+    ``mkstemp`` makes its file 0600, which left masks, adapters and shipped weights unreadable to the other users of
+    a shared folder."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -47,3 +47,35 @@ def test_no_other_temp_then_rename_copies():
             if count:
                 found[f"{folder}/{path.name}"] = count
     assert found == {"engine/trainer.py": 2}
+
+
+def test_written_files_get_the_permissions_a_plain_write_gives(tmp_path):
+    """mkstemp makes its file 0600: masks, adapters and shipped weights written through it were unreadable to the
+    other users of a shared folder. A new file gets 0666 less the umask (as ``open`` gives), a replaced one keeps its
+    own mode; the same for the adapters' own writer."""
+    import os
+
+    import torch
+    from torch import nn
+
+    from TensorPEFTLib.adapters import AdapterConfig, save_adapter
+    from TensorPEFTLib.adapters.model import inject
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777
+    assert expected != 0o600  # the test's umask lets others read (else it would prove nothing)
+    write_text_atomically(tmp_path / "new.json", "{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == expected
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    os.chmod(kept, 0o640)
+    copy_atomically(plain, kept)
+    assert kept.stat().st_mode & 0o777 == 0o640
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    inject(model, AdapterConfig(method="lora", rank=1, targets=["0"]))
+    save_adapter(model, tmp_path / "adapter")
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == expected, name

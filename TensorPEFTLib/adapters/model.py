@@ -358,10 +358,17 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _atomic_write(path: str, write: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
+    try:  # the permissions a plain write would give (mkstemp's 0600 hid adapters from a shared folder's other users)
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        mode = 0o666 & ~mask
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
