@@ -485,3 +485,34 @@ def test_figures_slice_through_the_middle_of_one_hippocampus_not_the_midline_or_
     assert mask[x, y, z] == 1
     assert x in (14, 15, 45, 46) and 15 <= y < 25 and 10 <= z < 20
     assert centre_of(np.zeros((4, 6, 8)), (4, 6, 8)) == (2, 3, 4)
+
+
+def test_training_patches_come_from_cached_voxel_lists_and_are_the_patches_a_volume_search_gives(tmp_path):
+    """The label's foreground/background voxel lists are computed in the deterministic (cached) part of the training
+    pipeline, and the random crops drawn from them are exactly those drawn by searching the volume at every draw."""
+    from monai.transforms import FgBgToIndicesd, Randomizable
+    from monai.transforms import Compose
+
+    from TensorPEFTLib.data import train_transforms
+
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 44, 36)).astype(np.float32)
+    image[:4] = 0.0  # background that is not brain: excluded from the negative centres by the image threshold
+    label = np.zeros((40, 44, 36), np.uint8)
+    label[10:16, 20:30, 12:18] = 1
+    write_volume(tmp_path / "img.nii.gz", image, np.eye(4))
+    write_volume(tmp_path / "lab.nii.gz", label, np.eye(4))
+    case = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+    cached = train_transforms((16, 16, 16), crop_foreground=False, centre_jitter=4, seed=0)
+    steps = list(cached.transforms)
+    first_random = next(i for i, t in enumerate(steps) if isinstance(t, Randomizable))
+    assert any(isinstance(t, FgBgToIndicesd) for t in steps[:first_random])  # cached with the volume
+    twin = train_transforms((16, 16, 16), crop_foreground=False, centre_jitter=4)  # own random state
+    searched = Compose([t for t in twin.transforms if not isinstance(t, FgBgToIndicesd)])
+    searched.set_random_state(seed=0)
+    for _ in range(12):
+        a, b = cached(case), searched(case)
+        a, b = (a[0] if isinstance(a, list) else a), (b[0] if isinstance(b, list) else b)
+        assert np.array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))

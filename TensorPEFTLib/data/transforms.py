@@ -185,7 +185,8 @@ def train_transforms(
     Load → channel first → orientation (RAS) → optional resampling to ``pixdim`` (onto a world-aligned RAS grid;
     labels through their one-hot classes when ``label_classes`` is given) → intensity normalisation (``foreground``: the head/brain's 0.5–99.5 % → [0, 1], background 0; ``percentile``: the
     same over the whole volume; ``zscore``: non-zero voxels) → crop to the head/brain foreground (+8 voxels) → pad
-    to ``patch_size`` → ``num_samples`` random ``patch_size`` crops centred on label / background at ``pos:neg``
+    to ``patch_size`` → the label's foreground / background voxel lists (cached with the volume) → ``num_samples``
+    random ``patch_size`` crops centred on label / background at ``pos:neg``
     (with ``centre_jitter`` J: crops of ``patch_size + 2J`` centred so, then a random ``patch_size`` crop of them, so
     the chosen voxel lands anywhere within ±J of the patch centre) →
     random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
@@ -213,8 +214,13 @@ def train_transforms(
         steps.append(_crop(mt, keys, margin=8))
     steps += [
         mt.SpatialPadd(keys, spatial_size=outer),
+        # The label's foreground / background voxel lists, once per case: deterministic, so CacheDataset keeps them,
+        # and the random crop draws its centres from them instead of searching the whole volume at every draw
+        # (15 ms per whole-brain patch, a third of the augmentation's time; the crops are the same).
+        mt.FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg", image_key="image", image_threshold=0.0),
         mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=outer, pos=pos, neg=neg,
-                                  num_samples=num_samples, image_key="image", image_threshold=0.0),
+                                  num_samples=num_samples, image_key="image", image_threshold=0.0,
+                                  fg_indices_key="label_fg", bg_indices_key="label_bg"),
     ]
     if centre_jitter > 0:
         steps.append(mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False))
