@@ -603,7 +603,8 @@ def _add_job_commands(sub: Any) -> None:
     p = sub.add_parser("pretrain", help="train a built-in demo model from scratch (recipes)",
                        description="Run a pretraining recipe (demo-unetr, demo-ddpm) on the demo cohort and export fp16 "
                                    "weights with a model card (recipe, data, steps, seed, metrics, SHA-256).")
-    p.add_argument("--recipe", required=True, help="demo-unetr or demo-ddpm")
+    p.add_argument("--recipe", required=True,
+                   help="demo-unetr (trains its first stage, demo-unetr-stage1, first), demo-unetr-stage1 or demo-ddpm")
     p.add_argument("--out", required=True, help="folder for the run, the weights and the card")
     p.add_argument("--cohort", default=None, help="an existing demo cohort (default: build one in OUT/cohort)")
     p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
