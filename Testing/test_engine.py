@@ -221,3 +221,42 @@ def test_existing_run_is_not_overwritten_and_bad_options(trained_seg, tmp_path, 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         select_runtime("cuda")
+
+
+def test_models_on_cpu_run_their_3d_convolutions_channels_last_with_the_same_results(tmp_path):
+    """``place_model`` puts 3D convolution weights in the channels-last layout on CPU (oneDNN's faster one): the
+    forward pass and every gradient are those of the default layout, and a saved adapter is written contiguous."""
+    import copy
+
+    import torch
+
+    from TensorPEFTLib.adapters import AdapterConfig
+    from TensorPEFTLib.adapters.model import inject
+    from TensorPEFTLib.engine.runtime import place_model, select_runtime
+    from TensorPEFTLib.models import build_model
+
+    from synthetic import TINY_UNETR
+
+    torch.manual_seed(0)
+    plain = build_model("unetr-small", **TINY_UNETR)
+    inject(plain, AdapterConfig(method="lora", rank=2, targets=["@defaults", "@decoder-upsamplers"]))
+    fast = place_model(copy.deepcopy(plain), select_runtime("cpu", "off", 1))
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) and not m.weight.is_contiguous()
+                         for m in convs if m.weight.shape[2:] != (1, 1, 1) and m.weight.shape[1] > 1)
+    x = torch.randn(1, 1, *TINY_UNETR["img_size"])
+    outs = []
+    for model in (plain, fast):
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        outs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
+    for name, grad in outs[0][1].items():
+        assert torch.allclose(grad, outs[1][1][name], atol=1e-5, rtol=1e-3), name
+    from TensorPEFTLib.adapters import save_adapter
+
+    for name, model in (("plain", plain), ("fast", fast)):
+        save_adapter(model, tmp_path / name)
+    assert (tmp_path / "plain" / "adapter.safetensors").read_bytes() == (tmp_path / "fast" / "adapter.safetensors").read_bytes()

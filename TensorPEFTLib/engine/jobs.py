@@ -15,7 +15,7 @@ from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
 from .outputs import RunLock, check_output_file, check_output_folder
-from .runtime import EngineError, Interrupted, Runtime, select_runtime
+from .runtime import EngineError, Interrupted, Runtime, place_model, select_runtime
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
 #: ``--flip`` choices: axes of the RAS-oriented training volumes flipped at random (axis 0 = left-right); the same
 #: names choose the axes of test-time mirroring in ``segment --mirror``
@@ -456,7 +456,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if ctx.active and device_is_cuda(device):
         device = f"cuda:{ctx.local_rank}"  # each rank its own GPU (setup() made it the current one)
     runtime = select_runtime(device, amp, threads)
-    model.to(runtime.device)
+    place_model(model, runtime)
     checkpointing = bool(checkpointing)
     if checkpointing:
         from .checkpointing import enable_checkpointing
@@ -592,7 +592,7 @@ def load_adapted_model(model_source: str | None, adapter: str | None, runtime: R
     if adapter:
         load_adapter(model, adapter)
         merge_and_unload(model)
-    model.to(runtime.device).eval()
+    place_model(model, runtime).eval()
     return model, saved
 
 

@@ -72,6 +72,23 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def place_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """Move ``model`` to the runtime's device; on CPU, a UNETR's 3D convolution weights also go to the channels-last
+    layout (NDHWC), which oneDNN computes faster there: a LoRA-PT fine-tuning step of the demo UNETR (batch 2 at 64³,
+    one thread, interleaved rounds) took 0.408 s instead of 0.461 s in bf16 and 0.833 s instead of 1.026 s in fp32.
+    Not for the DDPM U-Net: its LoRA step took 0.615 s instead of 0.462 s so (group norms, attention and the thin
+    low-rank convolutions pay for the layout changes). Only the layout changes: the values are the same, and saved
+    adapters are written contiguous."""
+    from ..adapters.registry import model_family
+
+    model.to(runtime.device)
+    if runtime.device.type == "cpu" and model_family(model) == "unetr":
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and module.weight.dim() == 5:
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def select_runtime(device: str = "auto", amp: str = "auto", threads: int | None = None) -> Runtime:
     """Pick the device (``auto``: CUDA, else Apple MPS, else CPU) and the autocast dtype.
 
