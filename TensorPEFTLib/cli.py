@@ -601,12 +601,15 @@ def _add_job_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("pretrain", help="train a built-in demo model from scratch (recipes)",
-                       description="Run a pretraining recipe (demo-unetr, demo-ddpm) on the demo cohort and export fp16 "
+                       description="Run a pretraining recipe (demo-unetr, demo-ldm, demo-ddpm) on the demo cohort and export fp16 "
                                    "weights with a model card (recipe, data, steps, seed, metrics, SHA-256).")
-    p.add_argument("--recipe", required=True, help="demo-unetr or demo-ddpm")
+    p.add_argument("--recipe", required=True, help="demo-unetr, demo-ldm (the shipped synthesis model) or demo-ddpm (the old 32³ pixel DDPM)")
     p.add_argument("--out", required=True, help="folder for the run, the weights and the card")
     p.add_argument("--cohort", default=None, help="an existing demo cohort (default: build one in OUT/cohort)")
-    p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="override the recipe's steps (a latent recipe: its diffusion steps)")
+    p.add_argument("--autoencoder-steps", type=positive_int, default=None,
+                   help="override a latent recipe's autoencoder steps (demo-ldm: 2000)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
     p.add_argument("--ship", action="store_true",
                    help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
@@ -691,7 +694,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     events = _events(args)
     card = pretrain(args.recipe, args.out, cohort=args.cohort, steps=args.steps, device=args.device,
-                    threads=args.threads, events=events, resume=args.resume, ship=args.ship)
+                    threads=args.threads, events=events, resume=args.resume, ship=args.ship,
+                    ae_steps=args.autoencoder_steps)
     events.close()
     if args.events != "-" and _env_rank() == 0:
         print(json.dumps(card, indent=2))
