@@ -441,6 +441,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"MS-SSIM: real volume i paired with generated volume i (sorted by name), window {mean['ms_ssim_window']}, "
               f"{mean['ms_ssim_scales']} scale(s); features: {mean.get('feature_network', 'not computed')}; MMD: "
               f"squared, Gaussian kernel, median-distance bandwidth")
+        realism = mean.get("realism")
+        if realism:
+            print(f"realism of the generated volumes vs the real ones: {realism['summary']}; "
+                  f"all passed: {'yes' if realism['pass']['all'] else 'no'}")
         if result.get("figure"):
             print(f"figure: {result['figure']}")
     return 0
@@ -609,7 +613,7 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="override the recipe's steps (a latent recipe: its diffusion steps)")
     p.add_argument("--autoencoder-steps", type=positive_int, default=None,
-                   help="override a latent recipe's autoencoder steps (demo-ldm: 2000)")
+                   help="override a latent recipe's autoencoder steps (demo-ldm: 1200)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
     p.add_argument("--ship", action="store_true",
                    help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
@@ -683,7 +687,7 @@ def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
     if "synthesis" in summary:
         out["synthesis"] = {k: summary["synthesis"][k] for k in
                             ("method", "rank", "trainable", "total_parameters", "train_seconds", "sample_seconds",
-                             "mmd_to_target", "volumes", "png")}
+                             "mmd_to_target", "realism", "volumes", "png")}
     return out
 
 

@@ -71,9 +71,8 @@ RECIPES: dict[str, Recipe] = {
                description="ddpm-small trained from scratch on 32³ whole brains (6 mm); needs a cohort built with "
                            "synth_shape=(32, 32, 32), synth_spacing=6 (no longer shipped: replaced by demo-ldm)"),
         # The shipped synthesis model. Latent, not pixel space: see engine/latent_pretrain.py for the measured cost.
-        Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=2500, lr=3e-4, batch_size=8, eval_every=100,
-               spacing=(2.5, 2.5, 2.5),
-               latent=dict(ae_steps=2000, ae_lr=5e-4, ae_batch=2, crop=32, kl_weight=1e-6, ema_decay=0.999,
+        Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=1500, lr=3e-4, batch_size=8, eval_every=100,
+               latent=dict(ae_steps=1200, ae_lr=8e-4, ae_batch=2, crop=32, kl_weight=1e-6, ema_decay=0.999,
                            min_snr_gamma=5.0),
                description="latent diffusion model trained from scratch on 64 whole brains at 2.5 mm (64x80x64): "
                            "AutoencoderKL (4x down, 3 latent channels) on 32³ crops, then a diffusion U-Net on "
@@ -191,7 +190,6 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
     weights in the card. One process (no torchrun)."""
     from ..data import build_demo_cohort
     from ..data.demo import write_json
-    from ..data.preprocess import Preprocessing
     from ..models.checkpoints import save_model
     from ..models.latent import latent_parts
     from ..models.presets import PRESETS
@@ -241,19 +239,24 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
         events=events)
 
     # the exported model: EMA U-Net weights, the trained autoencoder, the scale factor in the spec
-    preprocessing = Preprocessing(spacing=recipe.spacing).to_dict() if recipe.spacing else None
+    # where generated volumes lie: the training volumes' voxel size and world centre (synthesize writes them there)
+    from ..data import find_cases
+    from .jobs import _first_centre, _first_spacing
+
+    cases = find_cases(data, require_labels=False)
+    grid = {"spacing": list(_first_spacing(cases, size)), "centre": list(_first_centre(cases))}
     final = build_model(recipe.preset, **{**recipe.overrides, "scale_factor": scale})
     final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.items()})
     latent_parts(final).autoencoder.load_state_dict(parts.autoencoder.state_dict())
-    if preprocessing:
-        final.tensorpeft_spec["preprocessing"] = preprocessing
+    final.tensorpeft_spec["synthesis_grid"] = grid
     raw = build_model(recipe.preset, **{**recipe.overrides, "scale_factor": scale})
     raw.load_state_dict(model.state_dict())
     latent_parts(raw).autoencoder.load_state_dict(parts.autoencoder.state_dict())
     realism = {}
     real = [v[0].numpy() for v in volumes]
     for label, candidate in (("ema", final), ("raw", raw)):
-        realism[label] = sample_realism(candidate, real, size, runtime)
+        realism[label] = sample_realism(candidate, real, size, runtime, count=int(settings.get("realism_samples", 4)),
+                                        steps=int(settings.get("realism_steps", 50)))
         events.message(f"samples ({label} weights): {realism[label]['summary']}")
     final.half()
     latent_parts(final).autoencoder.half()
@@ -265,9 +268,9 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
         "description": recipe.description,
         "recipe": {**asdict(recipe), "steps": diffusion_steps,
                    "latent": {**settings, "ae_steps": ae_total}},
-        "preprocessing": preprocessing,
+        "synthesis_grid": grid,
         "data": {"cohort": "tensorpeft demo-data (seed 0)", "task": recipe.task_folder, "volumes": len(volumes),
-                 "shape": list(size), "spacing_mm": list(recipe.spacing or ())},
+                 "shape": list(size), "spacing_mm": grid["spacing"]},
         "schedule": parts.schedule,
         "final_metrics": {"mean_training_loss_last_50_steps": losses,
                           "autoencoder_l1_last_50_crops": ae_history["l1_last_50"],

@@ -166,8 +166,11 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
     return volumes
 
 
-def default_affine(size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """RAS affine centred on the origin for a generated volume."""
+def default_affine(size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                   centre: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """RAS affine of a generated volume: voxels of ``spacing`` mm, the volume's centre at ``centre`` (world mm; the
+    training volumes' centre, so generated brains lie where the training brains lay)."""
     affine = np.diag([*map(float, spacing), 1.0])
-    affine[:3, 3] = -0.5 * (np.asarray(size, dtype=float) - 1) * np.asarray(spacing, dtype=float)
+    affine[:3, 3] = np.asarray(centre, dtype=float) - 0.5 * (np.asarray(size, dtype=float) - 1) * np.asarray(
+        spacing, dtype=float)
     return affine

@@ -303,6 +303,8 @@ def _spec_of(model: nn.Module) -> dict[str, Any]:
     out = {"preset": spec["preset"], "overrides": dict(spec.get("overrides", {}))}
     if spec.get("preprocessing"):  # the working spacing / orientation / intensity scale the weights were trained at
         out["preprocessing"] = dict(spec["preprocessing"])
+    if spec.get("synthesis_grid"):  # a generative model: voxel size and world centre of the volumes it makes
+        out["synthesis_grid"] = dict(spec["synthesis_grid"])
     return out
 
 
@@ -411,6 +413,8 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
         load_checkpoint(model, p)
         if isinstance(spec.get("preprocessing"), dict):
             model.tensorpeft_spec["preprocessing"] = dict(spec["preprocessing"])
+        if isinstance(spec.get("synthesis_grid"), dict):
+            model.tensorpeft_spec["synthesis_grid"] = dict(spec["synthesis_grid"])
         return model
     state, _ = read_state_dict(p)
     fits = fitting_presets(state)

@@ -2,7 +2,7 @@
 
 Each model is an fp16 safetensors file written by ``tensorpeft pretrain --recipe NAME`` (so it carries its own spec)
 plus a model card ``NAME.json`` with the recipe, data, steps, seed, final metrics and the file's SHA-256. The name
-(``demo-unetr``, ``demo-ddpm``) works wherever a checkpoint path does; the hash is checked before the first load in a
+(``demo-unetr``, ``demo-ldm``) works wherever a checkpoint path does; the hash is checked before the first load in a
 process, so a truncated or altered file is refused instead of giving silently wrong masks.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-SHIPPED_MODELS = ("demo-unetr", "demo-ddpm")
+SHIPPED_MODELS = ("demo-unetr", "demo-ldm")
 
 
 class ShippedModelError(ValueError):
