@@ -156,3 +156,24 @@ def test_a_tiny_latent_pretraining_runs_and_resumes_to_the_same_weights(tmp_path
     model = load_model(str(tmp_path / "whole" / "demo-ldm.safetensors"))
     assert model.tensorpeft_spec["synthesis_grid"] == card["synthesis_grid"]
     assert model.tensorpeft_latent.scale_factor == pytest.approx(card["final_metrics"]["scale_factor"], rel=1e-4)
+
+
+def test_synthesize_writes_volumes_on_the_grid_the_model_records(tmp_path):
+    """The Slicer panel and the app load what synthesize writes: voxel size and position must be the training
+    data's (2.5 mm, centred where the training brains lay), not 1 mm around the origin."""
+    from TensorPEFTLib.data import read_volume
+    from TensorPEFTLib.engine.jobs import synthesize
+    from TensorPEFTLib.models import build_model
+    from TensorPEFTLib.models.checkpoints import save_model
+
+    torch.manual_seed(0)
+    model = build_model("ddpm-latent-small", scale_factor=1.0)
+    model.tensorpeft_spec["synthesis_grid"] = {"spacing": [2.5, 2.5, 2.5], "centre": [0.0, -17.0, 8.0]}
+    path = save_model(model, tmp_path / "ldm.safetensors")
+    written = synthesize(str(tmp_path / "out"), 1, model_source=path, steps=1, device="cpu", threads=1,
+                         events=Events(quiet=True))
+    volume = read_volume(written[0])
+    assert volume.array.shape[:3] == (64, 80, 64)
+    np.testing.assert_allclose(np.diag(volume.affine)[:3], [2.5, 2.5, 2.5])
+    centre = volume.affine[:3, :3] @ ((np.array([64, 80, 64]) - 1) / 2) + volume.affine[:3, 3]
+    np.testing.assert_allclose(centre, [0.0, -17.0, 8.0], atol=1e-4)

@@ -258,7 +258,7 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     off = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "c"), augmentAffine=False)
     assert not build_parser().parse_args(off.asArgList()).affine
     ddpm = FinetuneRequest(modelKind="DDPM", dataFolder=str(data), adapterFolder=str(tmp_path / "d"), method="tenvoo-l")
-    assert build_parser().parse_args(ddpm.asArgList()).model == "demo-ddpm"
+    assert build_parser().parse_args(ddpm.asArgList()).model == "demo-ldm"
     count = ParameterCountRequest(method="lora", rank=4, alpha=8.0)
     assert build_parser().parse_args(count.asArgList()).json and "--events" not in count.asArgList()
 
