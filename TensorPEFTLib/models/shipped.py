@@ -71,5 +71,6 @@ def shipped_models() -> list[dict[str, Any]]:
         card = model_card(name)
         rows.append({"name": name, "preset": card.get("preset"), "megabytes": round(path.stat().st_size / 1e6, 2),
                      "steps": card.get("recipe", {}).get("steps"), "description": card.get("description", ""),
-                     "final_metrics": card.get("final_metrics", {}), "preprocessing": card.get("preprocessing")})
+                     "final_metrics": card.get("final_metrics", {}), "preprocessing": card.get("preprocessing"),
+                     "synthesis_grid": card.get("synthesis_grid")})
     return rows
