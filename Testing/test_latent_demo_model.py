@@ -177,3 +177,23 @@ def test_synthesize_writes_volumes_on_the_grid_the_model_records(tmp_path):
     np.testing.assert_allclose(np.diag(volume.affine)[:3], [2.5, 2.5, 2.5])
     centre = volume.affine[:3, :3] @ ((np.array([64, 80, 64]) - 1) / 2) + volume.affine[:3, 3]
     np.testing.assert_allclose(centre, [0.0, -17.0, 8.0], atol=1e-4)
+
+
+def test_v_prediction_target_and_min_snr_weights():
+    """The shipped schedule predicts v; fine-tuning (SynthesisTask) and pretraining learn the same target."""
+    from TensorPEFTLib.engine.latent_pretrain import diffusion_target, min_snr_weights
+    from TensorPEFTLib.engine.synthesis import make_scheduler
+    from TensorPEFTLib.models.presets import LATENT_SCHEDULE
+
+    scheduler = make_scheduler("ddpm", LATENT_SCHEDULE)
+    assert scheduler.prediction_type == "v_prediction"
+    clean, noise = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(diffusion_target(scheduler, clean, noise, t), a.sqrt() * noise - (1 - a).sqrt() * clean)
+    snr = (a / (1 - a)).flatten()
+    torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0, "v_prediction"),
+                               torch.clamp(snr, max=5.0) / (snr + 1))
+    torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0), torch.clamp(snr, max=5.0) / snr)
+    assert torch.equal(min_snr_weights(scheduler.alphas_cumprod, t, None), torch.ones(2))
+    assert torch.equal(diffusion_target(make_scheduler("ddpm"), clean, noise, t), noise)  # the pixel DDPMs: noise

@@ -15,8 +15,8 @@ unfinished stage; a finished autoencoder is not trained again):
    the perceptual network would have to be downloaded, and a discriminator does not converge in this budget.
 2. **Diffusion** on the frozen autoencoder's latents: every training volume (and its mirror image) is encoded once
    (posterior mean and σ kept; each step draws a fresh posterior sample), scaled by 1 / std of the means (Rombach
-   et al. 2022). Noise prediction with the scaled-linear schedule of MONAI's latent diffusion tutorials,
-   min-SNR-γ loss weighting (Hang et al. 2023, γ = 5), AdamW with warm-up and cosine decay, gradient clipping, and
+   et al. 2022). v-prediction with the scaled-linear schedule of MONAI's latent diffusion tutorials (noise
+   prediction left the samples noise after 500 steps: see ``presets.LATENT_SCHEDULE``), min-SNR-γ loss weighting (Hang et al. 2023, γ = 5), AdamW with warm-up and cosine decay, gradient clipping, and
    an exponential moving average (EMA) of the weights, which is what is exported.
 
 Every step's randomness comes from (seed, stage, step), so a resumed run draws what an uninterrupted one draws.
@@ -149,13 +149,31 @@ def encode_all(ae: torch.nn.Module, volumes: torch.Tensor) -> tuple[torch.Tensor
     return torch.stack(mus), torch.stack(sigmas)
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Per-sample weights of the noise-prediction MSE: min(SNR, γ) / SNR (Hang et al. 2023); ones without γ."""
+def diffusion_target(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to output: the noise (``epsilon``), the velocity √ᾱ·ε − √(1−ᾱ)·x₀ (``v_prediction``)
+    or the clean sample (``sample``), as the scheduler's ``prediction_type`` says."""
+    kind = getattr(scheduler, "prediction_type", "epsilon")
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    if kind == "sample":
+        return clean
+    return noise
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float | None,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-γ (Hang et al. 2023): min(SNR, γ) / SNR for noise prediction,
+    min(SNR, γ) / (SNR + 1) for v-prediction, min(SNR, γ) for x₀; ones without γ."""
     if not gamma:
         return torch.ones(len(timesteps))
     alpha = alphas_cumprod[timesteps].float()
     snr = alpha / (1 - alpha)
-    return torch.clamp(snr, max=gamma) / snr
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    return clipped / snr
 
 
 def train_diffusion(unet: torch.nn.Module, mu: torch.Tensor, sigma: torch.Tensor, scale: float, run: str, *,
@@ -190,8 +208,9 @@ def train_diffusion(unet: torch.nn.Module, mu: torch.Tensor, sigma: torch.Tensor
             group["lr"] = _lr_at(step, steps, lr, warmup)
         noisy = scheduler.add_noise(z, noise, t)
         prediction = unet(noisy, timesteps=t).float()
-        per_sample = (prediction - noise).pow(2).flatten(1).mean(1)
-        loss = (per_sample * min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma)).mean()
+        per_sample = (prediction - diffusion_target(scheduler, z, noise, t)).pow(2).flatten(1).mean(1)
+        weights = min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, scheduler.prediction_type)
+        loss = (per_sample * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

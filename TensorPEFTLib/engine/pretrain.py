@@ -71,12 +71,12 @@ RECIPES: dict[str, Recipe] = {
                description="ddpm-small trained from scratch on 32³ whole brains (6 mm); needs a cohort built with "
                            "synth_shape=(32, 32, 32), synth_spacing=6 (no longer shipped: replaced by demo-ldm)"),
         # The shipped synthesis model. Latent, not pixel space: see engine/latent_pretrain.py for the measured cost.
-        Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=1000, lr=3e-4, batch_size=8, eval_every=100,
+        Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=800, lr=3e-4, batch_size=8, eval_every=100,
                latent=dict(ae_steps=1200, ae_lr=8e-4, ae_batch=2, crop=32, kl_weight=1e-6, ema_decay=0.999,
                            min_snr_gamma=5.0),
                description="latent diffusion model trained from scratch on 64 whole brains at 2.5 mm (64x80x64): "
                            "AutoencoderKL (4x down, 3 latent channels) on 32³ crops, then a diffusion U-Net on "
-                           "16x20x16 latents with min-SNR weighting; EMA weights"),
+                           "16x20x16 latents (v-prediction, min-SNR weighting); EMA weights"),
     ]
 }
 
