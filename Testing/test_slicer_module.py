@@ -208,7 +208,7 @@ def test_demo_model_of_each_kind_is_a_shipped_one():
     from TensorPEFTLib.models.shipped import SHIPPED_MODELS
 
     assert {requests.demo_model(kind) for kind in requests.MODEL_KINDS} == set(SHIPPED_MODELS)
-    assert ParameterCountRequest(modelKind="DDPM").preset == "ddpm-small"  # the demo DDPM's card names its preset
+    assert ParameterCountRequest(modelKind="DDPM").preset == "ddpm-latent-small"  # the demo DDPM's card names its preset
 
 
 def test_icons_are_128_pixel_pngs():
