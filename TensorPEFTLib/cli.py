@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model presets and shipped pretrained models",
                        description="List the model presets (random weights) and the pretrained models shipped with "
-                                   "TensorPEFT (demo-unetr, demo-ddpm), which --model accepts by name.")
+                                   "TensorPEFT (demo-unetr, demo-ldm), which --model accepts by name.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 

@@ -32,7 +32,7 @@ SPACING_WARN_RATIO = 3.0
 
 
 def resolve_model(source: str, autoencoder: str | None = None) -> nn.Module:
-    """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``), a file saved by
+    """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ldm``), a file saved by
     TensorPEFT (spec inside), a checkpoint fitting a preset, or a latent diffusion model's MONAI bundle folder
     (``configs/inference.json`` defining an ``AutoencoderKL`` and a ``DiffusionModelUNet``, ``models/`` with both
     weights; ``autoencoder``: the autoencoder's weights from another file): then the diffusion U-Net with its frozen

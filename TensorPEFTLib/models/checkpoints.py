@@ -387,7 +387,7 @@ def _overrides(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """A model from a preset name (fresh weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``; hash
+    """A model from a preset name (fresh weights), a shipped model's name (``demo-unetr``, ``demo-ldm``; hash
     checked), a file saved by :func:`save_model` (rebuilt from its spec, then
     loaded strictly), or a plain checkpoint that fits exactly one preset (that preset is built).
 
