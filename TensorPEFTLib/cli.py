@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model presets and shipped pretrained models",
                        description="List the model presets (random weights) and the pretrained models shipped with "
-                                   "TensorPEFT (demo-unetr, demo-ddpm), which --model accepts by name.")
+                                   "TensorPEFT (demo-unetr, demo-ldm), which --model accepts by name.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
@@ -441,6 +441,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"MS-SSIM: real volume i paired with generated volume i (sorted by name), window {mean['ms_ssim_window']}, "
               f"{mean['ms_ssim_scales']} scale(s); features: {mean.get('feature_network', 'not computed')}; MMD: "
               f"squared, Gaussian kernel, median-distance bandwidth")
+        realism = mean.get("realism")
+        if realism:
+            print(f"realism of the generated volumes vs the real ones: {realism['summary']}; "
+                  f"all passed: {'yes' if realism['pass']['all'] else 'no'}")
         if result.get("figure"):
             print(f"figure: {result['figure']}")
     return 0
@@ -601,13 +605,17 @@ def _add_job_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("pretrain", help="train a built-in demo model from scratch (recipes)",
-                       description="Run a pretraining recipe (demo-unetr, demo-ddpm) on the demo cohort and export fp16 "
+                       description="Run a pretraining recipe (demo-unetr, demo-unetr-stage1, demo-ldm, demo-ddpm) on the demo cohort and export fp16 "
                                    "weights with a model card (recipe, data, steps, seed, metrics, SHA-256).")
     p.add_argument("--recipe", required=True,
-                   help="demo-unetr (trains its first stage, demo-unetr-stage1, first), demo-unetr-stage1 or demo-ddpm")
+                   help="demo-unetr (trains its first stage, demo-unetr-stage1, first), demo-unetr-stage1, demo-ldm "
+                        "(the shipped synthesis model) or demo-ddpm (the old 32³ pixel DDPM)")
     p.add_argument("--out", required=True, help="folder for the run, the weights and the card")
     p.add_argument("--cohort", default=None, help="an existing demo cohort (default: build one in OUT/cohort)")
-    p.add_argument("--steps", type=positive_int, default=None, help="override the recipe's steps")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="override the recipe's steps (a latent recipe: its diffusion steps)")
+    p.add_argument("--autoencoder-steps", type=positive_int, default=None,
+                   help="override a latent recipe's autoencoder steps (demo-ldm: 1200)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
     p.add_argument("--ship", action="store_true",
                    help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
@@ -681,7 +689,7 @@ def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
     if "synthesis" in summary:
         out["synthesis"] = {k: summary["synthesis"][k] for k in
                             ("method", "rank", "trainable", "total_parameters", "train_seconds", "sample_seconds",
-                             "mmd_to_target", "volumes", "png")}
+                             "mmd_to_target", "realism", "volumes", "png")}
     return out
 
 
@@ -692,7 +700,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     events = _events(args)
     card = pretrain(args.recipe, args.out, cohort=args.cohort, steps=args.steps, device=args.device,
-                    threads=args.threads, events=events, resume=args.resume, ship=args.ship)
+                    threads=args.threads, events=events, resume=args.resume, ship=args.ship,
+                    ae_steps=args.autoencoder_steps)
     events.close()
     if args.events != "-" and _env_rank() == 0:
         print(json.dumps(card, indent=2))

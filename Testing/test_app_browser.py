@@ -202,7 +202,7 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     # 5. synthesize with the shipped DDPM: the volume is listed and shown in the slice views
     before = _screen(page, os.path.join(str(tmp_path), "before-synthesis.png"))
     page.click("#tp-kind-ddpm")
-    page.wait("window.trame.state.get('model') == 'demo-ddpm' && document.getElementById('tp-synthesize')", 10,
+    page.wait("window.trame.state.get('model') == 'demo-ldm' && document.getElementById('tp-synthesize')", 10,
               "the DDPM panel")
     _set_number(page, "tp-synth-steps", 50)
     page.wait("window.trame.state.get('synth_steps') == 50", 5, "the sampling steps")

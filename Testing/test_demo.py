@@ -77,6 +77,8 @@ def test_quick_demo_end_to_end(tmp_path):
     syn = summary["synthesis"]
     assert syn["method"] == "tenvoo-l" and len(syn["volumes"]) == 2 and all(os.path.isfile(v) for v in syn["volumes"])
     assert np.isfinite(syn["mmd_to_target"]["base"]) and np.isfinite(syn["mmd_to_target"]["adapted"])
+    for which in ("base", "adapted"):  # issue 15's realism checks of both sets of samples
+        assert set(syn["realism"][which]["pass"]) == {"not_noise", "brain_shaped", "diverse", "all"}
     for png in (summary["png"], syn["png"]):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(out / "summary.json"))["segmentation"]["adapted"][0]["method"] == "lora-pt"

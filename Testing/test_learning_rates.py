@@ -69,22 +69,22 @@ def test_finetune_records_the_rate_it_used(tmp_path, capsys, lr, expected):
     assert saved["train_lr"] == expected
 
 
-def test_default_rate_keeps_tenvoo_l_weight_change_small_on_the_demo_ddpm(tmp_path):
-    """benchmarks/lr_ddpm.py in small: 3 finetune steps of the shipped demo-ddpm at 16³. At 1e-3 TenVOO-L's ΔW exceeds
-    the largest weight of its layer; at its default it stays a small fraction of it."""
+def test_default_rate_keeps_tenvoo_l_weight_change_small_on_the_shipped_ddpm(tmp_path):
+    """benchmarks/lr_ddpm.py in small: 3 finetune steps of the shipped diffusion model (demo-ldm's latent U-Net) at
+    16³. At 1e-3 TenVOO-L's ΔW exceeds the largest weight of its layer; at its default it stays a small fraction of it."""
     from TensorPEFTLib.adapters import AdapterConfig, load_adapter, merge_and_unload
     from TensorPEFTLib.engine import Events, TrainSettings, finetune
     from TensorPEFTLib.engine.jobs import resolve_model
 
     data = synthetic.write_volume_dataset(str(tmp_path / "data"), n=2, shape=(20, 20, 20))
-    base = {k: v.float() for k, v in resolve_model("demo-ddpm").state_dict().items() if v.ndim >= 2}
+    base = {k: v.float() for k, v in resolve_model("demo-ldm").state_dict().items() if v.ndim >= 2}
     ratios = {}
     for lr in (1e-3, default_lr("tenvoo-l", "ddpm")):
         out = str(tmp_path / f"run{lr:g}")
-        finetune("demo-ddpm", data, out, AdapterConfig(method="tenvoo-l", rank=4),
+        finetune("demo-ldm", data, out, AdapterConfig(method="tenvoo-l", rank=4),
                  TrainSettings(steps=3, lr=lr, eval_every=3, checkpoint_every=3), patch_size=(16, 16, 16),
                  device="cpu", threads=1, events=Events(quiet=True), auto_val=False)
-        model = resolve_model("demo-ddpm")
+        model = resolve_model("demo-ldm")
         load_adapter(model, out)
         merge_and_unload(model)
         ratios[lr] = max(float((v.float() - base[k]).abs().max() / base[k].abs().max())

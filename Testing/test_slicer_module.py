@@ -208,7 +208,7 @@ def test_demo_model_of_each_kind_is_a_shipped_one():
     from TensorPEFTLib.models.shipped import SHIPPED_MODELS
 
     assert {requests.demo_model(kind) for kind in requests.MODEL_KINDS} == set(SHIPPED_MODELS)
-    assert ParameterCountRequest(modelKind="DDPM").preset == "ddpm-small"  # the demo DDPM's card names its preset
+    assert ParameterCountRequest(modelKind="DDPM").preset == "ddpm-latent-small"  # the demo DDPM's card names its preset
 
 
 def test_icons_are_128_pixel_pngs():
@@ -258,7 +258,7 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     off = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "c"), augmentAffine=False)
     assert not build_parser().parse_args(off.asArgList()).affine
     ddpm = FinetuneRequest(modelKind="DDPM", dataFolder=str(data), adapterFolder=str(tmp_path / "d"), method="tenvoo-l")
-    assert build_parser().parse_args(ddpm.asArgList()).model == "demo-ddpm"
+    assert build_parser().parse_args(ddpm.asArgList()).model == "demo-ldm"
     count = ParameterCountRequest(method="lora", rank=4, alpha=8.0)
     assert build_parser().parse_args(count.asArgList()).json and "--events" not in count.asArgList()
 

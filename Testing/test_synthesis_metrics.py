@@ -103,6 +103,7 @@ def test_cli_evaluate_synthesis_prints_the_metrics_and_writes_a_figure(tmp_path,
                  "synthesis"]) == 0
     out = capsys.readouterr().out
     assert "MS-SSIM" in out and "FD (features)" in out and "MMD (voxels)" in out and "demo-unetr" in out
+    assert "realism of the generated volumes vs the real ones: HF ratio" in out and "brain-mask Dice" in out
     figure = tmp_path / "gen" / "evaluation.png"
     assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code = main(["evaluate", "--pred", str(tmp_path / "gen"), "--ref", str(tmp_path / "real"), "--kind",

@@ -49,7 +49,7 @@ def weight_ratio(base: torch.nn.Module, adapted: torch.nn.Module) -> tuple[float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="synthesis training volumes (imagesTr/)")
-    parser.add_argument("--model", default="demo-ddpm")
+    parser.add_argument("--model", default="demo-ldm")  # the results file was measured on the earlier demo-ddpm
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--lrs", default="1e-3,1e-4,3e-5,1e-5")
     parser.add_argument("--steps", type=int, default=6)

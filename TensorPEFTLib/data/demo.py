@@ -21,7 +21,7 @@ Three tasks, each a Decathlon-layout folder with its own ``dataset.json``:
   them; fits the UNETR presets' ``out_channels=2``) unless ``source_multiclass=True`` (labels 1..4; build the model
   with ``out_channels=5``). The field of view is centred on the basal ganglia, so the hippocampus appears in it,
   unlabelled.
-- ``synthesis/``: whole brains at 6 mm (32³ by default) for the DDPM, images only.
+- ``synthesis/``: whole brains at 2.5 mm (64 x 80 x 64 by default) for the diffusion model, images only.
 - ``synthesis-icbm/``: a few whole brains on the ICBM 2009c template, a shifted domain to fine-tune the DDPM towards.
 
 Each subject: random affine (rotation ±``rotate_deg``, scale ±``scale``, shift ±3 mm) and a smooth elastic field
@@ -112,6 +112,10 @@ WHOLE_BRAIN_FOV_MM = (180.0, 216.0, 184.0)
 #: in-plane 0.9-1.0 mm with thicker slices, as 3D T1 protocols come
 WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1.0, 1.0, 1.4),
                         (1.25, 1.25, 1.25))
+#: the synthesis sets' grid: 64 x 80 x 64 voxels of 2.5 mm (160 x 200 x 160 mm around the brain's centre; the
+#: skull-stripped MNI brain spans about 140 x 175 x 130 mm). The shipped latent diffusion model is trained at it.
+SYNTH_SHAPE = (64, 80, 64)
+SYNTH_SPACING_MM = 2.5
 #: storage orientations (columns: the world direction of voxel axes i, j, k): RAS, LPS (DICOM / ITK), LAS (FSL
 #: radiological), PSR (a sagittal acquisition: i posterior, j superior, k right)
 STORAGE_DIRECTIONS = {
@@ -476,13 +480,13 @@ def build_demo_cohort(
     *,
     n_unseen: int = 1,
     n_source: int = 10,
-    n_synthesis: int = 16,
+    n_synthesis: int = 64,
     n_synthesis_target: int = 6,
     source_multiclass: bool = False,
     seg_spacings: Sequence[Sequence[float]] = WHOLE_BRAIN_SPACINGS,
     seg_fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM,
-    synth_shape: Sequence[int] = (32, 32, 32),
-    synth_spacing: float = 6.0,
+    synth_shape: Sequence[int] = SYNTH_SHAPE,
+    synth_spacing: float = SYNTH_SPACING_MM,
     rotate_deg: float = 15.0,
     scale: float = 0.1,
     shift_mm: float = 12.0,
@@ -509,7 +513,8 @@ def build_demo_cohort(
             fine-tune the DDPM towards; 0 skips the task.
         source_multiclass: source labels 1..4 (thalamus, caudate, putamen, pallidum) instead of binary.
         seg_spacings / seg_fov_mm: voxel sizes drawn from, and the field of view, of the segmentation subjects.
-        synth_shape / synth_spacing: synthesis grid (default 32³ at 6 mm = 192 mm, the whole brain).
+        synth_shape / synth_spacing: synthesis grid (default 64 x 80 x 64 at 2.5 mm = 160 x 200 x 160 mm, the whole
+            brain with room for the small random pose).
         rotate_deg, scale, shift_mm, oblique_deg, elastic_mm: strength of the random head pose, storage obliquity
             and deformations of the segmentation subjects.
         progress: show a tqdm progress bar.

@@ -58,7 +58,7 @@ def list_models() -> list[dict[str, Any]]:
         preset = PRESETS[shipped["preset"]]
         rows.append({"name": shipped["name"], "task": preset.task, "parameters": _count(shipped["name"]),
                      "patch": "x".join(map(str, preset.patch_size)), "pretrained": True,
-                     "spacing": _spacing_text(shipped.get("preprocessing")),
+                     "spacing": _spacing_text(shipped.get("preprocessing") or shipped.get("synthesis_grid")),
                      "description": f"pretrained {preset.name}, shipped ({shipped['megabytes']} MB): {shipped['description']}"})
     return rows
 

@@ -32,7 +32,7 @@ SPACING_WARN_RATIO = 3.0
 
 
 def resolve_model(source: str, autoencoder: str | None = None) -> nn.Module:
-    """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``), a file saved by
+    """A preset name (random weights), a shipped model's name (``demo-unetr``, ``demo-ldm``), a file saved by
     TensorPEFT (spec inside), a checkpoint fitting a preset, or a latent diffusion model's MONAI bundle folder
     (``configs/inference.json`` defining an ``AutoencoderKL`` and a ``DiffusionModelUNet``, ``models/`` with both
     weights; ``autoencoder``: the autoencoder's weights from another file): then the diffusion U-Net with its frozen
@@ -518,6 +518,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         meta["spacing"] = list(_first_spacing(train_cases, size))
+        meta["centre"] = list(_first_centre(train_cases))
         if task.latent is not None:  # synthesize rebuilds the same latent model: autoencoder file and scale factor
             meta["latent"] = task.latent.record()
     trainer = Trainer(model, task, settings, out, runtime, events, hooks=hooks, extra_meta=meta, dist=ctx)
@@ -548,6 +549,27 @@ def device_is_cuda(device: str) -> bool:
 def growth_hooks(model: nn.Module, cfg: AdapterConfig) -> list[Any]:
     """Trainer hooks a method needs (SeLoRA grows ranks during training): each method's spec says which."""
     return get_method(cfg.method).training_hooks(model, cfg)
+
+
+def _first_centre(cases: list[dict]) -> tuple[float, float, float]:
+    """World (RAS mm) centre of the first training volume: generated volumes are placed where the data lies."""
+    from ..data import read_volume
+
+    vol = read_volume(cases[0]["image"], header_only=True)
+    affine = np.asarray(vol.affine, dtype=float)
+    centre = affine[:3, :3] @ ((np.asarray(vol.shape[:3], dtype=float) - 1) / 2) + affine[:3, 3]
+    return tuple(float(round(c, 3)) for c in centre)  # type: ignore[return-value]
+
+
+def synthesis_grid(model: nn.Module, saved: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Voxel size and world centre (RAS mm) of generated volumes: what the adapter's training data had, else what
+    the base model records (its ``synthesis_grid``, else its working spacing), else 1 mm around the origin."""
+    spec = getattr(model, "tensorpeft_spec", None) or {}
+    grid = spec.get("synthesis_grid") or {}
+    prep = spec.get("preprocessing") or {}
+    spacing = saved.get("spacing") or grid.get("spacing") or prep.get("spacing") or (1.0, 1.0, 1.0)
+    centre = saved.get("centre") or grid.get("centre") or (0.0, 0.0, 0.0)
+    return tuple(float(s) for s in spacing), tuple(float(c) for c in centre)
 
 
 def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float, float]:
@@ -760,7 +782,7 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
     if task_of(model) != "synthesis":
         raise EngineError("synthesize needs a DDPM; this model is a UNETR (use segment)")
     shape = check_input_size(model, size, "--size") if size else tuple(saved.get("patch_size") or model_input_size(model))
-    spacing = saved.get("spacing") or (1.0, 1.0, 1.0)
+    spacing, centre = synthesis_grid(model, saved)
     os.makedirs(out, exist_ok=True)
     events.emit("start", kind="synthesize", count=count, steps=steps, sampler=sampler, out=out, **runtime.describe())
     latent = latent_parts(model)
@@ -774,7 +796,7 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
     paths = []
     for index, volume in enumerate(volumes, start=1):
         path = os.path.join(out, f"synth_{index:03d}.nii.gz")
-        write_volume(path, volume.astype(np.float32), like=default_affine(shape, spacing))
+        write_volume(path, volume.astype(np.float32), like=default_affine(shape, spacing, centre))
         paths.append(path)
     grid = slice_grid(os.path.join(out, "samples.png"), volumes[:6], [os.path.basename(p) for p in paths[:6]])
     events.emit("done", status="completed", out=out, volumes=paths, png=grid)

@@ -48,6 +48,10 @@ class Recipe:
                                         # seeded fresh model; pretrain runs that recipe first in OUT/<its name>
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: a latent diffusion recipe (engine.latent_pretrain): its autoencoder stage and diffusion settings
+    #: (ae_steps, ae_lr, ae_batch, crop, kl_weight, ema_decay, min_snr_gamma); ``steps``/``lr``/``batch_size`` are the
+    #: diffusion stage's
+    latent: dict[str, Any] | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -81,16 +85,29 @@ RECIPES: dict[str, Recipe] = {
                            "off-centre by up to 16 voxels, nnU-Net's Dice + cross-entropy and labels resampled through "
                            "their one-hot classes (what fine-tuning uses)"),
         Recipe("demo-ddpm", "ddpm-small", "synthesis", steps=800, lr=5e-4, batch_size=2, eval_every=100,
-               description="ddpm-small trained from scratch on 32³ whole brains (6 mm)"),
+               description="ddpm-small trained from scratch on 32³ whole brains (6 mm); needs a cohort built with "
+                           "synth_shape=(32, 32, 32), synth_spacing=6 (no longer shipped: replaced by demo-ldm)"),
+        # The shipped synthesis model. Latent, not pixel space: see engine/latent_pretrain.py for the measured cost.
+        # Sized to the time a shared core gave it on 2026-12-02. The shipped file's run was stopped and resumed
+        # several times (bit-identical for the autoencoder, whose plan never changed), and its diffusion steps 0-200
+        # followed a cosine decay planned for 800 steps before the plan became 500: a fresh run of this recipe
+        # differs from the shipped weights in those steps' learning rates (by up to 10 %).
+        Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=500, lr=3e-4, batch_size=8, eval_every=100,
+               latent=dict(ae_steps=1200, ae_lr=8e-4, ae_batch=2, crop=32, kl_weight=1e-6, ema_decay=0.999,
+                           min_snr_gamma=5.0),
+               description="latent diffusion model trained from scratch on 64 whole brains at 2.5 mm (64x80x64): "
+                           "AutoencoderKL (4x down, 3 latent channels) on 32³ crops, then a diffusion U-Net on "
+                           "16x20x16 latents (v-prediction, min-SNR weighting); EMA weights"),
     ]
 }
 
 
 def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: int | None = None,
              device: str = "auto", threads: int | None = None, events: Events | None = None,
-             resume: bool = False, ship: bool = False) -> dict[str, Any]:
+             resume: bool = False, ship: bool = False, ae_steps: int | None = None) -> dict[str, Any]:
     """Run a recipe; writes ``out/run`` (the training run) and ``out/<recipe>.safetensors`` + ``.json`` (card).
 
+    ``steps``: the recipe's (diffusion) steps instead; ``ae_steps``: a latent recipe's autoencoder steps instead.
     ``ship``: also copy both into the package's ``models/weights/`` (what ``tensorpeft demo`` loads) — for
     maintainers refreshing the shipped models.
 
@@ -112,6 +129,9 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
         if recipe_name not in RECIPES:
             raise EngineError(f"unknown recipe {recipe_name!r}; choose one of: {', '.join(RECIPES)}")
     recipe = RECIPES[recipe_name]
+    if recipe.latent is not None:
+        return pretrain_latent(recipe, out, cohort=cohort, steps=steps, ae_steps=ae_steps, device=device,
+                               threads=threads, events=events, resume=resume, ship=ship)
     preprocessing = Preprocessing(spacing=recipe.spacing).to_dict() if recipe.spacing else None
 
     def fresh() -> torch.nn.Module:
@@ -206,3 +226,129 @@ def ship_model(weights: str, card_path: str) -> None:
     os.makedirs(WEIGHTS_DIR, exist_ok=True)
     for source in (weights, card_path):
         copy_atomically(source, WEIGHTS_DIR / os.path.basename(source))
+
+
+def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int | None, ae_steps: int | None,
+                    device: str, threads: int | None, events: Events, resume: bool, ship: bool) -> dict[str, Any]:
+    """A latent diffusion recipe (:mod:`.latent_pretrain`): autoencoder, then diffusion on its latents, then the
+    export (EMA weights, fp16, autoencoder in the same file) with realism checks of samples of the EMA and of the raw
+    weights in the card. One process (no torchrun)."""
+    from ..data import build_demo_cohort
+    from ..data.demo import write_json
+    from ..models.checkpoints import save_model
+    from ..models.latent import latent_parts
+    from ..models.presets import PRESETS
+    from . import latent_pretrain as lp
+    from .runtime import select_runtime
+
+    runtime = select_runtime(device, "off", threads)
+    settings = dict(recipe.latent or {})
+    diffusion_steps = int(steps or recipe.steps)
+    ae_total = int(ae_steps or settings["ae_steps"])
+    size = tuple(PRESETS[recipe.preset].patch_size)
+    os.makedirs(out, exist_ok=True)
+    run = os.path.join(out, "run")
+    os.makedirs(run, exist_ok=True)
+    if not resume:
+        for name in ("autoencoder.pt", "diffusion.pt"):
+            if os.path.exists(os.path.join(run, name)):
+                os.remove(os.path.join(run, name))
+    if cohort is None:
+        cohort = os.path.join(out, "cohort")
+        if not os.path.isfile(os.path.join(cohort, recipe.task_folder, "dataset.json")):
+            events.message(f"building the demo cohort's synthesis set in {cohort} ...")
+            build_demo_cohort(cohort, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis_target=0)
+    data = os.path.join(cohort, recipe.task_folder)
+    started = time.time()
+    volumes = lp.load_training_volumes(data, size)
+    events.message(f"{len(volumes)} training volumes of {'x'.join(map(str, size))} from {data}")
+
+    torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe
+    model = build_model(recipe.preset, **recipe.overrides)
+    parts = latent_parts(model)
+    ae_history = lp.train_autoencoder(
+        parts.autoencoder, volumes, run, steps=ae_total, lr=settings["ae_lr"], batch=settings["ae_batch"],
+        crop=settings["crop"], kl_weight=settings["kl_weight"], seed=recipe.seed,
+        checkpoint_every=recipe.eval_every, resume=resume, events=events)
+    with torch.no_grad():
+        reconstruction = [float(F_l1(parts.autoencoder.reconstruct(v[None]), v[None])) for v in volumes[:8]]
+    ae_history["full_volume_l1"] = round(sum(reconstruction) / len(reconstruction), 5)
+    mu, sigma = lp.encode_all(parts.autoencoder, volumes)
+    scale = float(1.0 / mu.std())
+    events.message(f"autoencoder: L1 {ae_history['full_volume_l1']:.4f} on whole volumes; latents "
+                   f"{tuple(mu.shape[1:])}, scale factor {scale:.4g}")
+    ema, diffusion_history = lp.train_diffusion(
+        model, mu, sigma, scale, run, schedule=parts.schedule, steps=diffusion_steps, lr=recipe.lr,
+        batch=recipe.batch_size, seed=recipe.seed, ema_decay=settings["ema_decay"],
+        min_snr_gamma=settings.get("min_snr_gamma"), checkpoint_every=recipe.eval_every, resume=resume,
+        events=events)
+
+    # the exported model: EMA U-Net weights, the trained autoencoder, the scale factor in the spec
+    # where generated volumes lie: the training volumes' voxel size and world centre (synthesize writes them there)
+    from ..data import find_cases
+    from .jobs import _first_centre, _first_spacing
+
+    cases = find_cases(data, require_labels=False)
+    grid = {"spacing": list(_first_spacing(cases, size)), "centre": list(_first_centre(cases))}
+    final = build_model(recipe.preset, **{**recipe.overrides, "scale_factor": scale})
+    final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.items()})
+    latent_parts(final).autoencoder.load_state_dict(parts.autoencoder.state_dict())
+    final.tensorpeft_spec["synthesis_grid"] = grid
+    raw = build_model(recipe.preset, **{**recipe.overrides, "scale_factor": scale})
+    raw.load_state_dict(model.state_dict())
+    latent_parts(raw).autoencoder.load_state_dict(parts.autoencoder.state_dict())
+    realism = {}
+    real = [v[0].numpy() for v in volumes]
+    for label, candidate in (("ema", final), ("raw", raw)):
+        realism[label] = sample_realism(candidate, real, size, runtime, count=int(settings.get("realism_samples", 4)),
+                                        steps=int(settings.get("realism_steps", 50)))
+        events.message(f"samples ({label} weights): {realism[label]['summary']}")
+    final.half()
+    latent_parts(final).autoencoder.half()
+    weights = os.path.join(out, f"{recipe.name}.safetensors")
+    save_model(final, weights, extra={"recipe": recipe.name})
+    losses = diffusion_history["noise_mse_last_50"]
+    card = {
+        "name": recipe.name, "preset": recipe.preset, "overrides": {**recipe.overrides, "scale_factor": scale},
+        "description": recipe.description,
+        "recipe": {**asdict(recipe), "steps": diffusion_steps,
+                   "latent": {**settings, "ae_steps": ae_total}},
+        "synthesis_grid": grid,
+        "data": {"cohort": "tensorpeft demo-data (seed 0)", "task": recipe.task_folder, "volumes": len(volumes),
+                 "shape": list(size), "spacing_mm": grid["spacing"]},
+        "schedule": parts.schedule,
+        "final_metrics": {"mean_training_loss_last_50_steps": losses,
+                          "autoencoder_l1_last_50_crops": ae_history["l1_last_50"],
+                          "autoencoder_l1_whole_volumes": ae_history["full_volume_l1"],
+                          "scale_factor": round(scale, 6),
+                          "realism_ema": realism["ema"], "realism_raw": realism["raw"]},
+        "autoencoder_seconds": ae_history["seconds"], "diffusion_seconds": diffusion_history["seconds"],
+        "training_seconds": round(ae_history["seconds"] + diffusion_history["seconds"], 1),
+        "wall_seconds_this_call": round(time.time() - started, 1),
+        "device": runtime.describe().get("device_name", str(runtime.device)),
+        "torch": torch.__version__, "dtype": "float16", "sha256": file_sha256(weights),
+        "command": f"tensorpeft pretrain --recipe {recipe.name} --out {out}",
+    }
+    card_path = os.path.join(out, f"{recipe.name}.json")
+    write_json(card_path, card)
+    events.message(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and its model card {card_path}")
+    if ship:
+        ship_model(weights, card_path)
+        events.message(f"shipped: {WEIGHTS_DIR / os.path.basename(weights)}")
+    return card
+
+
+def F_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: N802
+    return (a.float() - b.float()).abs().mean()
+
+
+def sample_realism(model: torch.nn.Module, real: list, size: tuple[int, ...], runtime: Any, count: int = 4,
+                   steps: int = 50) -> dict[str, Any]:
+    """Realism checks (engine.synthesis_metrics.realism_checks) of ``count`` DDIM samples of ``model``."""
+    from .synthesis import sample_volumes
+    from .synthesis_metrics import realism_checks
+
+    samples = sample_volumes(model, count, size, runtime, steps=steps, sampler="ddim", seed=0,
+                             schedule=getattr(model, "tensorpeft_latent").schedule)
+    checks = realism_checks(samples, real)
+    return checks

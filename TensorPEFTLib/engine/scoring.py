@@ -96,7 +96,9 @@ def evaluate_synthesis(generated: list[np.ndarray], real: list[np.ndarray], *, w
     """The TenVOO paper's metrics as its released code computes them (see :mod:`.synthesis_metrics` for each one
     and where ours differs): MS-SSIM of real volume i paired with generated volume i (higher = closer), the Fréchet
     distance and MMD between the two sets' features of the shipped demo-unetr's ViT encoder (lower = closer; Med3D,
-    the paper's network, is not available here), and MMD on the voxels. Volumes in [0, 1] of one shape.
+    the paper's network, is not available here), and MMD on the voxels. Volumes in [0, 1] of one shape. Plus the
+    realism checks of the generated volumes against the real ones (``realism``: not noise, brain-shaped, diverse;
+    :func:`.synthesis_metrics.realism_checks`).
 
     ``win_size``: the MS-SSIM window (the release: 7; 5 for BraTS). ``features``: False skips the feature network
     (FD and feature MMD are then absent). ``figure``: a PNG path for the pairs and the feature scatter.
@@ -125,6 +127,9 @@ def evaluate_synthesis(generated: list[np.ndarray], real: list[np.ndarray], *, w
         out.update(fd_features=frechet_distance(feats_real, feats_gen) if sets else nan,
                    mmd_features=gaussian_mmd(feats_gen, feats_real) if sets else nan,
                    feature_network=FEATURE_DESCRIPTION)
+    from .synthesis_metrics import realism_checks
+
+    out["realism"] = realism_checks(generated, real)
     if figure:
         from .report import synthesis_metrics_figure
 

@@ -1,7 +1,8 @@
 """Synthesis (3D DDPM, pixel or latent): the fine-tuning task and sampling.
 
 Training follows MONAI's 3D DDPM recipe: intensities in [0, 1], a DDPM scheduler with 1000 steps and the
-scaled-linear β schedule, noise-prediction MSE. The scheduler settings travel with the adapter (``extra`` metadata)
+scaled-linear β schedule, noise-prediction MSE (or the MSE of whatever the schedule's ``prediction_type`` says the
+model predicts: the shipped latent model predicts v). The scheduler settings travel with the adapter (``extra`` metadata)
 so sampling uses the schedule the model was trained with.
 """
 
@@ -96,9 +97,12 @@ class SynthesisTask:
         return {"image": image.to(device), "noise": noise.to(device), "timesteps": timesteps.to(device)}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from .latent_pretrain import diffusion_target
+
         noisy = self.scheduler.add_noise(batch["image"], batch["noise"], batch["timesteps"])
         prediction = model(noisy, timesteps=batch["timesteps"])
-        return F.mse_loss(prediction.float(), batch["noise"].float())
+        target = diffusion_target(self.scheduler, batch["image"], batch["noise"], batch["timesteps"])
+        return F.mse_loss(prediction.float(), target.float())
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         if self.val_data is None:
@@ -166,8 +170,11 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
     return volumes
 
 
-def default_affine(size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """RAS affine centred on the origin for a generated volume."""
+def default_affine(size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                   centre: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """RAS affine of a generated volume: voxels of ``spacing`` mm, the volume's centre at ``centre`` (world mm; the
+    training volumes' centre, so generated brains lie where the training brains lay)."""
     affine = np.diag([*map(float, spacing), 1.0])
-    affine[:3, 3] = -0.5 * (np.asarray(size, dtype=float) - 1) * np.asarray(spacing, dtype=float)
+    affine[:3, 3] = np.asarray(centre, dtype=float) - 0.5 * (np.asarray(size, dtype=float) - 1) * np.asarray(
+        spacing, dtype=float)
     return affine

@@ -195,3 +195,97 @@ def volume_features(volumes: Sequence[np.ndarray], network: torch.nn.Module | No
         tokens, _ = network.vit(x)
         rows.append(tokens.mean(dim=1)[0].double().numpy())
     return np.stack(rows)
+
+
+# ------------------------------------------------------------------------------------------------- realism checks
+
+#: a sample's high-frequency ratio must lie within this factor of the real volumes' (either way)
+HF_TOLERANCE = 1.5
+#: Dice of a sample's brain mask with the real volumes' mean's mask needed to count as brain-shaped
+MASK_DICE_MIN = 0.8
+#: intensity (volumes in [0, 1]) above which a voxel is brain: the skull-stripped background is 0, CSF ~0.1-0.2
+BRAIN_THRESHOLD = 0.1
+#: mean pairwise difference of the samples, relative to that of the real volumes, needed to count as diverse
+DIVERSITY_MIN = 0.3
+
+
+def high_frequency_ratio(volume: np.ndarray) -> float:
+    """High-frequency energy relative to the variance: the mean over the three axes of the mean squared difference
+    of neighbouring voxels, divided by the volume's variance. About 2 for white noise, well below 0.1 for a smooth
+    anatomy at a few mm."""
+    v = np.asarray(volume, np.float64)
+    variance = float(v.var())
+    if variance <= 0:
+        return 0.0
+    energy = np.mean([np.mean(np.diff(v, axis=axis) ** 2) for axis in range(v.ndim)])
+    return float(energy / variance)
+
+
+def brain_mask(volume: np.ndarray, threshold: float = BRAIN_THRESHOLD) -> np.ndarray:
+    """The brain of a skull-stripped volume in [0, 1]: voxels above ``threshold``, the largest connected component,
+    holes (ventricles) filled."""
+    from scipy import ndimage
+
+    mask = np.asarray(volume) > threshold
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    mask = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def mean_pairwise_difference(volumes: Sequence[np.ndarray]) -> float:
+    """Mean absolute voxel difference over all pairs of volumes (0 for one volume repeated)."""
+    vols = [np.asarray(v, np.float32) for v in volumes]
+    diffs = [float(np.mean(np.abs(vols[i] - vols[j]))) for i in range(len(vols)) for j in range(i + 1, len(vols))]
+    return float(np.mean(diffs)) if diffs else 0.0
+
+
+def realism_checks(generated: Sequence[np.ndarray], real: Sequence[np.ndarray]) -> dict[str, object]:
+    """Are the generated volumes (in [0, 1], the real volumes' size) plausible brain MRI? Three measured checks:
+
+    - **not noise**: each sample's :func:`high_frequency_ratio` within :data:`HF_TOLERANCE` × (either way) of the
+      real volumes' mean ratio;
+    - **brain-shaped**: each sample's :func:`brain_mask` against the mask of the mean real volume, Dice ≥
+      :data:`MASK_DICE_MIN`;
+    - **diverse**: the samples' :func:`mean_pairwise_difference` ≥ :data:`DIVERSITY_MIN` × the real volumes'
+      (needs two samples; the same volume repeated scores 0).
+
+    Returns per-sample values, the reference values, ``pass`` flags per check and overall, and a one-line
+    ``summary``.
+    """
+    if not generated or not real:
+        raise ValueError("realism checks need generated and real volumes")
+    shape = np.shape(real[0])
+    if any(np.shape(g) != shape for g in generated):
+        raise ValueError(f"realism checks need generated volumes of the real volumes' shape {shape}, got "
+                         f"{sorted({np.shape(g) for g in generated})}")
+    real_hf = float(np.mean([high_frequency_ratio(r) for r in real]))
+    hf = [high_frequency_ratio(g) for g in generated]
+    hf_rel = [h / real_hf if real_hf > 0 else float("inf") for h in hf]
+    reference = brain_mask(np.mean([np.asarray(r, np.float32) for r in real], axis=0))
+    dices = [dice(brain_mask(g), reference) for g in generated]
+    real_div = mean_pairwise_difference(real)
+    gen_div = mean_pairwise_difference(generated) if len(generated) > 1 else float("nan")
+    div_rel = gen_div / real_div if real_div > 0 else float("nan")
+    not_noise = all(1 / HF_TOLERANCE <= r <= HF_TOLERANCE for r in hf_rel)
+    shaped = all(d >= MASK_DICE_MIN for d in dices)
+    diverse = bool(np.isfinite(div_rel) and div_rel >= DIVERSITY_MIN)
+    summary = (f"HF ratio {np.mean(hf_rel):.2f}x real (each within {HF_TOLERANCE:g}x: {'yes' if not_noise else 'no'}), "
+               f"brain-mask Dice {np.mean(dices):.3f} (min {min(dices):.3f}, each >= {MASK_DICE_MIN:g}: "
+               f"{'yes' if shaped else 'no'}), diversity {div_rel:.2f}x real (>= {DIVERSITY_MIN:g}: "
+               f"{'yes' if diverse else 'no'})")
+    return {"count": len(generated), "hf_ratio": [round(h, 5) for h in hf], "hf_ratio_real": round(real_hf, 5),
+            "hf_vs_real": [round(r, 3) for r in hf_rel], "mask_dice": [round(d, 4) for d in dices],
+            "diversity": round(gen_div, 5) if np.isfinite(gen_div) else None, "diversity_real": round(real_div, 5),
+            "diversity_vs_real": round(div_rel, 3) if np.isfinite(div_rel) else None,
+            "pass": {"not_noise": not_noise, "brain_shaped": shaped, "diverse": diverse,
+                     "all": bool(not_noise and shaped and diverse)},
+            "summary": summary}

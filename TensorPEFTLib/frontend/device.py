@@ -23,6 +23,9 @@ _CPU_STEP_SECONDS = {
     "unetr-paper": (17.0, 128 ** 3, 1),
     "unetr-small": (0.42, 64 ** 3, 2),
     "ddpm-small": (1.1, 32 ** 3, 1),
+    # demo-ldm's TenVOO-L r=4 fine-tune in the demo (2026-12-02, 1 shared thread): median step 0.48 s at batch 1,
+    # the autoencoder's encoding of the 64x80x64 volume included
+    "ddpm-latent-small": (0.48, 64 * 80 * 64, 1),
 }
 #: the batch finetune trains with unless told otherwise (engine.jobs: segmentation 2, synthesis 1)
 _TRAINING_BATCH = {"unetr": 2, "ddpm": 1}

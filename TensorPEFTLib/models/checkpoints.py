@@ -36,6 +36,8 @@ FORMAT = "tensorpeft-model/1"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "network", "net", "module", "ema", "model_ema")
 _PREFIXES = ("module.", "model.", "network.", "net.", "_orig_mod.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+#: key prefix of a latent model's autoencoder weights inside the U-Net's file (see :func:`save_model`)
+AUTOENCODER_PREFIX = "tensorpeft_autoencoder."
 _SHOW = 5
 
 
@@ -141,6 +143,39 @@ def _strip_prefixes(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[st
     return best
 
 
+def _split_autoencoder(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A file's U-Net tensors and, under :data:`AUTOENCODER_PREFIX`, its latent autoencoder's (prefix removed)."""
+    n = len(AUTOENCODER_PREFIX)
+    ae = {k[n:]: v for k, v in state.items() if k.startswith(AUTOENCODER_PREFIX)}
+    return {k: v for k, v in state.items() if not k.startswith(AUTOENCODER_PREFIX)}, ae
+
+
+def _load_autoencoder(model: nn.Module, ae_state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load the autoencoder tensors of a latent model's file into the model's attached autoencoder (strictly). A
+    preset latent model from a file without them is refused: its latents would decode to nothing."""
+    from .latent import latent_parts
+
+    parts = latent_parts(model)
+    if parts is None:
+        if ae_state:
+            raise CheckpointError(f"{path}: holds a latent diffusion model (U-Net + autoencoder), but the model it is "
+                                  f"loaded into ({_describe(model)}) has no autoencoder; load it with load_model")
+        return
+    if not ae_state:
+        if parts.source == "preset":
+            raise CheckpointError(f"{path}: a latent diffusion U-Net without its autoencoder's weights "
+                                  f"({AUTOENCODER_PREFIX}*): its latents cannot be turned into images; save the model "
+                                  "with save_model, which stores both")
+        return
+    expected = parts.autoencoder.state_dict()
+    missing, unexpected, mismatched = _compare(ae_state, expected)
+    if missing or unexpected or mismatched:
+        detail = "; ".join(x for x in (_listing("missing", missing), _listing("unexpected", unexpected),
+                                       _listing("with other shapes", mismatched, ae_state, expected)) if x)
+        raise CheckpointError(f"{path}: the autoencoder weights do not fit this latent model's autoencoder — {detail}")
+    parts.autoencoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in ae_state.items()})
+
+
 def _compare(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -164,6 +199,7 @@ def _preset_shapes(name: str, **overrides: Any) -> dict[str, torch.Tensor]:
 def fitting_presets(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Presets whose architecture this state dict fits; ``"name (out_channels=K)"`` when it fits but for the number
     of output channels. Built on the meta device: instant, no memory."""
+    state = _split_autoencoder(state)[0]
     exact, near = [], []
     for name in PRESETS:
         try:
@@ -233,6 +269,8 @@ def load_checkpoint(
     """
     p = Path(path)
     state, meta = read_state_dict(p)
+    state, ae_state = _split_autoencoder(state)
+    _load_autoencoder(model, ae_state, p)
     expected = model.state_dict()
     state = _strip_prefixes(state, set(expected))
     missing, unexpected, mismatched = _compare(state, expected)
@@ -265,6 +303,8 @@ def _spec_of(model: nn.Module) -> dict[str, Any]:
     out = {"preset": spec["preset"], "overrides": dict(spec.get("overrides", {}))}
     if spec.get("preprocessing"):  # the working spacing / orientation / intensity scale the weights were trained at
         out["preprocessing"] = dict(spec["preprocessing"])
+    if spec.get("synthesis_grid"):  # a generative model: voxel size and world centre of the volumes it makes
+        out["synthesis_grid"] = dict(spec["synthesis_grid"])
     return out
 
 
@@ -287,6 +327,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, An
     if extra:
         metadata["extra"] = json.dumps(dict(extra), sort_keys=True, default=str)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    from .latent import latent_parts
+
+    parts = latent_parts(model)
+    if parts is not None:  # a latent model: its autoencoder travels in the same file
+        dtype = next(iter(tensors.values())).dtype if tensors else None
+        for k, v in parts.autoencoder.state_dict().items():
+            v = v.detach().to("cpu")
+            tensors[AUTOENCODER_PREFIX + k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                                               ).contiguous().clone()
     p.parent.mkdir(parents=True, exist_ok=True)
     payload = canonical_safetensors(save(tensors, metadata=metadata))
     write_bytes_atomically(p, payload)
@@ -338,7 +387,7 @@ def _overrides(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """A model from a preset name (fresh weights), a shipped model's name (``demo-unetr``, ``demo-ddpm``; hash
+    """A model from a preset name (fresh weights), a shipped model's name (``demo-unetr``, ``demo-ldm``; hash
     checked), a file saved by :func:`save_model` (rebuilt from its spec, then
     loaded strictly), or a plain checkpoint that fits exactly one preset (that preset is built).
 
@@ -364,6 +413,8 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
         load_checkpoint(model, p)
         if isinstance(spec.get("preprocessing"), dict):
             model.tensorpeft_spec["preprocessing"] = dict(spec["preprocessing"])
+        if isinstance(spec.get("synthesis_grid"), dict):
+            model.tensorpeft_spec["synthesis_grid"] = dict(spec["synthesis_grid"])
         return model
     state, _ = read_state_dict(p)
     fits = fitting_presets(state)

@@ -2,7 +2,7 @@
 
 Each model is an fp16 safetensors file written by ``tensorpeft pretrain --recipe NAME`` (so it carries its own spec)
 plus a model card ``NAME.json`` with the recipe, data, steps, seed, final metrics and the file's SHA-256. The name
-(``demo-unetr``, ``demo-ddpm``) works wherever a checkpoint path does; the hash is checked before the first load in a
+(``demo-unetr``, ``demo-ldm``) works wherever a checkpoint path does; the hash is checked before the first load in a
 process, so a truncated or altered file is refused instead of giving silently wrong masks.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-SHIPPED_MODELS = ("demo-unetr", "demo-ddpm")
+SHIPPED_MODELS = ("demo-unetr", "demo-ldm")
 
 
 class ShippedModelError(ValueError):
@@ -71,5 +71,6 @@ def shipped_models() -> list[dict[str, Any]]:
         card = model_card(name)
         rows.append({"name": name, "preset": card.get("preset"), "megabytes": round(path.stat().st_size / 1e6, 2),
                      "steps": card.get("recipe", {}).get("steps"), "description": card.get("description", ""),
-                     "final_metrics": card.get("final_metrics", {}), "preprocessing": card.get("preprocessing")})
+                     "final_metrics": card.get("final_metrics", {}), "preprocessing": card.get("preprocessing"),
+                     "synthesis_grid": card.get("synthesis_grid")})
     return rows
