@@ -33,14 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_atomically
 from .events import Events
 from .runtime import EngineError
 
 
 def _save_atomically(obj: dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _load(path: str) -> dict[str, Any] | None:

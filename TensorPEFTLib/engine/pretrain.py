@@ -115,7 +115,6 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
     builds the cohort, writes the initial weights and exports the result; the other ranks return an empty card.
     """
     from ..data import build_demo_cohort
-    from ..data.demo import write_json
     from ..data.preprocess import Preprocessing
     from ..models.checkpoints import save_model
     from .distributed import setup
@@ -210,9 +209,17 @@ def pretrain(recipe_name: str, out: str, *, cohort: str | None = None, steps: in
         "torch": torch.__version__, "dtype": "float16", "sha256": file_sha256(weights),
         "command": f"tensorpeft pretrain --recipe {recipe.name} --out {out}",
     }
-    card_path = os.path.join(out, f"{recipe.name}.json")
+    return finish_card(card, weights, out, ship, events)
+
+
+def finish_card(card: dict[str, Any], weights: str, out: str, ship: bool, events: Events) -> dict[str, Any]:
+    """Write a recipe's model card beside its weights (``out/<name>.json``) and, with ``ship``, copy both into the
+    package."""
+    from ..data.demo import write_json
+
+    card_path = os.path.join(out, f"{card['name']}.json")
     write_json(card_path, card)
-    events.message(f"wrote {weights} and its model card {card_path}")
+    events.message(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and its model card {card_path}")
     if ship:
         ship_model(weights, card_path)
         events.message(f"shipped: {WEIGHTS_DIR / os.path.basename(weights)}")
@@ -234,7 +241,6 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
     export (EMA weights, fp16, autoencoder in the same file) with realism checks of samples of the EMA and of the raw
     weights in the card. One process (no torchrun)."""
     from ..data import build_demo_cohort
-    from ..data.demo import write_json
     from ..models.checkpoints import save_model
     from ..models.latent import latent_parts
     from ..models.presets import PRESETS
@@ -329,13 +335,7 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
         "torch": torch.__version__, "dtype": "float16", "sha256": file_sha256(weights),
         "command": f"tensorpeft pretrain --recipe {recipe.name} --out {out}",
     }
-    card_path = os.path.join(out, f"{recipe.name}.json")
-    write_json(card_path, card)
-    events.message(f"wrote {weights} ({os.path.getsize(weights) / 1e6:.2f} MB) and its model card {card_path}")
-    if ship:
-        ship_model(weights, card_path)
-        events.message(f"shipped: {WEIGHTS_DIR / os.path.basename(weights)}")
-    return card
+    return finish_card(card, weights, out, ship, events)
 
 
 def F_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: N802
