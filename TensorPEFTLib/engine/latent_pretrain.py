@@ -42,6 +42,18 @@ def _save_atomically(obj: dict[str, Any], path: str) -> None:
     write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _restore(state: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: str,
+             steps: int, events: Events) -> tuple[int, list[float], float]:
+    """A stage's checkpoint (or None) into ``model`` and ``optimizer``: (first step, losses so far, seconds so far)."""
+    if state is None:
+        return 0, [], 0.0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["step"])
+    events.message(f"{stage}: resuming at step {start} of {steps}")
+    return start, list(state["losses"]), float(state["seconds"])
+
+
 def _load(path: str) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
 
@@ -93,12 +105,7 @@ def train_autoencoder(ae: torch.nn.Module, volumes: torch.Tensor, run: str, *, s
     for p in ae.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(ae.parameters(), lr=lr)
-    start, losses, seconds = 0, [], 0.0
-    if state is not None:
-        ae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
-        events.message(f"autoencoder: resuming at step {start} of {steps}")
+    start, losses, seconds = _restore(state, ae, optimizer, "autoencoder", steps, events)
     ae.train()
     warmup = min(50, max(1, steps // 10))
     began = time.time() - seconds
@@ -187,13 +194,9 @@ def train_diffusion(unet: torch.nn.Module, mu: torch.Tensor, sigma: torch.Tensor
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
     state = _load(path) if resume else None
-    start, losses, seconds = 0, [], 0.0
+    start, losses, seconds = _restore(state, unet, optimizer, "diffusion", steps, events)
     if state is not None:
-        unet.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         ema = {k: v.float() for k, v in state["ema"].items()}
-        start, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
-        events.message(f"diffusion: resuming at step {start} of {steps}")
     unet.train()
     warmup = min(100, max(1, steps // 10))
     began = time.time() - seconds
