@@ -90,3 +90,16 @@ def test_memory_benchmark_quick_run_writes_labelled_results(tmp_path):
     assert len({r["peak_source"] for r in rows}) == 1
     text = (tmp_path / "mem.md").read_text(encoding="utf-8")
     assert "QUICK" in text and "Machine:" in text and "| lora (r=2) |" in text and "(1.00×)" in text
+
+
+def test_whole_brain_spreads_separate_orientation_from_voxel_size():
+    from benchmarks.whole_brain import dice_spreads
+
+    def row(storage, mm, dice):
+        return {"subject": "b", "storage": storage, "spacing_mm": [mm] * 3, "dice": dice}
+
+    rows = [row("RAS", 1.0, 0.78), row("LPS", 1.0, 0.77), row("oblique", 1.0, 0.76),
+            row("RAS", 1.2, 0.80), row("LPS", 1.2, 0.79), row("oblique", 1.2, 0.795)]
+    spread, orientation = dice_spreads(rows)
+    assert spread == {"b": pytest.approx(0.04)}  # 0.80 - 0.76, across voxel sizes
+    assert orientation == {"b": pytest.approx(0.02)}  # the 1.0 mm orientations: 0.78 - 0.76
