@@ -78,6 +78,24 @@ def test_sampling_is_monai_latent_diffusion_inferer(bundles):
     assert ours.std() > 0  # not a constant volume
 
 
+def test_sampling_without_a_schedule_uses_the_latent_models_own(bundles):
+    """A caller of sample_volumes who passes no schedule gets the one the latent model was trained with (the shipped
+    demo-ldm predicts v: the default noise-prediction schedule turned its samples into noise)."""
+    from TensorPEFTLib.engine.runtime import select_runtime
+    from TensorPEFTLib.engine.synthesis import SCHEDULE, sample_volumes
+
+    unet = load_latent_model(bundles["monai"])
+    parts = latent_parts(unet)
+    runtime = select_runtime("cpu", "off", 1)
+    kwargs = dict(steps=3, sampler="ddim", seed=2)
+    implicit = sample_volumes(unet, 1, (16, 16, 16), runtime, **kwargs)[0]
+    own = sample_volumes(unet, 1, (16, 16, 16), runtime, schedule=parts.schedule, **kwargs)[0]
+    default = sample_volumes(unet, 1, (16, 16, 16), runtime, schedule=SCHEDULE, **kwargs)[0]
+    assert parts.schedule != SCHEDULE
+    np.testing.assert_array_equal(implicit, own)
+    assert np.abs(implicit - default).max() > 1e-4
+
+
 @pytest.mark.parametrize("method", DDPM_METHODS)
 def test_every_ddpm_method_adapts_the_unet_and_leaves_the_autoencoder(bundles, method):
     from TensorPEFTLib import AdapterConfig, inject, merge, unmerge

@@ -142,6 +142,10 @@ def sample_volumes(model: nn.Module, count: int, size: Sequence[int], runtime: R
     from ..models.latent import latent_parts
 
     latent = latent_parts(model)
+    if schedule is None and latent is not None:
+        # a latent model carries the schedule it was trained with (v-prediction for demo-ldm): sampling it with the
+        # default noise-prediction schedule gives noise
+        schedule = latent.schedule
     scheduler = make_scheduler(sampler, schedule)
     if sampler == "ddim":
         scheduler.set_timesteps(num_inference_steps=steps)
