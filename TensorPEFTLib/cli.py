@@ -489,7 +489,7 @@ def _add_job_commands(sub: Any) -> None:
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=positive_int, default=None,
-                   help="optimiser steps (default: 1000 for up to 10 segmentation cases, 100 per case beyond; 300 synthesis)")
+                   help="optimiser steps (default: 1250 for up to 12 segmentation cases, 100 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
                         "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-4 the others; "

@@ -341,10 +341,12 @@ def test_device_lines_and_cpu_estimate():
     text, on_cpu = device.describe_device(cpu_build)
     assert on_cpu and "no CUDA support" in text and "8 cores" in text
     assert device.describe_device({"error": "PyTorch is not installed"})[1]
-    # the demo's measured 0.42 s per batch-2 step at 64³ (make demo, 2026-12-02: 450 s for 1000 steps + validation)
-    assert device.estimate_cpu_seconds("unetr-small", 1000) == pytest.approx(420.0)
-    assert "7 min 00 s" in device.cpu_warning("unetr-small", 1000)
-    assert device.estimate_cpu_seconds("unetr-small", 1000, patch_size=128) == pytest.approx(3360.0)  # 8× the voxels
+    # the demo's measured 0.33 s per batch-2 step at 64³ (make demo, 2026-12-02: 327 s for 1000 steps + validation)
+    assert device.estimate_cpu_seconds("unetr-small", 1000) == pytest.approx(330.0)
+    assert "5 min 30 s" in device.cpu_warning("unetr-small", 1000)
+    assert device.estimate_cpu_seconds("unetr-small", 1000, patch_size=128) == pytest.approx(2640.0)  # 8× the voxels
+    # without --steps the estimate is for finetune's own default (1250 on a UNETR, 300 on a DDPM)
+    assert device.auto_steps("unetr-small") == 1250 and device.auto_steps("ddpm-latent-small") == 300
     assert "impractically slow" in device.cpu_warning("ddpm-paper", 300)
 
 
@@ -648,7 +650,9 @@ def test_background_probes_ask_once_per_question_and_replace_older_counts():
     while probes.poll():
         pass
     text, warning = shown["device"][-1]
-    assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 2 min 06 s" in warning
+    assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 1 min 39 s" in warning
+    probes.describe(count, "CPU", 0, 0)  # steps on auto: the estimate is for finetune's own default
+    assert "1250 steps will take roughly" in shown["device"][-1][1]
 
 
 def test_module_file_is_thin_and_front_end_files_small():

@@ -167,7 +167,8 @@ def test_segment_puts_the_mask_back_on_every_stored_grid(tmp_path, tilt, origin)
 def test_recipe_defaults_for_few_subjects():
     from TensorPEFTLib.engine.jobs import default_lr, default_steps, split_validation
 
-    assert default_steps("segmentation", 5) == 1000 and default_steps("segmentation", 20) == 2000
+    assert default_steps("segmentation", 5) == 1250 and default_steps("segmentation", 12) == 1250
+    assert default_steps("segmentation", 13) == 1300 and default_steps("synthesis", 5) == 300
     assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "lora") == 1e-4
     cases = [{"image": f"c{i}.nii.gz"} for i in range(7)]
     train, val = split_validation(cases, seed=0)

@@ -94,6 +94,23 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
 }
 
 
+#: ``finetune``'s steps without ``--steps`` (:func:`default_steps`): a segmentation fine-tune of up to 12 cases, and
+#: synthesis. Measured 2026-12-02 on the demo (LoRA-PT r=1, 1 thread, 5 + 2 whole-brain subjects, paired seeds 0 / 1;
+#: 4 held-out subjects and 12 whole-brain scans of unseen templates): 1000 -> 1250 steps lifted held-out Dice
+#: 0.787 -> 0.805 and 0.791 -> 0.813, the whole-brain mean 0.821 -> 0.830 and 0.795 -> 0.810, the lowest whole-brain
+#: scan 0.782 -> 0.794 and 0.732 -> 0.765; validation Dice was still rising at step 1000 in 3 of 4 runs.
+SEGMENTATION_STEPS = 1250
+SYNTHESIS_STEPS = 300
+
+
+def default_steps(task_kind: str, num_train: int = 0) -> int:
+    """Optimiser steps ``finetune`` runs without ``--steps``: :data:`SEGMENTATION_STEPS` for up to 12 cases, 100 per
+    case beyond; :data:`SYNTHESIS_STEPS` for synthesis. Torch-free, so the GUIs estimate a run's time by the same rule."""
+    if task_kind != "segmentation":
+        return SYNTHESIS_STEPS
+    return max(SEGMENTATION_STEPS, 100 * int(num_train))
+
+
 def default_lr(method: str, family: str) -> float:
     """The learning rate ``finetune`` uses for ``method`` on a model of ``family`` (``unetr``, ``ddpm``, ``generic``)
     when none is given."""

@@ -76,7 +76,7 @@ class AppSession:
             "model_kind": "UNETR", "model": "demo-unetr", "models": self.model_choices("UNETR"),
             "methods": [{"title": f"{name}", "value": name, "subtitle": summary}
                         for name, summary in requests.method_summaries().items()],
-            # steps / eval_every 0: finetune's own defaults for the cohort (1000 steps for a few cases, validation every
+            # steps / eval_every 0: finetune's own defaults for the cohort (1250 steps for a few cases, validation every
             # fifth), as the CLI and the Slicer panel use them
             "method": "lora-pt", "rank": 1, "steps": 0, "eval_every": 0, "device": "auto",
             "device_text": "checking the device ...", "cpu_warning": "", "param_count": "",

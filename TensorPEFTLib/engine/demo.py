@@ -41,7 +41,7 @@ class DemoSettings:
     subjects: int = 5          # labelled training subjects for the fine-tune
     val_subjects: int = 2      # further labelled subjects that pick the best adapter during training
     # None: what `tensorpeft finetune` chooses without flags (the demo is an example of the defaults, not a special
-    # case): 1000 steps for 5 subjects, lr 1e-3, a fifth of the steps between validations, left-right flips, random
+    # case): 1250 steps for 5 subjects, lr 1e-3, a fifth of the steps between validations, left-right flips, random
     # affine, a quarter of the labelled subjects held out for validation
     seg_steps: int | None = None
     seg_lr: float | None = None

@@ -151,13 +151,11 @@ def default_lr(family: str, method: str) -> float:
 
 
 def default_steps(task_kind: str, num_train: int) -> int:
-    """Enough optimiser steps for ``num_train`` subjects: 1000 for up to 10, 100 per subject beyond; synthesis 300.
+    """Enough optimiser steps for ``num_train`` subjects (the rule and its measurement:
+    :func:`TensorPEFTLib.adapters.catalog.default_steps`)."""
+    from ..adapters.catalog import default_steps as catalog_default_steps
 
-    Measured on the demo's 5 whole-brain subjects (LoRA-PT r=1, validation Dice on 2 more): 0.66 after a 400-step
-    run, 0.77 after a 1000-step one; a 1600-step run was still at 0.79 at step 1000 and ended at 0.82."""
-    if task_kind != "segmentation":
-        return 300
-    return max(1000, 100 * int(num_train))
+    return catalog_default_steps(task_kind, num_train)
 
 
 def split_validation(cases: list[dict], seed: int) -> tuple[list[dict], list[dict]]:

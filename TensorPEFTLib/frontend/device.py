@@ -17,11 +17,12 @@ from .progress import format_duration
 
 #: CPU seconds per training step measured on a 2-core machine (UNETR forward+backward at batch 1, small DDPM
 #: training step): preset → (seconds, voxels of the measured patch, batch of the measurement). unetr-small: `make demo`
-#: on 2026-12-02 (LoRA-PT r=1, bf16, 2 threads, batch 2 at 64³: median step 0.42 s in its history.json; the earlier
-#: 1.0 s at batch 1 made the app and the Slicer panel promise 33 minutes for a 7-minute fine-tune)
+#: on 2026-12-02 after the channels-last and cached-crop speed-ups (LoRA-PT r=1, bf16, 2 threads, batch 2 at 64³:
+#: 327 s for 1000 steps with 5 validations, median step 0.30 s in its history.json; the earlier 1.0 s at batch 1
+#: made the app and the Slicer panel promise 33 minutes for a 7-minute fine-tune)
 _CPU_STEP_SECONDS = {
     "unetr-paper": (17.0, 128 ** 3, 1),
-    "unetr-small": (0.42, 64 ** 3, 2),
+    "unetr-small": (0.33, 64 ** 3, 2),
     "ddpm-small": (1.1, 32 ** 3, 1),
     # demo-ldm's TenVOO-L r=4 fine-tune in the demo (2026-12-02, 1 shared thread): median step 0.48 s at batch 1,
     # the autoencoder's encoding of the 64x80x64 volume included
@@ -41,6 +42,14 @@ def estimate_cpu_seconds(preset: str, steps: int, patch_size: Optional[int] = No
     seconds, voxels, batch = _CPU_STEP_SECONDS[preset]
     patch = patch_size ** 3 if patch_size else math.prod(PRESETS[preset].patch_size)
     return seconds * (patch / voxels) * _TRAINING_BATCH[preset.split("-")[0]] / batch * steps
+
+
+def auto_steps(preset: str) -> int:
+    """The steps ``finetune`` runs on a model of ``preset`` without ``--steps`` (a handful of cases)."""
+    from ..adapters.catalog import default_steps
+    from ..models.presets import PRESETS
+
+    return default_steps(PRESETS[preset].task if preset in PRESETS else "segmentation")
 
 
 def cpu_warning(preset: str, steps: int, patch_size: Optional[int] = None) -> str:

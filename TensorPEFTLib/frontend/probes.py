@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional
 
-from .device import cpu_warning, describe_device
+from .device import auto_steps, cpu_warning, describe_device
 from .jobs import JobResult, WorkerJob
 from .requests import ModelChoice, ParameterCountRequest
 
@@ -48,7 +48,8 @@ class BackgroundProbes:
                                                                                                 steps, patch_size))
             return
         text, on_cpu = describe_device(self.device_report, device)
-        self.show_device(text, cpu_warning(request.preset, steps or 1000, patch_size or None) if on_cpu else "")
+        self.show_device(text, cpu_warning(request.preset, steps or auto_steps(request.preset), patch_size or None)
+                         if on_cpu else "")
 
     def _device_answer(self, result: JobResult, request: ModelChoice, device: str, steps: int, patch_size: int) -> None:
         try:
