@@ -66,7 +66,10 @@ class SynthesisTask:
         if latent is not None:
             latent.autoencoder.to(runtime.device)
             if latent.scale_factor is None:
-                first = [torch.as_tensor(self.train_data[i]["image"]) for i in range(min(4, len(self.train_data)))]
+                # from the volumes as they are, not through the training transform: its random flips come from an
+                # unseeded generator, so the factor (and every latent after it) changed from run to run and on --resume
+                plain = synthesis_transforms(self.size)
+                first = [torch.as_tensor(plain(dict(c))["image"]) for c in train_cases[:4]]
                 latent.fit_scale_factor(torch.stack(first).float().to(runtime.device))
 
     def _to_latents(self, image: torch.Tensor, seed: int) -> torch.Tensor:
