@@ -463,3 +463,50 @@ def test_every_adapter_tensor_takes_part_in_the_forward_pass():
                 missing[f"{method}/{family}"] = names
     assert list(missing) == ["full/unetr"], list(missing)
     assert all(".norm_cross_attn." in name for name in missing["full/unetr"])
+
+
+def _train_latent(rank: int, world: int, bundle: str, data: str, out: str, batch: int, steps: int) -> dict:
+    """A few training steps of a tiny latent diffusion bundle's U-Net (LoRA) through the engine's Trainer."""
+    from TensorPEFTLib.adapters import AdapterConfig, inject
+    from TensorPEFTLib.data import find_cases
+    from TensorPEFTLib.engine.distributed import setup
+    from TensorPEFTLib.engine.events import Events
+    from TensorPEFTLib.engine.runtime import select_runtime
+    from TensorPEFTLib.engine.synthesis import SynthesisTask
+    from TensorPEFTLib.engine.trainer import Trainer, TrainSettings
+    from TensorPEFTLib.models.latent import latent_parts, load_latent_model
+
+    ctx = setup("cpu")
+    runtime = select_runtime("cpu", "off", 1)
+    unet = load_latent_model(bundle).train()
+    parts = latent_parts(unet)
+    inject(unet, AdapterConfig(method="lora", rank=2))
+    task = SynthesisTask(find_cases(data, require_labels=False), [], size=(16, 16, 16), runtime=runtime,
+                         batch_size=batch, schedule=parts.schedule, shard=(ctx.rank, ctx.world_size), latent=parts)
+    settings = TrainSettings(steps=steps, lr=1e-3, eval_every=10**6, checkpoint_every=10**6, seed=0)
+    trainer = Trainer(unet, task, settings, out, runtime, Events.silent_sink(), extra_meta={"method": "lora"}, dist=ctx)
+    trainer.run()
+    return {"weights": {n: p.detach().numpy().copy() for n, p in unet.named_parameters() if p.requires_grad},
+            "losses": [row["loss"] for row in trainer.history["steps"]], "scale": parts.scale_factor}
+
+
+def test_a_latent_finetune_on_two_ranks_trains_as_one_process(tmp_path):
+    """Data-parallel latent fine-tuning: 2 ranks of batch 1 = 1 process of batch 2 (the posterior draw of the frozen
+    autoencoder, like noise and timesteps, is the global batch's, each rank taking its rows)."""
+    from latent_bundles import write_latent_bundle
+
+    bundle = write_latent_bundle(str(tmp_path / "bundle"), "monai")
+    data = synthetic.write_volume_dataset(str(tmp_path / "data"), n=4)
+    threads = torch.get_num_threads()
+    try:
+        one = _train_latent(0, 1, bundle, data, str(tmp_path / "one"), 2, 3)
+    finally:
+        torch.set_num_threads(threads)
+    ranks = run_ranks(_train_latent, 2, bundle, data, str(tmp_path / "two"), 1, 3)
+    for ok, value in ranks:
+        assert ok, value
+    r0, r1 = (value for _, value in ranks)
+    assert r0["scale"] == one["scale"]
+    np.testing.assert_allclose(r0["losses"], one["losses"], rtol=1e-5)
+    assert _max_difference(one["weights"], r0["weights"]) <= 1e-5
+    assert _max_difference(r0["weights"], r1["weights"]) == 0.0

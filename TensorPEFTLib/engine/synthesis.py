@@ -74,8 +74,10 @@ class SynthesisTask:
 
     def _to_latents(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """Volumes ``(B, 1, *size)`` → a latent model's scaled latents ``(B, C, *size / downsample)``, the posterior
-        draw seeded so that a step repeats."""
-        return self.latent.encode(image, torch.Generator().manual_seed(seed)).float()
+        draw seeded so that a step repeats, and this rank's rows of the global batch's draw (as noise and timesteps)."""
+        rank, ranks = self.shard
+        rows = (rank * image.shape[0], image.shape[0] * ranks)
+        return self.latent.encode(image, torch.Generator().manual_seed(seed), rows=rows).float()
 
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
         from .segmentation import global_batch_picks

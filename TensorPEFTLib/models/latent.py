@@ -75,12 +75,17 @@ class LatentParts:
         return tuple(int(s) * self.downsample for s in self.latent_shape) if self.latent_shape else None
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Images ``(B, C_img, *spatial)`` → scaled latents ``(B, latent_channels, *spatial / downsample)``: a draw
         from the autoencoder's posterior N(mu, sigma²) (as ``encode_stage_2_inputs`` draws, here from ``generator``
-        so a seed repeats the run) times ``scale_factor``."""
+        so a seed repeats the run) times ``scale_factor``. ``rows`` = (first, total): these images are rows
+        first.. of a global batch of ``total`` split over data-parallel ranks; the noise of the whole global batch is
+        drawn and these rows taken, so the ranks together draw what one process draws."""
         mu, sigma = self.autoencoder.encode(images)
-        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+        first, total = rows or (0, mu.shape[0])
+        noise = torch.randn((total, *mu.shape[1:]), generator=generator, dtype=mu.dtype)[first:first + mu.shape[0]]
+        noise = noise.to(mu.device)
         return (mu + sigma * noise) * float(self.scale_factor or 1.0)
 
     @torch.no_grad()
