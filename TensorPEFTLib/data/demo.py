@@ -121,8 +121,9 @@ WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9,
 SYNTH_SHAPE = (64, 80, 64)
 SYNTH_SPACING_MM = 2.5
 #: ``synthesis-ventricles``: each subject's lateral ventricles (Harvard-Oxford, 50 %) are dilated by a distance drawn
-#: from this range (mm), with a smooth edge of :data:`VENTRICLE_EDGE_MM`. At 4 mm the ventricles of the 2.5 mm grid
-#: hold about three times the template's CSF volume (measured with :func:`synthesis_ventricle_roi`).
+#: from this range (mm), with a smooth edge of :data:`VENTRICLE_EDGE_MM`. Measured on the 2.5 mm grid (voxels < 0.25
+#: of [0, 1] within :func:`synthesis_ventricle_roi`): 43.5 mL (sd 6.2) over 8 such brains against 7.4 mL (sd 0.8)
+#: over 16 pre-training brains, about 6x.
 VENTRICLE_DILATION_MM = (3.0, 5.0)
 VENTRICLE_EDGE_MM = 2.0
 #: storage orientations (columns: the world direction of voxel axes i, j, k): RAS, LPS (DICOM / ITK), LAS (FSL
@@ -482,6 +483,17 @@ def reference_label(probability: _Field, grid: _Grid) -> np.ndarray:
     return _labels_from_maps(probability.sample(grid.world(), order=1).reshape(1, *grid.shape))
 
 
+def _enlarge_ventricles(image: np.ndarray, pts: np.ndarray, mm: float) -> np.ndarray:
+    """``image`` (sampled from the MNI152 template at the world points ``pts``, 3 x N) with the lateral ventricles
+    dilated by ``mm``: within that distance of either ventricle (on its own side) the tissue becomes the ventricles'
+    CSF intensity, with a smooth edge of :data:`VENTRICLE_EDGE_MM`."""
+    field, csf = _SOURCE_CACHE.ventricle_distance()
+    distance = (_VENTRICLE_FAR - field.sample(pts)).reshape(image.shape)
+    weight = np.clip((mm - distance) / VENTRICLE_EDGE_MM + 0.5, 0.0, 1.0)
+    weight = weight * weight * (3.0 - 2.0 * weight)  # smoothstep: no hard edge
+    return (image * (1.0 - weight) + csf * weight).astype(np.float32)
+
+
 def _simulate(grid: _Grid, template: _Field, probs: list[_Field], rng: np.random.Generator, *, rotate_deg: float,
               scale: float, elastic_mm: float, strength: float = 1.0,
               shift_mm: float = 3.0, ventricles_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -494,11 +506,7 @@ def _simulate(grid: _Grid, template: _Field, probs: list[_Field], rng: np.random
     pts = _deformation(grid, rng, rotate_deg, scale, elastic_mm, shift_mm)
     image = template.sample(pts).reshape(grid.shape)
     if ventricles_mm > 0:
-        field, csf = _SOURCE_CACHE.ventricle_distance()
-        distance = (_VENTRICLE_FAR - field.sample(pts)).reshape(grid.shape)
-        weight = np.clip((ventricles_mm - distance) / VENTRICLE_EDGE_MM + 0.5, 0.0, 1.0)
-        weight = weight * weight * (3.0 - 2.0 * weight)  # smoothstep: no hard edge
-        image = (image * (1.0 - weight) + csf * weight).astype(np.float32)
+        image = _enlarge_ventricles(image, pts, ventricles_mm)
     image = _appearance(image, rng, strength)
     if not probs:
         return image, None
