@@ -79,3 +79,6 @@ def test_bad_lr_flag_is_one_line(capsys):
     with pytest.raises(SystemExit) as err:
         ldm_methods.main(["--lr", "tenvoo-l"])
     assert err.value.code == 2 and "--lr takes METHOD=LR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # refused before any training
+        ldm_methods.main(["--methods", "lora:4,full", "--figure", "x.png", "--figure-method", "tenvoo-l"])
+    assert err.value.code == 2 and "--figure-method tenvoo-l: not among --methods" in capsys.readouterr().err

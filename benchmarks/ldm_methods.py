@@ -20,7 +20,7 @@ seeds, and for each set of samples:
 
 Writes ``benchmarks/results/<name>.md``, ``.json`` (every number) and ``.png`` (one row per model: the same axial and
 coronal slices of its first samples), and with ``--figure PATH`` the README's figure: rows base samples / samples of
-``--figure-method`` / target brains. Finished methods are kept in ``--work`` so a stopped run continues
+``--figure-method`` (default: the adapter that came closest to the target, and full fine-tuning) / target brains. Finished methods are kept in ``--work`` so a stopped run continues
 (``--resume``).
 """
 
@@ -257,14 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--figure", default=None, help="also write the README figure here")
-    parser.add_argument("--figure-method", default=None, help="the adapted row of --figure (default: the method "
-                        "whose samples' ventricle volume is closest to the target's)")
+    parser.add_argument("--figure-method", default=None, help="the adapted rows of --figure, comma-separated "
+                        "(default: the adapter whose samples' ventricle volume came closest to the target's, and full)")
     args = parser.parse_args(argv)
 
     try:
         lrs = {k.strip().lower(): float(v) for k, _, v in (item.partition("=") for item in args.lr)}
     except ValueError:
         parser.error("--lr takes METHOD=LR, e.g. --lr tenvoo-l=1e-4")
+    methods = parse_methods(args.methods)
+    if args.figure_method:
+        unknown = [m for m in args.figure_method.lower().split(",") if m.strip() not in {n for n, _ in methods}]
+        if unknown:
+            parser.error(f"--figure-method {','.join(unknown)}: not among --methods ({args.methods})")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     train, target = ventricles[:args.train], ventricles[args.train:args.train + args.heldout]
     started = time.perf_counter()
     result = run_methods(args.model, train, target, source, os.path.join(args.work, "runs"),
-                         methods=parse_methods(args.methods), steps=args.steps, count=args.count,
+                         methods=methods, steps=args.steps, count=args.count,
                          sampler_steps=args.sampler_steps, lrs=lrs, threads=args.threads,
                          roi=synthesis_ventricle_roi(), spacing=SYNTH_SPACING_MM, features=not args.no_features,
                          resume=args.resume)
@@ -319,12 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     rows_figure(os.path.join(args.out, stem + ".png"), rows, dpi=55)
     if args.figure:
         target_ml = result["reference"]["target"]["ventricles_ml"]
-        adapted = [r for r in result["rows"] if r["method"] != "base"]
-        pick = args.figure_method or min(adapted, key=lambda r: abs(r["ventricles_ml"]["mean"] - target_ml))["method"]
-        row = next(r for r in result["rows"] if r["method"] == pick)
-        rows_figure(args.figure, [("base demo-ldm", result["samples"]["base"]),
-                                  (f"{row['label']}, {args.steps} steps", result["samples"][pick]),
-                                  ("target brains", result["target_volumes"])])
+        adapted = {r["method"]: r for r in result["rows"] if r["method"] != "base"}
+        closest = lambda rows: min(rows, key=lambda r: abs(r["ventricles_ml"]["mean"] - target_ml))["method"]  # noqa: E731
+        if args.figure_method:
+            picks = [m.strip().lower() for m in args.figure_method.split(",") if m.strip()]
+        else:  # the adapter that came closest to the target, and full fine-tuning for scale
+            peft = [r for m, r in adapted.items() if m != "full"]
+            picks = ([closest(peft)] if peft else []) + (["full"] if "full" in adapted else [])
+        rows_figure(args.figure, [("base demo-ldm", result["samples"]["base"])]
+                    + [(f"{adapted[m]['label']}, {args.steps} steps", result["samples"][m]) for m in picks]
+                    + [("target brains", result["target_volumes"])])
     print(markdown(result, header))
     return 0
 
