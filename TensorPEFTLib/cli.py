@@ -689,7 +689,8 @@ def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
     if "synthesis" in summary:
         out["synthesis"] = {k: summary["synthesis"][k] for k in
                             ("method", "rank", "trainable", "total_parameters", "train_seconds", "sample_seconds",
-                             "mmd_to_target", "realism", "volumes", "png")}
+                             "mmd_to_target", "realism", "volumes", "png", "target", "ventricles_ml",
+                             "compare_png")}
     return out
 
 

@@ -79,7 +79,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert np.isfinite(syn["mmd_to_target"]["base"]) and np.isfinite(syn["mmd_to_target"]["adapted"])
     for which in ("base", "adapted"):  # issue 15's realism checks of both sets of samples
         assert set(syn["realism"][which]["pass"]) == {"not_noise", "brain_shaped", "diverse", "all"}
-    for png in (summary["png"], syn["png"]):
+    # the target is the enlarged-ventricle brains, and the demo measures the samples' ventricles against theirs
+    assert syn["target"].endswith("synthesis-ventricles") and set(syn["ventricles_ml"]) == {"base", "adapted", "target"}
+    assert syn["ventricles_ml"]["target"] > 20  # mL: the two target brains' enlarged ventricles (the template: ~7)
+    for png in (summary["png"], syn["png"], syn["compare_png"]):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(out / "summary.json"))["segmentation"]["adapted"][0]["method"] == "lora-pt"
 

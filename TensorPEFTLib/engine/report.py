@@ -24,9 +24,9 @@ def _figure(*args: Any, **kwargs: Any):
     return plt, plt.subplots(*args, **kwargs)
 
 
-def _save(fig: Any, plt: Any, path: str) -> str:
+def _save(fig: Any, plt: Any, path: str, dpi: int = 110) -> str:
     try:
-        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
 
@@ -151,6 +151,31 @@ def slice_grid(path: str, volumes: list[np.ndarray], titles: list[str] | None = 
             axes[row, col].set_title(f"{(titles or [])[row] if titles else f'volume {row + 1}'}: {view}", fontsize=9)
             axes[row, col].axis("off")
     return _save(fig, plt, path)
+
+
+def sample_rows(path: str, rows: Sequence[tuple[str, Sequence[np.ndarray]]], slices: dict[str, int],
+                per_row: int = 3, dpi: int = 80) -> str:
+    """Sets of volumes side by side, one row per set (e.g. base samples / adapted samples / target images): the same
+    ``slices`` (view -> voxel index, clamped to the volume) of each set's first ``per_row`` volumes, all on the grey
+    scale [0, 1], so that a difference between rows is a difference of the volumes."""
+    shown = max(1, min(per_row, min(len(v) for _, v in rows)))
+    views = list(slices)
+    axis = {"axial": 2, "coronal": 1, "sagittal": 0}
+    plt, (fig, axes) = _figure(len(rows), len(views) * shown, figsize=(2.1 * len(views) * shown, 2.3 * len(rows)),
+                               squeeze=False)
+    for r, (title, volumes) in enumerate(rows):
+        for i in range(shown):
+            volume = np.asarray(volumes[i])
+            for k, view in enumerate(views):
+                ax = axes[r, len(views) * i + k]
+                index = min(int(slices[view]), volume.shape[axis[view]] - 1)
+                ax.imshow(view_slice(volume, view, index), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"{i + 1}: {view}", fontsize=9)
+        axes[r, 0].set_ylabel(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path, dpi)
 
 
 def synthesis_metrics_figure(path: str, real: list[np.ndarray], generated: list[np.ndarray], per_pair: list[float],

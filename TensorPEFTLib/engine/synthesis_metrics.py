@@ -248,6 +248,23 @@ def mean_pairwise_difference(volumes: Sequence[np.ndarray]) -> float:
     return float(np.mean(diffs)) if diffs else 0.0
 
 
+#: intensity (volumes in [0, 1]) below which a voxel inside a ventricle region counts as CSF: the simulated brains'
+#: ventricles are near 0 (Rician noise ~0.02), deep grey matter ~0.5, white matter ~0.8
+DARK_THRESHOLD = 0.25
+
+
+def dark_volume_ml(volume: np.ndarray, region: np.ndarray, spacing_mm: float | Sequence[float],
+                   threshold: float = DARK_THRESHOLD) -> float:
+    """Volume (mL) of the voxels of ``region`` (bool, the volume's shape) darker than ``threshold``: with ``region``
+    the ventricles' neighbourhood (:func:`TensorPEFTLib.data.demo.synthesis_ventricle_roi`), the ventricle volume
+    of a generated or real T1 brain in [0, 1]."""
+    v, r = np.asarray(volume), np.asarray(region, bool)
+    if v.shape != r.shape:
+        raise ValueError(f"dark_volume_ml: volume {v.shape} and region {r.shape} differ in shape")
+    voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, np.float64), (3,)))) / 1000.0
+    return float(np.count_nonzero(np.logical_and(v < threshold, r)) * voxel_ml)
+
+
 def realism_checks(generated: Sequence[np.ndarray], real: Sequence[np.ndarray]) -> dict[str, object]:
     """Are the generated volumes (in [0, 1], the real volumes' size) plausible brain MRI? Three measured checks:
 
