@@ -760,10 +760,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from .engine.outputs import is_write_failure
     from .engine.runtime import Interrupted
 
+    # resolved before the command runs: an except clause that imports (the data package is lazy) is a window in which
+    # torchrun's SIGTERM, after another rank died, turned the survivor's one-line error into a KeyboardInterrupt trace
+    user_errors = _user_errors()
     previous = _terminate_as_interrupt()
     try:
-        return int(args.func(args) or 0)
-    except _user_errors() as err:
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            _ignore_terminate()  # the command is over: a late SIGTERM must not cut its one-line report short
+    except user_errors as err:
         if type(err).__name__ == "PeerError":
             return EXIT_USER_ERROR  # another rank of this torchrun job failed and printed why
         _report_error(args, str(err), "user")
@@ -823,6 +829,14 @@ def _terminate_as_interrupt() -> Any:
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _ignore_terminate() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _restore_signal(previous: Any) -> None:

@@ -93,3 +93,28 @@ def test_params_counts_a_checkpoint_file_as_it_is(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "params", "--model", path, "--method", "lora", "--rank", "2", "--json")
     report = json.loads(out)
     assert code == 0 and report["base_total"] == sum(p.numel() for p in build_model("unetr-small", out_channels=3).parameters())
+
+
+def test_a_sigterm_while_an_error_is_reported_keeps_the_one_line(monkeypatch, capsys):
+    """torchrun SIGTERMs the surviving rank right after its collective failed: the signal lands while the survivor
+    reports that failure. It must still print its one line and exit 2, not a KeyboardInterrupt traceback (CI saw one:
+    the except clause was importing the error classes when the signal came)."""
+    import os
+    import signal
+
+    from TensorPEFTLib import cli
+    from TensorPEFTLib.engine import EngineError
+
+    def failing_command(args):
+        raise EngineError("another rank of this job stopped; continue with --resume")
+
+    def report_with_a_signal(args, message, kind):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next bytecode, inside the except clause
+
+    monkeypatch.setattr(cli, "cmd_methods", failing_command)
+    monkeypatch.setattr(cli, "_report_error", report_with_a_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["methods"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "tensorpeft: error: another rank of this job stopped; continue with --resume"
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
