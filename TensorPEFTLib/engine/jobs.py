@@ -11,6 +11,7 @@ from torch import nn
 
 from ..adapters import (AdapterConfig, get_method, inject, load_adapter, merge_and_unload, model_family,
                         read_adapter_config, summary)
+from ..adapters.catalog import default_steps
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
@@ -148,14 +149,6 @@ def default_lr(family: str, method: str) -> float:
     from ..adapters.catalog import default_lr as method_default_lr
 
     return method_default_lr(method, FAMILY_OF_TASK.get(family, family))
-
-
-def default_steps(task_kind: str, num_train: int) -> int:
-    """Enough optimiser steps for ``num_train`` subjects (the rule and its measurement:
-    :func:`TensorPEFTLib.adapters.catalog.default_steps`)."""
-    from ..adapters.catalog import default_steps as catalog_default_steps
-
-    return catalog_default_steps(task_kind, num_train)
 
 
 def split_validation(cases: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
