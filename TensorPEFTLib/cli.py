@@ -615,7 +615,7 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="override the recipe's steps (a latent recipe: its diffusion steps)")
     p.add_argument("--autoencoder-steps", type=positive_int, default=None,
-                   help="override a latent recipe's autoencoder steps (demo-ldm: 1200)")
+                   help="override a latent recipe's autoencoder steps (demo-ldm: 6000)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted recipe run")
     p.add_argument("--ship", action="store_true",
                    help="also copy the weights and card into the package (replaces the shipped model; maintainers)")
@@ -634,7 +634,7 @@ def _add_job_commands(sub: Any) -> None:
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
     p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
-    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default: finetune's, 1000 for 5 subjects; 4 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default: finetune's, 1250 for 5 subjects; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
     p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")

@@ -122,7 +122,7 @@ def train_autoencoder(ae: torch.nn.Module, volumes: torch.Tensor, run: str, *, s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(l1))
+        losses.append(float(l1.detach()))
         done = step + 1
         if done % 10 == 0 or done == steps:
             events.emit("step", stage="autoencoder", step=done, steps=steps, l1=round(float(np.mean(losses[-10:])), 5),
@@ -224,7 +224,7 @@ def train_diffusion(unet: torch.nn.Module, mu: torch.Tensor, sigma: torch.Tensor
                     ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
                 else:
                     ema[k].copy_(v)
-        losses.append(float(per_sample.mean()))
+        losses.append(float(per_sample.detach().mean()))
         done = step + 1
         if done % 10 == 0 or done == steps:
             events.emit("step", stage="diffusion", step=done, steps=steps, loss=round(float(np.mean(losses[-10:])), 5),

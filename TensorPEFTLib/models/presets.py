@@ -93,18 +93,26 @@ def make_ddpm(**kwargs: Any) -> nn.Module:
 
 
 def make_latent_ddpm(autoencoder: dict[str, Any], latent_shape: Sequence[int], scale_factor: float | None = None,
-                     schedule: dict[str, Any] | None = None, **unet: Any) -> nn.Module:
+                     schedule: dict[str, Any] | None = None, latent_channels: int | None = None,
+                     **unet: Any) -> nn.Module:
     """A latent diffusion model as :mod:`.latent` holds one: MONAI's ``DiffusionModelUNet`` (``unet`` arguments)
     with a frozen ``AutoencoderKL`` (``autoencoder`` arguments) attached as
     :class:`~TensorPEFTLib.models.latent.LatentParts`. ``latent_shape``: the latent grid it samples at (the image
     size is that times the autoencoder's down-sampling); ``scale_factor``: latents × it before diffusion (None
     until the autoencoder is trained: 1 / std of the training latents); ``schedule``: the noise schedule it is
-    trained with. :func:`~TensorPEFTLib.models.checkpoints.save_model` stores the autoencoder's weights in the same
-    file, under ``tensorpeft_autoencoder.``."""
+    trained with; ``latent_channels``: the autoencoder's latent channels and the U-Net's input and output channels
+    together (an override that keeps the two sides matched; ``demo-ldm`` uses 8 on ``ddpm-latent-small``, whose
+    own 3 stay what files saved without it were built with). :func:`~TensorPEFTLib.models.checkpoints.save_model`
+    stores the autoencoder's weights in the same file, under ``tensorpeft_autoencoder.``."""
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from .latent import LATENT_ATTR, LatentParts
 
+    if latent_channels is not None:
+        if int(latent_channels) < 1:
+            raise PresetError(f"latent_channels must be a positive number of channels, not {latent_channels}")
+        autoencoder = {**autoencoder, "latent_channels": int(latent_channels)}
+        unet = {**unet, "in_channels": int(latent_channels), "out_channels": int(latent_channels)}
     ae_args = {k: tuple(v) if isinstance(v, list) else v for k, v in autoencoder.items()}
     ae = AutoencoderKL(**ae_args)
     ae.eval()
@@ -177,8 +185,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "ddpm-latent-small", "synthesis",
-            "small latent diffusion model for CPU work: AutoencoderKL (16-32-64, 3 latent channels, 4x down) + "
-            "diffusion U-Net on 16x20x16 latents (channels 32, 64, 64; attention at 64) for 64x80x64 volumes",
+            "small latent diffusion model for CPU work: AutoencoderKL (16-32-64, 3 latent channels unless "
+            "latent_channels says otherwise, 4x down) + diffusion U-Net on 16x20x16 latents (channels 32, 64, 64; "
+            "attention at 64) for 64x80x64 volumes",
             make_latent_ddpm,
             dict(spatial_dims=3, in_channels=3, out_channels=3, num_res_blocks=1, channels=(32, 64, 64),
                  attention_levels=(False, False, True), norm_num_groups=16, norm_eps=1e-6,
