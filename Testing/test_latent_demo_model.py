@@ -113,6 +113,37 @@ def test_a_latent_model_file_carries_its_autoencoder_and_refuses_one_without(tmp
         load_checkpoint(build_model("ddpm-latent-small"), tmp_path / "unet.safetensors")
 
 
+def test_latent_channels_override_matches_both_sides_and_the_preset_keeps_its_own(tmp_path):
+    """demo-ldm is ddpm-latent-small with 8 latent channels: the override sets the autoencoder's latents and the
+    U-Net's input and output together, travels in the file's spec, and a file saved on the plain preset (3
+    channels, as the first shipped demo-ldm was) still loads."""
+    from TensorPEFTLib.models import build_model, load_model
+    from TensorPEFTLib.models.checkpoints import save_model
+    from TensorPEFTLib.models.latent import latent_parts
+    from TensorPEFTLib.models.presets import PresetError
+
+    def channels(model):
+        parts = latent_parts(model)
+        return (parts.latent_channels, parts.autoencoder.quant_conv_mu.conv.out_channels,
+                model.conv_in.conv.in_channels, model.out[-1].conv.out_channels)
+
+    assert RECIPES["demo-ldm"].overrides["latent_channels"] == 8
+    torch.manual_seed(0)
+    wide = build_model("ddpm-latent-small", latent_channels=8, scale_factor=0.5)
+    assert channels(wide) == (8, 8, 8, 8)
+    again = load_model(save_model(wide, tmp_path / "wide.safetensors"))
+    assert channels(again) == (8, 8, 8, 8)
+    assert torch.equal(again.conv_in.conv.weight, wide.conv_in.conv.weight)
+    plain = load_model(save_model(build_model("ddpm-latent-small", scale_factor=0.5), tmp_path / "plain.safetensors"))
+    assert channels(plain) == (3, 3, 3, 3)
+    with torch.no_grad():  # the 8-channel latents go through the U-Net and back through the decoder
+        z = torch.randn(1, 8, 16, 20, 16)
+        assert wide(z, timesteps=torch.tensor([10])).shape == z.shape
+        assert latent_parts(wide).decode(z).shape == (1, 1, 64, 80, 64)
+    with pytest.raises(PresetError, match="latent_channels"):
+        build_model("ddpm-latent-small", latent_channels=0)
+
+
 @pytest.fixture(scope="module")
 def synthesis_cohort(tmp_path_factory):
     from TensorPEFTLib.data import build_demo_cohort

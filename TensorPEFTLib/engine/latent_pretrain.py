@@ -3,8 +3,8 @@
 Why latent and not pixel space: on one CPU thread a pixel-space DDPM at 64³ (``ddpm-small``, batch 2) takes 27.7 s
 per step, about 200 steps in 90 minutes; the 32³ ``demo-ddpm`` had 800 steps and its samples were noise. The latent
 model trains its autoencoder on 32³ crops (0.46 s per batch-2 step: it is fully convolutional, so it runs on whole
-64x80x64 volumes afterwards) and then its diffusion U-Net on 16x20x16x3 latents (1.15 s per batch-8 step), so
-thousands of steps fit.
+64x80x64 volumes afterwards) and then its diffusion U-Net on 16x20x16 latents (3 channels: 1.15 s per batch-8 step
+on one thread; demo-ldm's 8 channels: 0.43 s on two), so thousands of steps fit.
 
 Two stages, each checkpointed (``run/autoencoder.pt``, ``run/diffusion.pt``: plain tensors and numbers, read back
 with ``torch.load(weights_only=True)``) every ``eval_every`` steps and resumable (``resume=True`` continues the

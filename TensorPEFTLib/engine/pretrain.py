@@ -92,7 +92,7 @@ RECIPES: dict[str, Recipe] = {
         # 1200 autoencoder steps the autoencoder blurred every brain past the grey/white boundary and the samples scored
         # 0.63-0.66x the real volumes' high-frequency ratio (the realism check needs >= 0.67x). 8 latent channels and
         # 6000 steps keep the corpus callosum and cerebellar folds (reconstruction L1 0.046 -> 0.033 on training
-        # brains); on them 1500 diffusion steps gave 0.67x with the EMA weights (one sample failing), 4500 gave
+        # brains); on them 1500 diffusion steps gave 0.66-0.69x with the EMA weights (two of four failing), 4500 gave
         # 0.70-0.72x (all passing). README, "What made the samples sharper". The shipped file is this recipe's output: its
         # diffusion stage ran in one go on the finished autoencoder (a finished stage is not trained again on --resume).
         Recipe("demo-ldm", "ddpm-latent-small", "synthesis", steps=4500, lr=3e-4, batch_size=8, eval_every=100,
