@@ -492,7 +492,7 @@ def _add_job_commands(sub: Any) -> None:
                    help="optimiser steps (default: 1250 for up to 12 segmentation cases, 100 per case beyond; 300 synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
-                        "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-4 the others; "
+                        "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-3 the others; "
                         "`tensorpeft methods -v` lists them)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
@@ -626,7 +626,7 @@ def _add_job_commands(sub: Any) -> None:
                        description="Build the demo cohort from real anatomy shipped in pip packages, fine-tune the shipped "
                                    "UNETR (never trained on the hippocampus) on a few labelled subjects, segment held-out "
                                    "subjects and compare with the base model (Dice, HD95); then fine-tune the shipped DDPM "
-                                   "with TenVOO-L and synthesize volumes. Nothing is downloaded.")
+                                   "with TenVOO-Q and synthesize volumes. Nothing is downloaded.")
     p.add_argument("--out", default="tensorpeft-demo", help="output folder (default ./tensorpeft-demo)")
     p.add_argument("--method", default="lora-pt", help="adapter for the UNETR (default lora-pt; see `tensorpeft methods`)")
     p.add_argument("--methods", default=None, metavar="A,B,...",

@@ -169,7 +169,7 @@ def test_recipe_defaults_for_few_subjects():
 
     assert default_steps("segmentation", 5) == 1250 and default_steps("segmentation", 12) == 1250
     assert default_steps("segmentation", 13) == 1300 and default_steps("synthesis", 5) == 300
-    assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "lora") == 1e-4
+    assert default_lr("segmentation", "lora-pt") == 1e-3 and default_lr("synthesis", "lora") == 1e-3
     cases = [{"image": f"c{i}.nii.gz"} for i in range(7)]
     train, val = split_validation(cases, seed=0)
     assert len(train) == 5 and len(val) == 2 and not {c["image"] for c in train} & {c["image"] for c in val}

@@ -92,9 +92,15 @@ PAPER_COUNT_NOTES: dict[str, str] = {
 #: steps of demo-ldm towards brains with enlarged ventricles, the samples' ventricle volume went from 5.4 mL (base)
 #: to 7.2 mL with QuanTA at 1e-4 (its 8 samples indistinguishable from the base's by eye) and to 12.2 mL at 1e-3;
 #: the other methods at their defaults reached 10.8-23.8 mL (the target brains: 43.5 mL).
+#: The sharper demo-ldm of 2026-12-03 (8 latent channels) is stiffer: at 1e-4 LoRA, LoHa, LoKr and SeLoRA left its
+#: samples' ventricles where they were (4.2-4.9 mL, base 5.0) after the same 300 steps; at 1e-3 they reached LoRA
+#: 15.0, SeLoRA 12.2, LoHa 9.5, LoKr 9.2 mL, every sample still brain-shaped (results/ldm_methods_lr_cpu_2026-12-03.md;
+#: the frozen autoencoder itself renders the target brains at 21.5 mL, the most an adapter can reach). So 1e-3 for
+#: them, as on a UNETR. QuanTA moved little at any rate (4.4 mL at 1e-3, 5.6 at 1e-2: it adapts only the attention
+#: block's Linear layers); TenVOO-L/Q keep their paper's 1e-5 (8.4 and 11.0 mL) and full fine-tuning 5e-5 (15.7 mL).
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "unetr": {"*": 1e-3},
-    "ddpm": {"*": 1e-4, "full": 5e-5, "tenvoo-l": 1e-5, "tenvoo-q": 1e-5, "quanta": 1e-3},
+    "ddpm": {"*": 1e-3, "full": 5e-5, "tenvoo-l": 1e-5, "tenvoo-q": 1e-5},
     "generic": {"*": 1e-3},
 }
 
