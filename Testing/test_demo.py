@@ -75,7 +75,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert mask.shape == image.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     syn = summary["synthesis"]
-    assert syn["method"] == "tenvoo-l" and len(syn["volumes"]) == 2 and all(os.path.isfile(v) for v in syn["volumes"])
+    assert syn["method"] == "tenvoo-q" and len(syn["volumes"]) == 2 and all(os.path.isfile(v) for v in syn["volumes"])
     assert np.isfinite(syn["mmd_to_target"]["base"]) and np.isfinite(syn["mmd_to_target"]["adapted"])
     for which in ("base", "adapted"):  # issue 15's realism checks of both sets of samples
         assert set(syn["realism"][which]["pass"]) == {"not_noise", "brain_shaped", "diverse", "all"}

@@ -6,7 +6,7 @@
    ``subjects`` labelled subjects and segments them again. Dice and HD95 of both, per subject and by group
    (``heldout``: new deformations of the training template; ``unseen-template``: a template no training subject uses).
 3. Synthesis: the shipped latent diffusion model ``demo-ldm`` (pre-trained on MNI152 brains, 64x80x64 at 2.5 mm) is
-   fine-tuned with TenVOO-L on brains with enlarged ventricles (``synthesis-ventricles``: a change a person can see)
+   fine-tuned with TenVOO-Q on brains with enlarged ventricles (``synthesis-ventricles``: a change a person can see)
    and synthesizes a few volumes, with a slice grid PNG and a comparison PNG (rows base samples / adapted samples /
    target brains); the samples' ventricle volume, MMD to the target brains and the realism checks (not noise,
    brain-shaped, diverse) of the base and the adapted samples.
@@ -52,10 +52,12 @@ class DemoSettings:
     seg_steps: int | None = None
     seg_lr: float | None = None
     seg_eval_every: int | None = None
-    syn_method: str = "tenvoo-l"
+    # TenVOO-Q, the TenVOO paper's quantum-inspired variant: at its default rate and steps it moved demo-ldm's samples
+    # further than TenVOO-L (ventricles 5.0 -> 11.0 mL against 8.4; results/ldm_methods_cpu_2026-12-03.md)
+    syn_method: str = "tenvoo-q"
     syn_rank: int = 4
-    syn_steps: int = 60
-    syn_lr: float | None = None     # None: the method's default for a DDPM (TenVOO-L 1e-5, as its paper; catalog.DEFAULT_LR)
+    syn_steps: int | None = None   # None: finetune's default for synthesis (catalog.SYNTHESIS_STEPS, 300)
+    syn_lr: float | None = None     # None: the method's default for a DDPM (TenVOO-Q 1e-5, as its paper; catalog.DEFAULT_LR)
     syn_count: int = 3
     syn_sampler_steps: int = 25    # DDIM steps; 50 pushed the 2-core CPU demo past 10 minutes (base + adapted samples)
     synthesis: bool = True
@@ -194,6 +196,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
     model from the same seeds, and compare: ventricle volume, MMD to the target brains, realism checks, a PNG."""
     from ..data import find_cases, read_volume
     from ..data.demo import SYNTH_SPACING_MM, synthesis_ventricle_roi
+    from ..adapters.catalog import default_steps
     from .jobs import finetune, synthesize, unit_range_like
     from .report import sample_rows
     from .scoring import monai_voxel_mmd
@@ -202,8 +205,9 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
     data = os.path.join(cohort, SYN_TARGET)
     run = os.path.join(out, f"ddpm-{settings.syn_method}-r{settings.syn_rank}")
     cfg = AdapterConfig(method=settings.syn_method, rank=settings.syn_rank)
-    train = TrainSettings(steps=settings.syn_steps, lr=settings.syn_lr, eval_every=settings.syn_steps,
-                          checkpoint_every=settings.syn_steps, seed=settings.seed)
+    steps = settings.syn_steps or default_steps("synthesis")
+    train = TrainSettings(steps=steps, lr=settings.syn_lr, eval_every=steps, checkpoint_every=steps,
+                          seed=settings.seed)
     events.message(f"fine-tuning {SYN_MODEL} with {settings.syn_method} (rank {settings.syn_rank}) on brains with "
                    "enlarged ventricles ...")
     part_started = started = time.time()
@@ -242,7 +246,7 @@ def finetune_synthesis(cohort: str, out: str, settings: DemoSettings, *, device:
             "trainable": saved["trainable"], "adapter_parameters": saved["adapter_parameters"],
             "total_parameters": saved["total_parameters"],
             "train_seconds": round(train_seconds, 1), "sample_seconds": round(sample_seconds, 1),
-            "seconds": round(part_seconds, 1), "steps": settings.syn_steps,
+            "seconds": round(part_seconds, 1), "steps": steps,
             "lr": saved.get("train_lr"), "ventricles_ml": ventricles,
             "mmd_to_target": {"base": monai_voxel_mmd(base_v, real), "adapted": monai_voxel_mmd(adapted_v, real)},
             "realism": realism}
