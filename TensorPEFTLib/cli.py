@@ -470,7 +470,27 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ddpm_lr_help() -> str:
+    """The DDPM learning-rate defaults as `finetune --help` states them, read from the catalog so the text cannot
+    drift from what finetune uses."""
+    from .adapters.catalog import DEFAULT_LR
+
+    named = {k: v for k, v in DEFAULT_LR["ddpm"].items() if k != "*"}
+    by_rate: dict[float, list[str]] = {}
+    for method, rate in named.items():
+        by_rate.setdefault(rate, []).append(method)
+    parts = [f"{_rate(rate)} {'/'.join(sorted(methods))}" for rate, methods in sorted(by_rate.items())]
+    return ", ".join(parts + [f"{_rate(DEFAULT_LR['ddpm']['*'])} the others"])
+
+
+def _rate(value: float) -> str:
+    """1e-05 -> 1e-5, as the help texts write rates."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 def _add_job_commands(sub: Any) -> None:
+    from .adapters.catalog import SEGMENTATION_STEPS, SYNTHESIS_STEPS, default_lr, default_steps
+
     p = sub.add_parser("finetune", help="fine-tune a model with an adapter on labelled cases",
                        description="Fine-tune a pretrained UNETR (segmentation) or DDPM (synthesis) with an adapter. "
                                    "Writes OUT/adapter.safetensors + adapter_config.json (best validation score, else "
@@ -489,10 +509,11 @@ def _add_job_commands(sub: Any) -> None:
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=positive_int, default=None,
-                   help="optimiser steps (default: 1250 for up to 12 segmentation cases, 100 per case beyond; 300 synthesis)")
+                   help=f"optimiser steps (default: {SEGMENTATION_STEPS} for up to {SEGMENTATION_STEPS // 100} segmentation "
+                        f"cases, 100 per case beyond; {SYNTHESIS_STEPS} synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
-                        "adapter_config.json: 1e-3 on a UNETR; on a DDPM 1e-5 for TenVOO-L/Q, 5e-5 full, 1e-3 the others; "
+                        f"adapter_config.json: {_rate(default_lr('lora', 'unetr'))} on a UNETR; on a DDPM {_ddpm_lr_help()}; "
                         "`tensorpeft methods -v` lists them)")
     t.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (default 1e-5)")
     t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
@@ -634,7 +655,7 @@ def _add_job_commands(sub: Any) -> None:
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
     p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
-    p.add_argument("--steps", type=positive_int, default=None, help="UNETR fine-tuning steps (default: finetune's, 1250 for 5 subjects; 4 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"UNETR fine-tuning steps (default: finetune's, {default_steps('segmentation', 5)} for 5 subjects; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
     p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")
