@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -229,3 +230,31 @@ def test_v_prediction_target_and_min_snr_weights():
     torch.testing.assert_close(min_snr_weights(scheduler.alphas_cumprod, t, 5.0), torch.clamp(snr, max=5.0) / snr)
     assert torch.equal(min_snr_weights(scheduler.alphas_cumprod, t, None), torch.ones(2))
     assert torch.equal(diffusion_target(make_scheduler("ddpm"), clean, noise, t), noise)  # the pixel DDPMs: noise
+
+
+def test_synthesis_fine_tuning_resamples_volumes_off_the_models_grid(tmp_path):
+    """A user's 1 mm scans were centre-cropped to the model's size in *voxels* (a block of the brain's middle); now
+    volumes whose voxels differ from the base model's recorded synthesis grid are resampled to it, and volumes
+    already on it (the demo's, the pre-training set's) go through as pre-training fed them."""
+    import types
+
+    from TensorPEFTLib.data import synthesis_transforms, write_volume
+    from TensorPEFTLib.engine.jobs import synthesis_training_spacing
+
+    # a 40 mm cube of tissue in an 80 mm field of view of 4 mm voxels
+    volume = np.zeros((20, 20, 20), np.float32)
+    volume[5:15, 5:15, 5:15] = 1.0 + 0.1 * np.random.default_rng(0).random((10, 10, 10), dtype=np.float32)
+    case = {"image": str(tmp_path / "fine.nii.gz")}
+    write_volume(case["image"], volume, like=np.diag([4.0, 4.0, 4.0, 1.0]))
+    on_grid = str(tmp_path / "on_grid.nii.gz")
+    write_volume(on_grid, np.ones((10, 10, 10), np.float32), like=np.diag([8.0, 8.0, 8.0, 1.0]))
+    model = types.SimpleNamespace(tensorpeft_spec={"synthesis_grid": {"spacing": [8.0, 8.0, 8.0], "centre": [0, 0, 0]}})
+    assert synthesis_training_spacing(model, [case]) == (8.0, 8.0, 8.0)
+    assert synthesis_training_spacing(model, [{"image": on_grid}]) is None
+    assert synthesis_training_spacing(types.SimpleNamespace(tensorpeft_spec={}), [case]) is None
+    # resampled to 8 mm, the 10-voxel volume holds the whole field of view (the cube and the background around it);
+    # cropped in voxels, it held the cube's middle only
+    resampled = np.asarray(synthesis_transforms((10, 10, 10), pixdim=(8.0, 8.0, 8.0))(dict(case))["image"])[0]
+    cropped = np.asarray(synthesis_transforms((10, 10, 10))(dict(case))["image"])[0]
+    assert resampled.shape == cropped.shape == (10, 10, 10)
+    assert (resampled < 0.05).mean() > 0.5 and (cropped < 0.05).mean() < 0.1

@@ -479,8 +479,12 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         from ..models.latent import latent_parts
 
         latent = latent_parts(model)
+        pixdim = synthesis_training_spacing(model, train_cases)
+        if pixdim is not None:
+            events.message(f"training volumes resampled to the model's {'x'.join(f'{p:g}' for p in pixdim)} mm grid "
+                           f"(RAS), then centred in {'x'.join(map(str, size))} voxels")
         task = SynthesisTask(train_cases, own_val, size=size, runtime=runtime, batch_size=per_rank, shard=shard,
-                             latent=latent, schedule=latent.schedule if latent else None)
+                             latent=latent, schedule=latent.schedule if latent else None, pixdim=pixdim)
         if latent is not None:
             events.message(f"latent diffusion: {latent.latent_channels}-channel latents at 1/{latent.downsample} of "
                            f"{'x'.join(map(str, size))}, scale factor {latent.scale_factor:.4g}; the autoencoder stays "
@@ -508,7 +512,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                     centre_jitter=centre_jitter)
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
-        meta["spacing"] = list(_first_spacing(train_cases, size))
+        meta["spacing"] = list(pixdim) if pixdim is not None else list(_first_spacing(train_cases, size))
         meta["centre"] = list(_first_centre(train_cases))
         if task.latent is not None:  # synthesize rebuilds the same latent model: autoencoder file and scale factor
             meta["latent"] = task.latent.record()
@@ -561,6 +565,26 @@ def synthesis_grid(model: nn.Module, saved: dict[str, Any]) -> tuple[tuple[float
     spacing = saved.get("spacing") or grid.get("spacing") or prep.get("spacing") or (1.0, 1.0, 1.0)
     centre = saved.get("centre") or grid.get("centre") or (0.0, 0.0, 0.0)
     return tuple(float(s) for s in spacing), tuple(float(c) for c in centre)
+
+
+def synthesis_training_spacing(model: nn.Module, cases: list[dict], tolerance: float = 0.02
+                               ) -> tuple[float, float, float] | None:
+    """The voxel size a synthesis fine-tune resamples its volumes to: the base model's recorded synthesis grid
+    (``demo-ldm``: 2.5 mm) when the first training volume's voxels differ from it by more than ``tolerance``
+    (relative), else None. Without it a user's 1 mm whole-brain scans were centre-cropped to 64x80x64 *voxels*, a
+    64 mm block of the brain's middle, and 100 LoRA steps on such crops turned demo-ldm's samples into texture.
+    Volumes already on the grid (the demo's, the pre-training set's) go through unresampled, as pre-training fed
+    them: resampling onto the world-fixed lattice would shift them by half a voxel."""
+    from ..data import read_volume
+
+    grid = ((getattr(model, "tensorpeft_spec", None) or {}).get("synthesis_grid") or {}).get("spacing")
+    if not grid or not cases:
+        return None
+    target = np.asarray(grid, dtype=float)
+    spacing = np.asarray(read_volume(cases[0]["image"], header_only=True).spacing[:3], dtype=float)
+    if np.all(np.abs(spacing - target) <= tolerance * target):
+        return None
+    return tuple(float(g) for g in target)  # type: ignore[return-value]
 
 
 def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float, float]:
