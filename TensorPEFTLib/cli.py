@@ -377,7 +377,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
-                      checkpointing=args.checkpointing, autoencoder=args.autoencoder)
+                      checkpointing=args.checkpointing, autoencoder=args.autoencoder, align=args.align)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -424,7 +424,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import evaluate
 
-    result = evaluate(args.pred, args.ref, kind=args.kind, window=args.window, figure=args.figure)
+    result = evaluate(args.pred, args.ref, kind=args.kind, window=args.window, figure=args.figure, align=args.align)
     lone = result.get("unmatched_references") or []
     if lone:
         names = ", ".join(os_basename(r) for r in lone[:5]) + (" ..." if len(lone) > 5 else "")
@@ -530,6 +530,13 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--flip", choices=["all", "lr", "none"], default="lr",
                    help="random flips in segmentation training: lr (left-right only, plausible for brain anatomy; "
                         "default), all axes (the LoRA-PT recipe) or none")
+    t.add_argument("--align", choices=["auto", "off"], default="auto",
+                   help="synthesis: register each training volume (12-parameter affine) to the brain the base model "
+                        "was pre-trained on, and sample it on the model's grid, so the model learns how your brains "
+                        "look, not how they were posed in the scanner (default auto: when the model names that "
+                        "reference, as demo-ldm does (MNI152), and the volumes are not already on its grid; a volume "
+                        "that does not align - a whole head, another contrast - is refused by name); off: resample "
+                        "and centre the volumes as they are")
     t.add_argument("--no-val", action="store_true",
                    help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
                         "the best adapter)")
@@ -611,6 +618,11 @@ def _add_job_commands(sub: Any) -> None:
                    help="synthesis: MS-SSIM window in voxels, odd (default 7 as the TenVOO release; it uses 5 for BraTS)")
     p.add_argument("--figure", default=None, metavar="PNG",
                    help="synthesis: where to write the figure (default: evaluation.png in the --pred folder)")
+    p.add_argument("--align", choices=["auto", "off"], default="auto",
+                   help="synthesis: real scans not on the generated volumes' grid are registered to the reference "
+                        "brain the generated volumes are in (auto, when synthesize recorded one in synthesis.json: the "
+                        "fine-tune registered its volumes to it), else resampled onto that grid in world space (off: "
+                        "always resampled)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
 

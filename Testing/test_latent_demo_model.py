@@ -210,6 +210,8 @@ def test_synthesize_writes_volumes_on_the_grid_the_model_records(tmp_path):
     np.testing.assert_allclose(np.diag(volume.affine)[:3], [2.5, 2.5, 2.5])
     centre = volume.affine[:3, :3] @ ((np.array([64, 80, 64]) - 1) / 2) + volume.affine[:3, 3]
     np.testing.assert_allclose(centre, [0.0, -17.0, 8.0], atol=1e-4)
+    record = json.loads((tmp_path / "out" / "synthesis.json").read_text())  # what evaluate reads
+    assert record["shape"] == [64, 80, 64] and record["centre"] == [0.0, -17.0, 8.0] and record["reference"] is None
 
 
 def test_v_prediction_target_and_min_snr_weights():

@@ -49,7 +49,7 @@ from ..atomic import write_text_atomically
 from .io import write_volume
 
 __all__ = ["build_demo_cohort", "build_whole_brain_eval", "DemoDataError", "SOURCES", "sources_markdown",
-           "source_path", "EVAL_VARIANTS", "synthesis_ventricle_roi", "VENTRICLE_DILATION_MM"]
+           "source_path", "EVAL_VARIANTS", "SYNTHESIS_SPACES", "synthesis_ventricle_roi", "VENTRICLE_DILATION_MM"]
 
 
 class DemoDataError(RuntimeError):
@@ -120,6 +120,9 @@ WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9,
 #: skull-stripped MNI brain spans about 140 x 175 x 130 mm). The shipped latent diffusion model is trained at it.
 SYNTH_SHAPE = (64, 80, 64)
 SYNTH_SPACING_MM = 2.5
+#: the reference brain (a key of data.align.REFERENCES) each synthesis set is posed around: its brains are the
+#: template deformed within 3° and 3 mm, on a grid in the template's own world space
+SYNTHESIS_SPACES = {"synthesis": "mni152", "synthesis-ventricles": "mni152"}
 #: ``synthesis-ventricles``: each subject's lateral ventricles (Harvard-Oxford, 50 %) are dilated by a distance drawn
 #: from this range (mm), with a smooth edge of :data:`VENTRICLE_EDGE_MM`. Measured on the 2.5 mm grid (voxels < 0.25
 #: of [0, 1] within :func:`synthesis_ventricle_roi`): 43.5 mL (sd 6.2) over 8 such brains against 7.4 mL (sd 0.8)

@@ -21,7 +21,7 @@ from .preprocess import foreground_select, normalise_foreground
 
 __all__ = [
     "LoadVolumed", "ForegroundNormalised", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
-    "synthesis_transforms",
+    "synthesis_transforms", "AlignToReferenced",
 ]
 
 
@@ -283,15 +283,40 @@ def inverse_transforms(pre, keys: Sequence[str] | str = "pred", orig_key: str = 
                                   to_tensor=True)])
 
 
+class AlignToReferenced(MapTransform):
+    """Load the files under ``keys`` registered to a model's reference brain and sampled on its grid
+    (:func:`~TensorPEFTLib.data.align.aligned_volume`, 12-parameter affine): ``MetaTensor`` (1, *target.shape) with
+    the grid's affine, whatever the scan's storage, voxel size and pose."""
+
+    def __init__(self, keys: Sequence[str] | str, target: Any, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.target = target
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from .align import aligned_volume
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            array, _ = aligned_volume(str(d[key]), self.target)
+            meta = {"filename_or_obj": str(d[key]), "spatial_shape": np.asarray(array.shape), "space": "RAS"}
+            d[key] = MetaTensor(torch.as_tensor(array)[None], affine=torch.as_tensor(self.target.affine), meta=meta)
+        return d
+
+
 def synthesis_transforms(
     size: Sequence[int] = (32, 32, 32), *, flip_prob: float = 0.0, orientation: str | None = "RAS",
-    pixdim: Sequence[float] | None = None,
+    pixdim: Sequence[float] | None = None, align: Any = None,
 ):
     """DDPM training pipeline on ``{"image"}`` dicts: load → RAS → optional resampling → 0–99.5 percentile to
-    [0, 1] → centre pad/crop to ``size`` → optional left-right flip. Output ``image`` (1, *size) in [0, 1]."""
+    [0, 1] → centre pad/crop to ``size`` → optional left-right flip. Output ``image`` (1, *size) in [0, 1].
+    ``align`` (an :class:`~TensorPEFTLib.data.align.AlignTarget`) replaces loading, orientation and resampling by
+    registration to the model's reference brain on its grid (:class:`AlignToReferenced`)."""
     mt = _monai()
-    steps: list[Any] = [LoadVolumed("image"), mt.EnsureChannelFirstd("image", channel_dim="no_channel")]
-    steps += _geometry(mt, ["image"], pixdim, orientation, ("bilinear",))
+    if align is not None:
+        steps: list[Any] = [AlignToReferenced("image", align)]
+    else:
+        steps = [LoadVolumed("image"), mt.EnsureChannelFirstd("image", channel_dim="no_channel")]
+        steps += _geometry(mt, ["image"], pixdim, orientation, ("bilinear",))
     steps += [
         mt.ScaleIntensityRangePercentilesd("image", lower=0.0, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         mt.ResizeWithPadOrCropd("image", spatial_size=tuple(size)),

@@ -40,12 +40,14 @@ def _count(name: str) -> int:
 
 
 def _spacing_text(preprocessing: dict[str, Any] | None) -> str:
-    """``1.5 mm RAS`` (a model's working grid) or ``-`` when it records none."""
+    """``1.5 mm RAS`` (a model's working grid; ``2.5 mm RAS, MNI152 space`` for a generative model pre-trained in a
+    reference brain's space) or ``-`` when it records none."""
     spacing = (preprocessing or {}).get("spacing")
     if not spacing:
         return "-"
     text = f"{spacing[0]:g}" if len(set(spacing)) == 1 else "x".join(f"{s:g}" for s in spacing)
-    return f"{text} mm {(preprocessing or {}).get('orientation', 'RAS')}"
+    reference = (preprocessing or {}).get("reference")  # a generative model's space: fine-tuning registers to it
+    return f"{text} mm {(preprocessing or {}).get('orientation', 'RAS')}" + (f", {reference.upper()} space" if reference else "")
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -226,7 +226,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
-             centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None) -> TrainResult:
+             centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None,
+             align: str = "auto") -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -249,6 +250,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     ``None``: off for a new run, the run's own setting on ``resume``.
     ``autoencoder``: for a latent diffusion bundle (``model_source``), autoencoder weights from another file than the
     bundle's (see :func:`resolve_model`); the adapter records it, and its scale factor.
+    ``align`` (synthesis): ``auto`` registers the volumes to the reference brain the base model names, ``off`` takes
+    them as they are (:func:`synthesis_alignment`).
 
     Under ``torchrun`` (see :mod:`.distributed`) the job is data-parallel: ``batch_size`` patches per rank, rank 0
     alone checks the data, holds the run lock and writes the run; every check's outcome is agreed by all ranks.
@@ -281,7 +284,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                          device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                          threads=threads, loss=loss, label_resampling=label_resampling,
-                         centre_jitter=centre_jitter, checkpointing=checkpointing, ctx=ctx)
+                         centre_jitter=centre_jitter, checkpointing=checkpointing, align=align, ctx=ctx)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -385,7 +388,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    settings: TrainSettings, *, device: str, amp: str, events: Events, resume: bool,
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
-                   centre_jitter: int, checkpointing: bool | None, ctx: Any
+                   centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto"
                    ) -> tuple[Trainer, str | None]:
     import dataclasses
 
@@ -408,6 +411,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         loss = saved.get("loss", "dice-ce-all")
         label_resampling = saved.get("label_resampling", "nearest")
         centre_jitter = int(saved.get("centre_jitter", 0))
+        # a synthesis run trains on the volumes as it started: registered to the reference brain or not
+        align = "auto" if saved.get("aligned_to") else "off"
         recorded = bool(saved.get("checkpointing", False))
         if checkpointing is None:
             checkpointing = recorded
@@ -479,12 +484,18 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         from ..models.latent import latent_parts
 
         latent = latent_parts(model)
-        pixdim = synthesis_training_spacing(model, train_cases)
-        if pixdim is not None:
+        alignment = synthesis_alignment(model, train_cases + val_cases, size, align)
+        pixdim = None if alignment is not None else synthesis_training_spacing(model, train_cases)
+        if alignment is not None:
+            events.message(f"training volumes registered (affine) to the model's reference brain: "
+                           f"{alignment.describe()}")
+            align_synthesis_cases(train_cases + own_val, alignment, events)
+        elif pixdim is not None:
             events.message(f"training volumes resampled to the model's {'x'.join(f'{p:g}' for p in pixdim)} mm grid "
                            f"(RAS), then centred in {'x'.join(map(str, size))} voxels")
         task = SynthesisTask(train_cases, own_val, size=size, runtime=runtime, batch_size=per_rank, shard=shard,
-                             latent=latent, schedule=latent.schedule if latent else None, pixdim=pixdim)
+                             latent=latent, schedule=latent.schedule if latent else None, pixdim=pixdim,
+                             align=alignment)
         if latent is not None:
             events.message(f"latent diffusion: {latent.latent_channels}-channel latents at 1/{latent.downsample} of "
                            f"{'x'.join(map(str, size))}, scale factor {latent.scale_factor:.4g}; the autoencoder stays "
@@ -512,8 +523,11 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                     centre_jitter=centre_jitter)
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
-        meta["spacing"] = list(pixdim) if pixdim is not None else list(_first_spacing(train_cases, size))
-        meta["centre"] = list(_first_centre(train_cases))
+        if alignment is not None:  # the samples lie where the reference brain does
+            meta.update(spacing=list(alignment.spacing), centre=list(alignment.centre), aligned_to=alignment.reference)
+        else:
+            meta["spacing"] = list(pixdim) if pixdim is not None else list(_first_spacing(train_cases, size))
+            meta["centre"] = list(_first_centre(train_cases))
         if task.latent is not None:  # synthesize rebuilds the same latent model: autoencoder file and scale factor
             meta["latent"] = task.latent.record()
     trainer = Trainer(model, task, settings, out, runtime, events, hooks=hooks, extra_meta=meta, dist=ctx)
@@ -585,6 +599,55 @@ def synthesis_training_spacing(model: nn.Module, cases: list[dict], tolerance: f
     if np.all(np.abs(spacing - target) <= tolerance * target):
         return None
     return tuple(float(g) for g in target)  # type: ignore[return-value]
+
+
+def synthesis_alignment(model: nn.Module, cases: list[dict], size: Sequence[int], align: str = "auto") -> Any:
+    """The :class:`~TensorPEFTLib.data.align.AlignTarget` a synthesis fine-tune registers its volumes to, or None.
+
+    ``align="auto"``: when the base model names the reference brain it was pre-trained in (its ``synthesis_grid``'s
+    ``reference``; ``demo-ldm``: MNI152) and some volume is not already on the model's grid. A generative model
+    learns where anatomy lies: demo-ldm's pre-training brains were posed within 3° and 3 mm of MNI152, a user's scans
+    come tilted and shifted in scanner space, and fine-tuning on them unaligned taught the model a blur of poses.
+    ``"off"``: never (the volumes are resampled and centred as they are, see :func:`synthesis_training_spacing`)."""
+    from ..data import read_volume
+    from ..data.align import REFERENCES, AlignTarget
+
+    if align not in ("auto", "off"):
+        raise EngineError(f"--align {align!r}: choose auto or off")
+    grid = (getattr(model, "tensorpeft_spec", None) or {}).get("synthesis_grid") or {}
+    if align == "off" or grid.get("reference") not in REFERENCES or not cases:
+        return None
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(grid.get("spacing", 1.0), dtype=float), (3,)))
+    target = AlignTarget(str(grid["reference"]), tuple(int(s) for s in size), spacing,  # type: ignore[arg-type]
+                         tuple(float(c) for c in grid.get("centre", (0.0, 0.0, 0.0))))  # type: ignore[arg-type]
+    for case in cases:
+        header = read_volume(case["image"], header_only=True)
+        if not target.holds(header.affine, header.shape):
+            return target
+    return None
+
+
+def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> None:
+    """Register every volume to ``target`` before training (the data loader reuses the result), reporting each; a
+    volume that does not align (correlation below :data:`~TensorPEFTLib.data.align.MIN_CORRELATION`) stops the run
+    with its name and what to do."""
+    from ..data.align import MIN_CORRELATION, aligned_volume
+
+    poor = []
+    for i, case in enumerate(cases, 1):
+        _, fit = aligned_volume(str(case["image"]), target)
+        events.message(f"aligned {i}/{len(cases)} {os.path.basename(str(case['image']))}: correlation with the "
+                       f"reference {fit.correlation:.3f}")
+        if fit.correlation < MIN_CORRELATION:
+            poor.append((str(case["image"]), fit.correlation))
+    if poor:
+        path, value = poor[0]
+        more = f" (and {len(poor) - 1} more)" if len(poor) > 1 else ""
+        raise EngineError(
+            f"{path}{more}: does not align to the model's reference brain (correlation {value:.2f} after affine "
+            f"registration; skull-stripped T1 brains reach 0.93-0.97): the model makes skull-stripped T1 brains, so "
+            f"give skull-stripped T1 scans (e.g. from SynthStrip or HD-BET), or --align off to train on the volumes "
+            f"as they are")
 
 
 def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float, float]:
@@ -814,17 +877,78 @@ def synthesize(out: str, count: int, *, model_source: str | None = None, adapter
         write_volume(path, volume.astype(np.float32), like=default_affine(shape, spacing, centre))
         paths.append(path)
     grid = slice_grid(os.path.join(out, "samples.png"), volumes[:6], [os.path.basename(p) for p in paths[:6]])
+    write_synthesis_record(out, model, saved, adapter, shape, spacing, centre)
     events.emit("done", status="completed", out=out, volumes=paths, png=grid)
     return paths
 
 
+#: written next to generated volumes: which model made them, on which grid, in which reference brain's space
+SYNTHESIS_RECORD = "synthesis.json"
+
+
+def write_synthesis_record(out: str, model: nn.Module, saved: dict[str, Any], adapter: str | None,
+                           shape: Sequence[int], spacing: Sequence[float], centre: Sequence[float]) -> None:
+    """``out/synthesis.json``: the grid of the generated volumes and the reference brain whose space they are in -
+    the adapter's (``aligned_to``: its training volumes were registered to it), or for the base model alone the
+    reference its pre-training brains were in; none for an adapter trained on unregistered volumes. ``evaluate``
+    registers real scans to that reference before comparing."""
+    from ..data.demo import write_json
+
+    base = ((getattr(model, "tensorpeft_spec", None) or {}).get("synthesis_grid") or {}).get("reference")
+    reference = saved.get("aligned_to") if adapter else base
+    write_json(os.path.join(out, SYNTHESIS_RECORD), {
+        "model": saved.get("base_model_source") if adapter else None, "adapter": os.path.abspath(adapter) if adapter else None,
+        "shape": [int(s) for s in shape], "spacing": [float(s) for s in spacing], "centre": [float(c) for c in centre],
+        "reference": reference})
+
+
+def synthesis_reference(pred: str) -> str | None:
+    """The reference brain generated volumes at ``pred`` (a file or folder written by ``synthesize``) are in, from
+    their ``synthesis.json``; None without one."""
+    import json
+
+    folder = pred if os.path.isdir(pred) else os.path.dirname(os.path.abspath(pred))
+    try:
+        with open(os.path.join(folder, SYNTHESIS_RECORD), encoding="utf-8") as f:
+            return json.load(f).get("reference")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def real_like_generated(path: str, shape: Sequence[int], affine: np.ndarray, reference: str | None,
+                        align: str = "auto") -> np.ndarray:
+    """A real scan as the generated volumes are: on their grid (``shape``, voxel → world ``affine``) and in [0, 1]
+    (0-99.5 percentile, as synthesis training scales volumes). A scan already on that grid is taken as it is; else,
+    with a ``reference`` and ``align="auto"``, it is registered to that reference brain (as fine-tuning registered
+    its volumes); else it is resampled onto the grid in world space. (Before, every scan was centre-cropped in
+    voxels: a user's 1 mm scan gave a 64 mm block of its middle to compare with whole 2.5 mm brains.)"""
+    from ..data import read_volume
+    from ..data.align import AlignTarget, aligned_volume, resample_through
+
+    volume = read_volume(path)
+    array = np.asarray(volume.array, dtype=np.float32)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    centre = tuple(float(c) for c in np.asarray(affine)[:3, :3] @ ((np.asarray(shape) - 1) / 2) + np.asarray(affine)[:3, 3])
+    target = AlignTarget(reference or "", tuple(int(s) for s in shape), spacing, centre)  # type: ignore[arg-type]
+    if target.holds(volume.affine, array.shape):
+        return unit_range_like(array, shape)
+    if reference and align == "auto":
+        on_grid, _ = aligned_volume(path, target)
+    else:
+        on_grid = resample_through(array, volume.affine, np.eye(4), shape, affine)
+    return unit_range_like(on_grid, shape)
+
+
 def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure: str | None = None,
-             features: bool = True) -> dict[str, Any]:
+             features: bool = True, align: str = "auto") -> dict[str, Any]:
     """Score predictions against references (``segmentation``: Dice/HD95 per case) or generated volumes against
     real ones (``synthesis``: the TenVOO paper's MS-SSIM with real volume i paired to generated volume i, FD and MMD
     on the shipped demo-unetr's features, MMD on voxels; see :func:`.scoring.evaluate_synthesis`). ``auto``: label
     maps → segmentation, else synthesis. ``window``: the MS-SSIM window; ``figure``: where synthesis writes its PNG
-    (default ``evaluation.png`` in the generated volumes' folder)."""
+    (default ``evaluation.png`` in the generated volumes' folder). Real volumes are brought onto the generated
+    volumes' grid (:func:`real_like_generated`; ``align="off"``: never registered, only resampled)."""
     from ..data import read_volume
     from .scoring import evaluate_segmentations, evaluate_synthesis
 
@@ -843,7 +967,11 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure
     # generated volumes are in [0, 1] already; a --pred volume outside it (real scans, to see what real data scores)
     # is brought to [0, 1] as the references are
     gen = [g if g.min() >= 0 and g.max() <= 1 else unit_range_like(g, g.shape) for g in gen]
-    real = [unit_range_like(np.asarray(read_volume(r).array, dtype=np.float32), gen[0].shape) for r in refs]
+    if align not in ("auto", "off"):
+        raise EngineError(f"--align {align!r}: choose auto or off")
+    grid = read_volume(preds[0], header_only=True).affine
+    reference = synthesis_reference(pred)
+    real = [real_like_generated(r, gen[0].shape, grid, reference, align) for r in refs]
     if figure is None:
         figure = os.path.join(pred if Path(pred).is_dir() else os.path.dirname(os.path.abspath(pred)), "evaluation.png")
     check_output_file(figure, (".png",), option="--figure")

@@ -297,10 +297,13 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
     # the exported model: EMA U-Net weights, the trained autoencoder, the scale factor in the spec
     # where generated volumes lie: the training volumes' voxel size and world centre (synthesize writes them there)
     from ..data import find_cases
+    from ..data.demo import SYNTHESIS_SPACES
     from .jobs import _first_centre, _first_spacing
 
     cases = find_cases(data, require_labels=False)
     grid = {"spacing": list(_first_spacing(cases, size)), "centre": list(_first_centre(cases))}
+    if recipe.task_folder in SYNTHESIS_SPACES:  # the brain whose space the training brains are in: fine-tuning
+        grid["reference"] = SYNTHESIS_SPACES[recipe.task_folder]  # registers a user's scans to it (data.align)
     final = build_model(recipe.preset, **{**recipe.overrides, "scale_factor": scale})
     final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.items()})
     latent_parts(final).autoencoder.load_state_dict(parts.autoencoder.state_dict())

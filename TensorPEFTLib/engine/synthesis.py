@@ -49,7 +49,7 @@ class SynthesisTask:
     def __init__(self, train_cases: list[dict], val_cases: list[dict], *, size: Sequence[int], runtime: Runtime,
                  batch_size: int = 1, flip: bool = True, schedule: dict[str, Any] | None = None,
                  sample_steps: int = 25, shard: tuple[int, int] = (0, 1), latent: Any = None,
-                 pixdim: Sequence[float] | None = None) -> None:
+                 pixdim: Sequence[float] | None = None, align: Any = None) -> None:
         from monai.data import CacheDataset
 
         from ..data import synthesis_transforms
@@ -59,10 +59,11 @@ class SynthesisTask:
         self.shard = (int(shard[0]), int(shard[1]))  # (rank, ranks): see segmentation.global_batch_picks
         self.schedule = dict(schedule or SCHEDULE)
         self.scheduler = make_scheduler("ddpm", self.schedule)
-        self.train_transform = synthesis_transforms(self.size, flip_prob=0.5 if flip else 0.0, pixdim=pixdim)
+        self.train_transform = synthesis_transforms(self.size, flip_prob=0.5 if flip else 0.0, pixdim=pixdim,
+                                                    align=align)
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
-        self.val_data = (CacheDataset(val_cases, synthesis_transforms(self.size, pixdim=pixdim), progress=False,
-                                      num_workers=0)
+        self.val_data = (CacheDataset(val_cases, synthesis_transforms(self.size, pixdim=pixdim, align=align),
+                                      progress=False, num_workers=0)
                          if val_cases else None)
         self.latent = latent
         if latent is not None:
@@ -70,7 +71,7 @@ class SynthesisTask:
             if latent.scale_factor is None:
                 # from the volumes as they are, not through the training transform: its random flips come from an
                 # unseeded generator, so the factor (and every latent after it) changed from run to run and on --resume
-                plain = synthesis_transforms(self.size, pixdim=pixdim)
+                plain = synthesis_transforms(self.size, pixdim=pixdim, align=align)
                 first = [torch.as_tensor(plain(dict(c))["image"]) for c in train_cases[:4]]
                 latent.fit_scale_factor(torch.stack(first).float().to(runtime.device))
 

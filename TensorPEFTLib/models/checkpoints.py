@@ -23,7 +23,7 @@ from torch import nn
 
 from ..atomic import write_bytes_atomically
 from .presets import PRESETS, PresetError, build_model
-from .shipped import ShippedModelError, is_shipped, shipped_path
+from .shipped import ShippedModelError, is_shipped, model_card, shipped_path
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "read_state_dict", "save_model", "load_model", "read_spec",
@@ -396,11 +396,15 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
     text = str(path_or_preset)
     if text in PRESETS and not os.path.exists(text):
         return build_model(text, **overrides)
+    card_grid = None
     if is_shipped(text) and not os.path.exists(text):
         try:
             text = str(shipped_path(text))  # SHA-256 checked against the model card
         except ShippedModelError as err:
             raise CheckpointError(str(err)) from None
+        # the card may say more about the grid than the weights file (the reference brain was added after
+        # demo-ldm shipped; rewriting the 7 MB file for one key would change its hash for nothing)
+        card_grid = model_card(str(path_or_preset)).get("synthesis_grid")
     p = Path(text)
     if not p.exists():
         raise CheckpointError(f"{text}: neither a model preset ({', '.join(PRESETS)}) nor an existing file")
@@ -413,8 +417,8 @@ def load_model(path_or_preset: str | os.PathLike, **overrides: Any) -> nn.Module
         load_checkpoint(model, p)
         if isinstance(spec.get("preprocessing"), dict):
             model.tensorpeft_spec["preprocessing"] = dict(spec["preprocessing"])
-        if isinstance(spec.get("synthesis_grid"), dict):
-            model.tensorpeft_spec["synthesis_grid"] = dict(spec["synthesis_grid"])
+        if isinstance(spec.get("synthesis_grid"), dict) or isinstance(card_grid, dict):
+            model.tensorpeft_spec["synthesis_grid"] = {**(spec.get("synthesis_grid") or {}), **(card_grid or {})}
         return model
     state, _ = read_state_dict(p)
     fits = fitting_presets(state)
