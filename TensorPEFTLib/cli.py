@@ -557,9 +557,10 @@ def _add_job_commands(sub: Any) -> None:
 
     p = sub.add_parser("segment", help="segment an image or a folder of images",
                        description="Segment images with a UNETR and an adapter (merged first: no overhead). Each scan, "
-                                   "whole head or brain at any voxel size, orientation and intensity range, is resampled "
-                                   "to the working grid the adapter (or model) records, intensity-scaled on its "
-                                   "foreground and cropped to it; masks are written on each image's own grid.")
+                                   "a skull-stripped brain (whole-head scans are not validated: skull-strip them first) "
+                                   "at any voxel size, orientation and intensity range, is resampled to the working "
+                                   "grid the adapter (or model) records, intensity-scaled on its foreground and cropped "
+                                   "to it; masks are written on each image's own grid.")
     p.add_argument("--image", required=True, help="image file or folder")
     p.add_argument("--out", required=True, help="mask file (single image) or folder")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
