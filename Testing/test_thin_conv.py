@@ -104,3 +104,72 @@ def test_locon_trains_the_same_with_and_without_the_matrix_form(method, monkeypa
         assert g_a.keys() == g_b.keys() and any("lora_A" in n for n in g_a)
         for name in g_a:
             torch.testing.assert_close(g_a[name], g_b[name], rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dims, stride, padding", [(3, 1, 1), (2, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_locon_with_one_input_gradient_is_base_plus_adapter(dims, stride, padding):
+    """thin_conv.locon_conv (forward with W + ΔW, one input gradient) against the plain sum base(x) + s·B(A x): the
+    output and the gradients of the input, the trainable bias and both factors, to float64 rounding."""
+    gen = torch.Generator().manual_seed(4)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](5, 6, 3, stride=stride, padding=padding).double()
+    conv.weight.requires_grad_(False)  # frozen, as under an adapter; its bias trains (the DDPM recipe)
+    down = torch.randn(2, 5, *[3] * dims, dtype=torch.float64, generator=gen, requires_grad=True)
+    mix = torch.randn(6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(2, 5, *[7] * dims, dtype=torch.float64, generator=gen)
+    target = torch.randn_like(conv(x))
+    grads = []
+    for merged in (True, False):
+        inp = x.clone().requires_grad_()
+        if merged:
+            out = thin_conv.locon_conv(inp, conv, down, mix, 0.75)
+        else:
+            hidden = CONV[dims](inp, down, None, conv.stride, conv.padding, conv.dilation)
+            out = conv(inp) + 0.75 * CONV[dims](hidden, mix.reshape(6, 2, *[1] * dims))
+        (out * target).sum().backward()
+        grads.append([out.detach(), inp.grad, conv.bias.grad.clone(), down.grad.clone(), mix.grad.clone()])
+        for t in (conv.bias, down, mix):
+            t.grad = None
+    for got, want, name in zip(*grads, ["output", "input", "bias", "down", "mix"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=name)
+
+
+def test_one_input_gradient_is_taken_where_it_was_measured_to_pay():
+    conv = _conv(32, 64)
+    conv.weight.requires_grad_(False)
+    large, small = torch.zeros(1, 32, 24, 24, 24), torch.zeros(1, 32, 16, 16, 16)
+    assert thin_conv.prefers_merged_input_grad(conv, large)
+    assert not thin_conv.prefers_merged_input_grad(conv, small)  # there W + ΔW costs more than it saves
+    with torch.no_grad():
+        assert not thin_conv.prefers_merged_input_grad(conv, large)  # inference: the plain sum
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not thin_conv.prefers_merged_input_grad(conv, large)  # ΔW would round into W's bf16 grid
+    assert not thin_conv.prefers_merged_input_grad(conv, large.double())
+    conv.weight.requires_grad_(True)
+    assert not thin_conv.prefers_merged_input_grad(conv, large)  # W trains too: it needs its own gradient
+
+
+def test_lora_trains_the_same_with_one_input_gradient(monkeypatch):
+    """A float32 LoRA layer on a volume large enough for the merged path: the same outputs and gradients (float32
+    rounding) with it on and off, and it was taken when on."""
+    def layer() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(_conv(32, 16))  # 32 inputs: the thin product applies at r = 2
+        tp.inject(model, tp.AdapterConfig(method="lora", rank=2, targets=["0"], seed=1))
+        with torch.no_grad():
+            model[0].lora_B.weight.normal_(generator=torch.Generator().manual_seed(5))
+        return model
+
+    x = torch.randn(1, 32, 20, 20, 20, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for merged in (True, False):
+        monkeypatch.setattr(thin_conv, "MERGED_INPUT_GRAD", merged)
+        used = []
+        monkeypatch.setattr(thin_conv._MergedInputGradLoCon, "apply", staticmethod(
+            lambda *a, _f=thin_conv._MergedInputGradLoCon.apply: used.append(1) or _f(*a)))
+        model, inp = layer(), x.clone().requires_grad_()
+        out = model(inp)
+        out.square().mean().backward()
+        assert bool(used) == merged
+        results[merged] = [out.detach(), inp.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -189,6 +189,7 @@ class Entry:
     compare: str | None = None  # the method of ours a peer row is compared with
     checkpointing: bool | None = None  # None = the setting's
     tap_matmul: bool = True  # False: LoCon's thin convolutions run as convolutions (TensorPEFTLib.adapters.thin_conv)
+    merged_input_grad: bool = True  # False: LoCon's input gradient through W and the adapter separately (thin_conv)
 
 
 def default_entries(family: str, methods: str | None = None, peers: bool = True, with_base: bool = True,
@@ -204,6 +205,8 @@ def default_entries(family: str, methods: str | None = None, peers: bool = True,
     if family == "ddpm" and "lora" in ranks:  # our LoCon with its down-projection as the plain convolution
         entries.append(Entry("lora (conv A as oneDNN conv)", "ours", "lora", ranks["lora"], compare="lora",
                              tap_matmul=False))
+        entries.append(Entry("lora (separate input gradient)", "ours", "lora", ranks["lora"], compare="lora",
+                             merged_input_grad=False))
     if peers:
         for label, library, algo, ours in PEERS[family]:
             if ours in ranks:
@@ -416,6 +419,7 @@ class Workload:
         extra_params: list[nn.Parameter] = []
         start = time.perf_counter()
         thin_conv.ENABLED = entry.tap_matmul  # this worker process only
+        thin_conv.MERGED_INPUT_GRAD = entry.merged_input_grad
         if entry.kind == "ours":
             tp.inject(model, tp.AdapterConfig(method=entry.method, rank=entry.rank))
         else:

@@ -33,7 +33,7 @@ from .base import (ADAPTABLE_TYPES, CONV_OF_TRANSPOSED, CONV_TYPES, TRANSPOSED_C
                    kaiming_uniform_, out_in_view, seeded_generator)
 from .config import AdapterConfig, AdapterError
 from .registry import MethodSpec, per_layer_class, register
-from .thin_conv import add_channel_mix, prefers_tap_matmul, tap_matmul_conv
+from .thin_conv import add_channel_mix, locon_conv, prefers_merged_input_grad, prefers_tap_matmul, tap_matmul_conv
 
 
 class LoRALayer(AdapterLayer):
@@ -104,11 +104,14 @@ class LoRALayer(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r.
-        result = self.call_base(x, output_size)
-        if self._thin_conv(x, output_size):  # B and the sum as one GEMM-and-add (thin_conv.add_channel_mix)
+        if self._thin_conv(x, output_size):
             mix = self.lora_B.weight.reshape(self.out_dim, self.rank)
-            return add_channel_mix(result, mix, self._conv_down(self.dropout(x)), self.scaling)
-        return result + self.lora_path(self.dropout(x), output_size) * self.scaling
+            if (isinstance(self.dropout, nn.Identity) or not self.training) and \
+                    prefers_merged_input_grad(self.base_layer, x):  # one input gradient, through W + ΔW
+                return locon_conv(x, self.base_layer, self.lora_A.weight, mix, self.scaling)
+            # B and the sum as one GEMM-and-add (thin_conv.add_channel_mix)
+            return add_channel_mix(self.call_base(x, output_size), mix, self._conv_down(self.dropout(x)), self.scaling)
+        return self.call_base(x, output_size) + self.lora_path(self.dropout(x), output_size) * self.scaling
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
