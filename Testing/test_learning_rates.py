@@ -87,7 +87,8 @@ def test_default_rate_keeps_tenvoo_l_weight_change_small_on_the_shipped_ddpm(tmp
         out = str(tmp_path / f"run{lr:g}")
         finetune("demo-ldm", data, out, AdapterConfig(method="tenvoo-l", rank=4),
                  TrainSettings(steps=3, lr=lr, eval_every=3, checkpoint_every=3), patch_size=(16, 16, 16),
-                 device="cpu", threads=1, events=Events(quiet=True), auto_val=False)
+                 device="cpu", threads=1, events=Events(quiet=True), auto_val=False,
+                 align="off")  # synthetic volumes, not brains: nothing to register
         model = resolve_model("demo-ldm")
         load_adapter(model, out)
         merge_and_unload(model)
