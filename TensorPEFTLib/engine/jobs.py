@@ -645,7 +645,7 @@ def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> Non
         more = f" (and {len(poor) - 1} more)" if len(poor) > 1 else ""
         raise EngineError(
             f"{path}{more}: does not align to the model's reference brain (correlation {value:.2f} after affine "
-            f"registration; skull-stripped T1 brains reach 0.93-0.97): the model makes skull-stripped T1 brains, so "
+            f"registration; skull-stripped T1 brains reach 0.96-0.98): the model makes skull-stripped T1 brains, so "
             f"give skull-stripped T1 scans (e.g. from SynthStrip or HD-BET), or --align off to train on the volumes "
             f"as they are")
 
