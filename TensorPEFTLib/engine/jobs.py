@@ -633,13 +633,17 @@ def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> Non
     with its name and what to do."""
     from ..data.align import MIN_CORRELATION, aligned_volume
 
-    poor = []
-    for i, case in enumerate(cases, 1):
+    poor, correlations = [], []
+    events.start_bar(len(cases), f"registering {len(cases)} volume(s) to {target.reference.upper()}")
+    for case in cases:
         _, fit = aligned_volume(str(case["image"]), target)
-        events.message(f"aligned {i}/{len(cases)} {os.path.basename(str(case['image']))}: correlation with the "
-                       f"reference {fit.correlation:.3f}")
+        correlations.append(fit.correlation)
+        events.update_bar(1, correlation=fit.correlation)
         if fit.correlation < MIN_CORRELATION:
             poor.append((str(case["image"]), fit.correlation))
+    events.close_bar()
+    events.message(f"registered {len(cases)} volume(s): correlation with the reference {min(correlations):.3f} "
+                   f"(lowest) to {max(correlations):.3f}")
     if poor:
         path, value = poor[0]
         more = f" (and {len(poor) - 1} more)" if len(poor) > 1 else ""
