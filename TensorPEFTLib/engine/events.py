@@ -72,12 +72,12 @@ class Events:
             print(text, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ progress bar
-    def start_bar(self, total: int, desc: str, initial: int = 0) -> None:
+    def start_bar(self, total: int, desc: str, initial: int = 0, unit: str = "step") -> None:
         if not self.human:
             return
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update_bar(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:

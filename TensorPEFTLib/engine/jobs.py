@@ -634,7 +634,7 @@ def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> Non
     from ..data.align import MIN_CORRELATION, aligned_volume
 
     poor, correlations = [], []
-    events.start_bar(len(cases), f"registering {len(cases)} volume(s) to {target.reference.upper()}")
+    events.start_bar(len(cases), f"registering {len(cases)} volume(s) to {target.reference.upper()}", unit="volume")
     for case in cases:
         _, fit = aligned_volume(str(case["image"]), target)
         correlations.append(fit.correlation)
