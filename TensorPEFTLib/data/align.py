@@ -16,8 +16,8 @@ scale), coarse to fine, in torch (about 5 s per 1 mm whole-brain scan on 2 CPU t
 
 The correlation after alignment says whether the scan is what the model makes: skull-stripped T1 brains of templates
 the model never saw reach 0.96-0.98 (measured 2026-12-03 on ICBM 2009a/2009c brains stored LPS and oblique at 1 mm,
-the demo's whole-brain hippocampus scans and brains with 6x enlarged ventricles), while a synthetic whole head (scalp
-and skull drawn around a brain) reached 0.74, a T2-like inverted brain 0.77 and noise 0.59: hence
+three of the demo's whole-brain hippocampus scans and three brains with 6x enlarged ventricles), while a synthetic
+whole head (scalp and skull drawn around a brain) reached 0.74, a T2-like inverted brain 0.77 and noise 0.59: hence
 :data:`MIN_CORRELATION`.
 """
 
