@@ -103,7 +103,8 @@ class LoRALayer(AdapterLayer):
         return tap_matmul_conv(x, conv.weight, conv.stride, conv.padding, conv.dilation)
 
     def adapter_forward(self, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
-        # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r.
+        # The activation path (x -> r channels -> out) is cheaper than forming W + ΔW for small r; on large float32
+        # volumes locon_conv forms W + ΔW anyway, to take the input gradient once (thin_conv.MERGED_MIN_POSITIONS).
         if self._thin_conv(x, output_size):
             mix = self.lora_B.weight.reshape(self.out_dim, self.rank)
             if (isinstance(self.dropout, nn.Identity) or not self.training) and \

@@ -234,6 +234,15 @@ class AlignTarget:
     spacing: tuple[float, float, float]
     centre: tuple[float, float, float]
 
+    @classmethod
+    def of_grid(cls, reference: str, shape: Sequence[int], affine: np.ndarray) -> "AlignTarget":
+        """The target whose grid is ``shape`` voxels with voxel → world ``affine`` (a RAS grid, as synthesize writes)."""
+        affine = np.asarray(affine, dtype=np.float64)
+        centre = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2) + affine[:3, 3]
+        return cls(reference, tuple(int(s) for s in shape),  # type: ignore[arg-type]
+                   tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)),  # type: ignore[arg-type]
+                   tuple(float(c) for c in centre))  # type: ignore[arg-type]
+
     @property
     def affine(self) -> np.ndarray:
         return grid_affine(self.shape, self.spacing, self.centre)
@@ -270,9 +279,7 @@ def aligned_volume(path: str, target: AlignTarget) -> tuple[np.ndarray, Alignmen
             _REFERENCE_CACHE[target] = reference_brain(target.reference, target.shape, target.spacing, target.centre)
         reference, reference_affine = _REFERENCE_CACHE[target]
         volume = read_volume(path)
-        array = volume.array
-        while array.ndim > 3 and array.shape[-1] == 1:
-            array = array[..., 0]
+        array = volume.squeezed
         fit = align_to_reference(array, volume.affine, reference, reference_affine)
         on_grid = resample_through(array, volume.affine, fit.matrix, target.shape, reference_affine)
         _ALIGNED_CACHE[key] = (on_grid, fit)

@@ -187,14 +187,6 @@ def _affine_difference(a: np.ndarray, b: np.ndarray) -> str | None:
     return ", ".join(parts) or "affine differs"
 
 
-def _spatial(vol_array: np.ndarray) -> np.ndarray | None:
-    """3D view of an array, squeezing trailing singleton axes (a 4D file with one volume is fine)."""
-    arr = vol_array
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return arr if arr.ndim == 3 else None
-
-
 def validate_cases(
     cases: Iterable[dict[str, Any]],
     num_classes: int | None = None,
@@ -254,7 +246,8 @@ def check_volume(path: str, kind: str = "image"):
         vol = read_volume(path)
     except VolumeError as err:
         raise DataError(str(err)) from None
-    arr = _spatial(vol.array)
+    arr = vol.squeezed  # a 4D file holding one volume is fine
+    arr = arr if arr.ndim == 3 else None
     if arr is None or min(arr.shape) <= 1:
         shape = list(vol.array.shape)
         what = "2D" if vol.array.ndim < 3 or (arr is not None and min(arr.shape) <= 1) else f"{vol.array.ndim}D"

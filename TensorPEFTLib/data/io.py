@@ -72,6 +72,14 @@ class Volume:
         return tuple(self.array.shape)
 
     @property
+    def squeezed(self) -> np.ndarray:
+        """The array without trailing singleton axes (a 4D file holding one volume reads as 3D)."""
+        array = self.array
+        while array.ndim > 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        return array
+
+    @property
     def origin(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in self.affine[:3, 3])  # type: ignore[return-value]
 

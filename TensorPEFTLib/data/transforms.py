@@ -41,9 +41,7 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             vol = read_volume(d[key])
-            arr = vol.array
-            while arr.ndim > 3 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
+            arr = vol.squeezed
             meta = {"filename_or_obj": str(d[key]), "original_affine": vol.affine.copy(),
                     "spatial_shape": np.asarray(arr.shape[:3]), "space": "RAS"}
             d[key] = MetaTensor(torch.as_tensor(np.asarray(arr, dtype=self.dtype)),

@@ -929,20 +929,17 @@ def real_like_generated(path: str, shape: Sequence[int], affine: np.ndarray, ref
     from ..data import read_volume
     from ..data.align import AlignTarget, aligned_volume, resample_through
 
+    target = AlignTarget.of_grid(reference or "", shape, affine)
+    header = read_volume(path, header_only=True)
+    if reference and align == "auto" and not target.holds(header.affine, header.shape):
+        on_grid, _ = aligned_volume(path, target)  # reads the scan itself, once per process
+        return unit_range_like(on_grid, shape)
     volume = read_volume(path)
-    array = np.asarray(volume.array, dtype=np.float32)
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-    centre = tuple(float(c) for c in np.asarray(affine)[:3, :3] @ ((np.asarray(shape) - 1) / 2) + np.asarray(affine)[:3, 3])
-    target = AlignTarget(reference or "", tuple(int(s) for s in shape), spacing, centre)  # type: ignore[arg-type]
-    if target.holds(volume.affine, array.shape):
-        return unit_range_like(array, shape)
-    if reference and align == "auto":
-        on_grid, _ = aligned_volume(path, target)
-    else:
-        on_grid = resample_through(array, volume.affine, np.eye(4), shape, affine)
-    return unit_range_like(on_grid, shape)
+    array = np.asarray(volume.squeezed, dtype=np.float32)
+    if not target.holds(volume.affine, array.shape):
+        array = resample_through(array, volume.affine, np.eye(4), shape, affine)
+    return unit_range_like(array, shape)
+
 
 
 def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure: str | None = None,
