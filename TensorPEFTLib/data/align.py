@@ -93,11 +93,15 @@ def resample_through(array: np.ndarray, affine: np.ndarray, matrix: np.ndarray, 
 
 
 def align_to_reference(array: np.ndarray, affine: np.ndarray, reference: np.ndarray, reference_affine: np.ndarray, *,
-                       levels: Sequence[int] = (4, 2, 1), iterations: Sequence[int] = (200, 120, 60)) -> Alignment:
+                       levels: Sequence[int] = (4, 2, 1), iterations: Sequence[int] = (200, 120, 60),
+                       weights: np.ndarray | None = None, initial: np.ndarray | None = None) -> Alignment:
     """Register a scan (``array`` with voxel → world ``affine``, any orientation, spacing and intensity range) to
     ``reference`` (on the grid ``reference_affine``): the 12-parameter affine that maximises NCC, started from the
     translation that matches the two brains' centres of mass, refined at ``levels`` (the reference grid pooled by
-    that factor: 4 = 10 mm, 2 = 5 mm, 1 = 2.5 mm for demo-ldm), ``iterations`` Adam steps each."""
+    that factor: 4 = 10 mm, 2 = 5 mm, 1 = 2.5 mm for demo-ldm), ``iterations`` Adam steps each. ``weights`` (on the
+    reference grid, >= 0): where the correlation is taken, e.g. the reference's brain and its edge only, so a whole head
+    registers by its brain to a brain-only reference instead of stretching the brain over the skull. ``initial``
+    (reference world → scan world, 4 x 4): where to start instead of matching the centres of mass."""
     data = np.asarray(array, dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"a 3D scan is needed, got shape {data.shape}")
@@ -105,15 +109,22 @@ def align_to_reference(array: np.ndarray, affine: np.ndarray, reference: np.ndar
     low, high = np.percentile(data, [0.5, 99.5])
     data = np.clip((data - low) / max(float(high - low), 1e-12), 0.0, 1.0).astype(np.float32)
     fixed_full = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None, None]
+    weight_full = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))[None, None]
     centre_fixed = _centre_of_mass(fixed_full[0, 0], reference_affine)
     centre_moving = _centre_of_mass(torch.from_numpy(data), affine)
-    linear = torch.zeros(3, 3, requires_grad=True)  # the matrix is I + linear
-    shift = torch.zeros(3, requires_grad=True)  # in units of _SHIFT_MM, added to the centres' offset
-    offset = torch.as_tensor(centre_moving - centre_fixed, dtype=torch.float32)
     anchor = torch.as_tensor(centre_fixed, dtype=torch.float32)
+    if initial is None:
+        linear = torch.zeros(3, 3, requires_grad=True)  # the matrix is I + linear
+        offset = torch.as_tensor(centre_moving - centre_fixed, dtype=torch.float32)
+    else:  # the same parametrisation about the reference's centre: M p = M_lin (p - anchor) + M anchor + M_t
+        start = np.asarray(initial, dtype=np.float64)
+        linear = torch.as_tensor(start[:3, :3] - np.eye(3), dtype=torch.float32).clone().requires_grad_(True)
+        offset = torch.as_tensor(start[:3, :3] @ centre_fixed + start[:3, 3] - centre_fixed, dtype=torch.float32)
+    shift = torch.zeros(3, requires_grad=True)  # in units of _SHIFT_MM, added to the offset
     blurred = {}
     for factor, steps in zip(levels, iterations):
         fixed, grid = _pooled(fixed_full, reference_affine, int(factor))
+        weight = None if weight_full is None else _pooled(weight_full, reference_affine, int(factor))[0].reshape(-1)
         sizes = tuple(int(s) for s in fixed.shape[2:])
         spacing = float(np.min(_voxel_sizes(grid)))
         if spacing not in blurred:
@@ -126,7 +137,7 @@ def align_to_reference(array: np.ndarray, affine: np.ndarray, reference: np.ndar
         for _ in range(int(steps)):
             optimiser.zero_grad()
             world = _transform(points, linear, shift, offset, anchor)
-            loss = -_ncc(_sample(moving, affine, world, sizes).reshape(-1), target)
+            loss = -_ncc(_sample(moving, affine, world, sizes).reshape(-1), target, weight)
             loss.backward()
             optimiser.step()
             schedule.step()
@@ -136,7 +147,8 @@ def align_to_reference(array: np.ndarray, affine: np.ndarray, reference: np.ndar
         centre = anchor.double().numpy()
         matrix[:3, 3] = (anchor + offset + shift * _SHIFT_MM).double().numpy() - matrix[:3, :3] @ centre
     aligned = resample_through(data, affine, matrix, reference.shape, reference_affine)
-    correlation = float(_ncc(torch.from_numpy(aligned).reshape(-1), fixed_full.reshape(-1)))
+    correlation = float(_ncc(torch.from_numpy(aligned).reshape(-1), fixed_full.reshape(-1),
+                             None if weight_full is None else weight_full.reshape(-1)))
     return Alignment(matrix=matrix, correlation=correlation)
 
 
@@ -153,10 +165,16 @@ def _transform(points: torch.Tensor, linear: torch.Tensor, shift: torch.Tensor, 
     return points @ (torch.eye(3) + linear).T + anchor + offset + shift * _SHIFT_MM
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a - a.mean()
-    b = b - b.mean()
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+def _ncc(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised cross-correlation of two flat tensors, optionally weighted per element."""
+    if weight is None:
+        a = a - a.mean()
+        b = b - b.mean()
+        return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+    weight = weight / weight.sum().clamp_min(1e-12)
+    a = a - (weight * a).sum()
+    b = b - (weight * b).sum()
+    return (weight * a * b).sum() / ((weight * a * a).sum() * (weight * b * b).sum()).sqrt().clamp_min(1e-12)
 
 
 def _grid_points(shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
@@ -227,12 +245,14 @@ def _centre_of_mass(volume: torch.Tensor, affine: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class AlignTarget:
     """Where a model's volumes live: ``shape`` voxels of ``spacing`` mm centred on ``centre`` (RAS world mm) in the
-    space of the reference brain ``reference`` (a key of :data:`REFERENCES`)."""
+    space of the reference brain ``reference`` (a key of :data:`REFERENCES`). ``skull_strip``: how whole-head scans
+    are brought to the brain-only reference first (:func:`~TensorPEFTLib.data.skullstrip.strip_skull`)."""
 
     reference: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     centre: tuple[float, float, float]
+    skull_strip: str = "auto"
 
     @classmethod
     def of_grid(cls, reference: str, shape: Sequence[int], affine: np.ndarray) -> "AlignTarget":
@@ -266,11 +286,13 @@ _ALIGNED_CACHE: dict[tuple, tuple[np.ndarray, Alignment]] = {}
 
 def aligned_volume(path: str, target: AlignTarget) -> tuple[np.ndarray, Alignment]:
     """The scan at ``path`` registered to ``target``'s reference brain and sampled on its grid: (array ``shape``
-    float32, the :class:`Alignment`). Kept per process (keyed by the file's path, size and time), so the checks before
-    training and the training data loader register each file once."""
+    float32, the :class:`Alignment`). A whole head is skull-stripped first (``target.skull_strip``), and its
+    registration to the head reference starts this one. Kept per process (keyed by the file's path, size and time),
+    so the checks before training and the training data loader register each file once."""
     import os
 
     from .io import read_volume
+    from .skullstrip import strip_skull
 
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, target)
@@ -279,8 +301,8 @@ def aligned_volume(path: str, target: AlignTarget) -> tuple[np.ndarray, Alignmen
             _REFERENCE_CACHE[target] = reference_brain(target.reference, target.shape, target.spacing, target.centre)
         reference, reference_affine = _REFERENCE_CACHE[target]
         volume = read_volume(path)
-        array = volume.squeezed
-        fit = align_to_reference(array, volume.affine, reference, reference_affine)
+        array, found = strip_skull(volume.squeezed, volume.affine, mode=target.skull_strip, name=path)
+        fit = align_to_reference(array, volume.affine, reference, reference_affine, initial=found.to_mni)
         on_grid = resample_through(array, volume.affine, fit.matrix, target.shape, reference_affine)
         _ALIGNED_CACHE[key] = (on_grid, fit)
     return _ALIGNED_CACHE[key]
