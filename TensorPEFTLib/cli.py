@@ -377,7 +377,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       events=events, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
-                      checkpointing=args.checkpointing, autoencoder=args.autoencoder, align=args.align)
+                      checkpointing=args.checkpointing, autoencoder=args.autoencoder, align=args.align,
+                      skull_strip=args.skull_strip)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -396,7 +397,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     records = segment(args.image, args.out, model_source=args.model, adapter=args.adapter, device=args.device,
                       amp=args.amp, sw_batch_size=args.sw_batch_size, overlap=args.overlap,
                       min_component_mm3=args.min_component, mirror=args.mirror, events=events, threads=args.threads,
-                      skip_existing=args.skip_existing)
+                      skip_existing=args.skip_existing, skull_strip=args.skull_strip)
     events.close()
     if _env_rank() != 0:
         return 0  # rank 0 lists every rank's masks
@@ -534,9 +535,14 @@ def _add_job_commands(sub: Any) -> None:
                    help="synthesis: register each training volume (12-parameter affine) to the brain the base model "
                         "was pre-trained on, and sample it on the model's grid, so the model learns how your brains "
                         "look, not how they were posed in the scanner (default auto: when the model names that "
-                        "reference, as demo-ldm does (MNI152), and the volumes are not already on its grid; a volume "
-                        "that does not align - a whole head, another contrast - is refused by name); off: resample "
-                        "and centre the volumes as they are")
+                        "reference, as demo-ldm does (MNI152), and the volumes are not already on its grid; whole heads "
+                        "are skull-stripped first (--skull-strip); a volume that does not align - another contrast - is "
+                        "refused by name); off: resample and centre the volumes as they are")
+    t.add_argument("--skull-strip", choices=["auto", "on", "off"], default=None,
+                   help="whole-head scans (skull, scalp, neck): everything outside the brain is set to background before the model "
+                        "sees it, the brain found by registering pydeface's mean head, whose brain is known, to the scan "
+                        "(about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain (2.8 L); "
+                        "on: every scan; off: none (a skull-stripped brain is left alone by auto)" + "; recorded in the adapter for segment, kept on --resume")
     t.add_argument("--no-val", action="store_true",
                    help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
                         "the best adapter)")
@@ -557,10 +563,10 @@ def _add_job_commands(sub: Any) -> None:
 
     p = sub.add_parser("segment", help="segment an image or a folder of images",
                        description="Segment images with a UNETR and an adapter (merged first: no overhead). Each scan, "
-                                   "a skull-stripped brain (whole-head scans are not validated: skull-strip them first) "
-                                   "at any voxel size, orientation and intensity range, is resampled to the working "
-                                   "grid the adapter (or model) records, intensity-scaled on its foreground and cropped "
-                                   "to it; masks are written on each image's own grid.")
+                                   "a whole head or a skull-stripped brain at any voxel size, orientation and intensity "
+                                   "range, is resampled to the working grid the adapter (or model) records, "
+                                   "skull-stripped if it is a whole head, intensity-scaled on its brain and cropped to "
+                                   "it; masks are written on each image's own grid.")
     p.add_argument("--image", required=True, help="image file or folder")
     p.add_argument("--out", required=True, help="mask file (single image) or folder")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
@@ -573,6 +579,11 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
                         "passes; all: 8). auto (default): the flips the adapter was trained with, none without one")
+    p.add_argument("--skull-strip", choices=["auto", "on", "off"], default=None,
+                   help="whole-head scans (skull, scalp, neck): everything outside the brain is set to background before the model "
+                        "sees it, the brain found by registering pydeface's mean head, whose brain is known, to the scan "
+                        "(about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain (2.8 L); "
+                        "on: every scan; off: none (a skull-stripped brain is left alone by auto)" + " (default: what the adapter was trained with, else auto)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave images whose mask is already in --out (masks are written whole or not at all): run a "
                         "killed job again with this flag and it continues where it stopped")
@@ -826,11 +837,27 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(f"tensorpeft: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as err:
+        cause = _wrapped_user_error(err, user_errors)
+        if cause is not None:  # a user's mistake raised inside a MONAI pipeline, which wraps it in a RuntimeError
+            _report_error(args, str(cause), "user")
+            print(f"tensorpeft: error: {_rank_prefix()}{cause}", file=sys.stderr)
+            return EXIT_USER_ERROR
         _report_error(args, f"{type(err).__name__}: {err}", "internal")
         raise
     finally:
         _restore_signal(previous)
         _leave_process_group()
+
+
+def _wrapped_user_error(err: BaseException, user_errors: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The user error behind ``err`` (followed through ``__cause__``: MONAI's Compose re-raises what a transform raised
+    as ``RuntimeError("applying transform ...")``), or None."""
+    seen = err.__cause__
+    while seen is not None:
+        if isinstance(seen, user_errors):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 def _rank_prefix() -> str:

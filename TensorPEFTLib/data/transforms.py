@@ -20,13 +20,41 @@ from .io import read_volume
 from .preprocess import foreground_select, normalise_foreground
 
 __all__ = [
-    "LoadVolumed", "ForegroundNormalised", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
-    "synthesis_transforms", "AlignToReferenced",
+    "LoadVolumed", "ForegroundNormalised", "SkullStripd", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
+    "synthesis_transforms", "AlignToReferenced", "run_pipeline", "user_error_of",
 ]
 
 
 def _monai():
     return mt
+
+
+def user_error_of(err: BaseException) -> BaseException | None:
+    """The user's mistake behind ``err``, if there is one: MONAI's ``Compose`` re-raises whatever a transform raised
+    as ``RuntimeError("applying transform ...")``, so a whole head that cannot be skull-stripped or an unreadable scan
+    would otherwise reach the user as a traceback. Follows ``__cause__`` to a
+    :class:`~TensorPEFTLib.data.preprocess.PreprocessingError`, ``DataError`` or ``VolumeError``."""
+    from .datasets import DataError
+    from .io import VolumeError
+    from .preprocess import PreprocessingError
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, (PreprocessingError, DataError, VolumeError)):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def run_pipeline(pipeline: Any, data: Mapping[Hashable, Any]) -> Any:
+    """``pipeline(data)``, raising the user's mistake itself rather than MONAI's wrapper (:func:`user_error_of`)."""
+    try:
+        return pipeline(data)
+    except RuntimeError as err:
+        cause = user_error_of(err)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 class LoadVolumed(MapTransform):
@@ -63,6 +91,42 @@ class ForegroundNormalised(MapTransform):
             if isinstance(img, MetaTensor):
                 img = img.clone()
                 img.data = torch.as_tensor(out, dtype=img.dtype)
+                d[key] = img
+            else:
+                d[key] = torch.as_tensor(out)
+        return d
+
+
+class SkullStripd(MapTransform):
+    """Brain extraction of whole-head scans (:func:`~TensorPEFTLib.data.skullstrip.strip_skull`) on each channel-first
+    image of ``keys``, on the grid it has here (the working grid): everything outside the brain set to the scan's
+    background level. ``mode``: ``auto`` (scans larger than a brain), ``on`` or ``off``. Not spatial, so ``Invertd``
+    passes over it; the result is recorded in the image's meta as ``skull_strip``."""
+
+    def __init__(self, keys: Sequence[str] | str, mode: str = "auto", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mode = mode
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from .skullstrip import strip_skull
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            affine = np.asarray(img.affine, dtype=np.float64) if isinstance(img, MetaTensor) else np.eye(4)
+            name = str(img.meta.get("filename_or_obj", "the scan")) if isinstance(img, MetaTensor) else "the scan"
+            stripped, found = strip_skull(array[0], affine, mode=self.mode, name=name)
+            if not found.head:
+                continue
+            out = array.copy()
+            out[0] = stripped
+            for channel in range(1, len(out)):  # other contrasts of the same head: the first one's brain
+                out[channel] = np.where(found.mask, out[channel], np.percentile(out[channel], 0.5))
+            if isinstance(img, MetaTensor):
+                img = img.clone()
+                img.data = torch.as_tensor(out, dtype=img.dtype)
+                img.meta["skull_strip"] = found.describe()
                 d[key] = img
             else:
                 d[key] = torch.as_tensor(out)
@@ -153,6 +217,12 @@ def _geometry(mt, keys: Sequence[str], pixdim: Sequence[float] | None, orientati
     return out
 
 
+def _skull_strip(mode: str) -> list:
+    """Brain extraction on the working grid, after resampling (so a 1 mm head is registered at the model's spacing)
+    and before the intensity scaling (so the brain's percentiles set the scale, not the scalp's fat)."""
+    return [] if mode == "off" else [SkullStripd("image", mode)]
+
+
 def _crop(mt, keys: Sequence[str], margin: int):
     """Crop to the head / brain found without labels (invertible: ``Invertd`` pads predictions back)."""
     return mt.CropForegroundd(keys, source_key="image", select_fn=foreground_select, margin=margin, allow_smaller=True)
@@ -177,6 +247,7 @@ def train_transforms(
     label_classes: int | None = None,
     centre_jitter: int = 0,
     seed: int | None = None,
+    skull_strip: str = "auto",
 ):
     """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
 
@@ -205,6 +276,7 @@ def train_transforms(
     outer = tuple(int(p) + 2 * int(centre_jitter) for p in patch_size)
     steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
     steps += _geometry(mt, keys, pixdim, orientation, ("bilinear", "nearest"), label_classes)
+    steps += _skull_strip(skull_strip)
     norm = _intensity(mt, "image", intensity)
     if norm is not None:
         steps.append(norm)
@@ -243,7 +315,7 @@ def train_transforms(
 
 def val_transforms(
     *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "foreground",
-    with_label: bool = True, crop_foreground: bool = True, label_classes: int | None = None,
+    with_label: bool = True, crop_foreground: bool = True, label_classes: int | None = None, skull_strip: str = "auto",
 ):
     """Validation / evaluation pipeline: the deterministic part of :func:`train_transforms` on the whole volume
     (cropped to the foreground plus a margin, not to patches), for sliding-window inference. ``with_label=False``
@@ -253,6 +325,7 @@ def val_transforms(
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
     steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
     steps += _geometry(mt, keys, pixdim, orientation, modes, label_classes if with_label else None)
+    steps += _skull_strip(skull_strip)
     norm = _intensity(mt, "image", intensity)
     if norm is not None:
         steps.append(norm)
@@ -262,10 +335,10 @@ def val_transforms(
 
 
 def inference_transforms(*, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS",
-                         intensity: str = "foreground", crop_foreground: bool = True):
+                         intensity: str = "foreground", crop_foreground: bool = True, skull_strip: str = "auto"):
     """Pre-processing for ``segment`` on images without labels (``{"image": path}``)."""
     return val_transforms(pixdim=pixdim, orientation=orientation, intensity=intensity, with_label=False,
-                          crop_foreground=crop_foreground)
+                          crop_foreground=crop_foreground, skull_strip=skull_strip)
 
 
 def inverse_transforms(pre, keys: Sequence[str] | str = "pred", orig_key: str = "image", nearest: bool = True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -163,21 +164,25 @@ def split_validation(cases: list[dict], seed: int) -> tuple[list[dict], list[dic
     return train, val
 
 
-def working_preprocessing(model: nn.Module, cases: list[dict], spacing: Sequence[float] | None) -> Any:
+def working_preprocessing(model: nn.Module, cases: list[dict], spacing: Sequence[float] | None,
+                          skull_strip: str | None = None) -> Any:
     """The grid a segmentation model works at: ``spacing`` if given, else the one the model records, else (a raw
-    preset, or a checkpoint from elsewhere) the median spacing of the training cases, as nnU-Net plans it."""
+    preset, or a checkpoint from elsewhere) the median spacing of the training cases, as nnU-Net plans it.
+    ``skull_strip`` (one of :data:`~TensorPEFTLib.data.preprocess.SKULL_STRIP_CHOICES`) replaces the recorded mode."""
     from ..data import read_volume
     from ..data.preprocess import Preprocessing, plan_spacing, ras_spacing
 
     recorded = Preprocessing.from_dict((getattr(model, "tensorpeft_spec", None) or {}).get("preprocessing"))
     if spacing is not None:
         base = recorded or Preprocessing()
-        return Preprocessing(spacing=tuple(spacing), orientation=base.orientation, intensity=base.intensity,
-                             crop_foreground=base.crop_foreground)
-    if recorded is not None and recorded.spacing is not None:
-        return recorded
-    planned = plan_spacing(ras_spacing(read_volume(c["image"], header_only=True).affine) for c in cases)
-    return Preprocessing(spacing=planned)
+        prep = Preprocessing(spacing=tuple(spacing), orientation=base.orientation, intensity=base.intensity,
+                             crop_foreground=base.crop_foreground, skull_strip=base.skull_strip)
+    elif recorded is not None and recorded.spacing is not None:
+        prep = recorded
+    else:
+        prep = Preprocessing(spacing=plan_spacing(ras_spacing(read_volume(c["image"], header_only=True).affine)
+                                                  for c in cases))
+    return prep if skull_strip is None else dataclasses.replace(prep, skull_strip=skull_strip)
 
 
 def check_training_geometry(model: nn.Module, cases: list[dict], prep: Any, patch_size: Sequence[int],
@@ -227,7 +232,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              elastic: bool = False, flip: str = "lr", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
              centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None,
-             align: str = "auto") -> TrainResult:
+             align: str = "auto", skull_strip: str | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -252,6 +257,9 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     bundle's (see :func:`resolve_model`); the adapter records it, and its scale factor.
     ``align`` (synthesis): ``auto`` registers the volumes to the reference brain the base model names, ``off`` takes
     them as they are (:func:`synthesis_alignment`).
+    ``skull_strip``: brain extraction of whole-head scans (``auto``: scans larger than a brain; ``on``; ``off``), for
+    segmentation on the working grid (:class:`~TensorPEFTLib.data.SkullStripd`) and recorded for ``segment``, for
+    synthesis before the registration; ``None``: the model's recorded mode, else ``auto``; a resumed run keeps its own.
 
     Under ``torchrun`` (see :mod:`.distributed`) the job is data-parallel: ``batch_size`` patches per rank, rank 0
     alone checks the data, holds the run lock and writes the run; every check's outcome is agreed by all ranks.
@@ -284,7 +292,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                          device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                          threads=threads, loss=loss, label_resampling=label_resampling,
-                         centre_jitter=centre_jitter, checkpointing=checkpointing, align=align, ctx=ctx)
+                         centre_jitter=centre_jitter, checkpointing=checkpointing, align=align,
+                         skull_strip=skull_strip, ctx=ctx)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -388,10 +397,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    settings: TrainSettings, *, device: str, amp: str, events: Events, resume: bool,
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
-                   centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto"
-                   ) -> tuple[Trainer, str | None]:
-    import dataclasses
-
+                   centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto",
+                   skull_strip: str | None = None) -> tuple[Trainer, str | None]:
     from ..data import case_name
 
     ckpt = checkpoint_path(out) if resume else None
@@ -413,6 +420,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         centre_jitter = int(saved.get("centre_jitter", 0))
         # a synthesis run trains on the volumes as it started: registered to the reference brain or not
         align = "auto" if saved.get("aligned_to") else "off"
+        # and its cases as they were stripped (runs from before brain extraction: auto, which left their brains alone)
+        skull_strip = (saved.get("preprocessing") or {}).get("skull_strip") or saved.get("skull_strip") or "auto"
         recorded = bool(saved.get("checkpointing", False))
         if checkpointing is None:
             checkpointing = recorded
@@ -470,7 +479,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if task_kind == "segmentation":
         from .segmentation import SegmentationTask
 
-        prep = working_preprocessing(model, train_cases, spacing)
+        prep = working_preprocessing(model, train_cases, spacing, skull_strip)
         events.message(f"working grid: {prep.describe()} (every case is resampled to it)")
         if ctx.is_main:
             check_training_geometry(model, train_cases + val_cases, prep, size, events)
@@ -484,7 +493,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         from ..models.latent import latent_parts
 
         latent = latent_parts(model)
-        alignment = synthesis_alignment(model, train_cases + val_cases, size, align)
+        alignment = synthesis_alignment(model, train_cases + val_cases, size, align, skull_strip or "auto")
         pixdim = None if alignment is not None else synthesis_training_spacing(model, train_cases)
         if alignment is not None:
             events.message(f"training volumes registered (affine) to the model's reference brain: "
@@ -524,7 +533,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         if alignment is not None:  # the samples lie where the reference brain does
-            meta.update(spacing=list(alignment.spacing), centre=list(alignment.centre), aligned_to=alignment.reference)
+            meta.update(spacing=list(alignment.spacing), centre=list(alignment.centre), aligned_to=alignment.reference,
+                        skull_strip=alignment.skull_strip)
         else:
             meta["spacing"] = list(pixdim) if pixdim is not None else list(_first_spacing(train_cases, size))
             meta["centre"] = list(_first_centre(train_cases))
@@ -601,14 +611,17 @@ def synthesis_training_spacing(model: nn.Module, cases: list[dict], tolerance: f
     return tuple(float(g) for g in target)  # type: ignore[return-value]
 
 
-def synthesis_alignment(model: nn.Module, cases: list[dict], size: Sequence[int], align: str = "auto") -> Any:
+def synthesis_alignment(model: nn.Module, cases: list[dict], size: Sequence[int], align: str = "auto",
+                        skull_strip: str = "auto") -> Any:
     """The :class:`~TensorPEFTLib.data.align.AlignTarget` a synthesis fine-tune registers its volumes to, or None.
 
     ``align="auto"``: when the base model names the reference brain it was pre-trained in (its ``synthesis_grid``'s
     ``reference``; ``demo-ldm``: MNI152) and some volume is not already on the model's grid. A generative model
     learns where anatomy lies: demo-ldm's pre-training brains were posed within 3° and 3 mm of MNI152, a user's scans
     come tilted and shifted in scanner space, and fine-tuning on them unaligned taught the model a blur of poses.
-    ``"off"``: never (the volumes are resampled and centred as they are, see :func:`synthesis_training_spacing`)."""
+    ``"off"``: never (the volumes are resampled and centred as they are, see :func:`synthesis_training_spacing`).
+    ``skull_strip``: whole-head volumes are skull-stripped before they are registered (``auto``: those larger than a
+    brain; ``on``; ``off``)."""
     from ..data import read_volume
     from ..data.align import REFERENCES, AlignTarget
 
@@ -619,7 +632,8 @@ def synthesis_alignment(model: nn.Module, cases: list[dict], size: Sequence[int]
         return None
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(grid.get("spacing", 1.0), dtype=float), (3,)))
     target = AlignTarget(str(grid["reference"]), tuple(int(s) for s in size), spacing,  # type: ignore[arg-type]
-                         tuple(float(c) for c in grid.get("centre", (0.0, 0.0, 0.0))))  # type: ignore[arg-type]
+                         tuple(float(c) for c in grid.get("centre", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
+                         skull_strip=skull_strip)
     for case in cases:
         header = read_volume(case["image"], header_only=True)
         if not target.holds(header.affine, header.shape):
@@ -632,11 +646,16 @@ def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> Non
     volume that does not align (correlation below :data:`~TensorPEFTLib.data.align.MIN_CORRELATION`) stops the run
     with its name and what to do."""
     from ..data.align import MIN_CORRELATION, aligned_volume
+    from ..data.skullstrip import SkullStripError
 
     poor, correlations = [], []
     events.start_bar(len(cases), f"registering {len(cases)} volume(s) to {target.reference.upper()}", unit="volume")
     for case in cases:
-        _, fit = aligned_volume(str(case["image"]), target)
+        try:
+            _, fit = aligned_volume(str(case["image"]), target)
+        except SkullStripError as err:
+            events.close_bar()
+            raise EngineError(f"{err}; or --align off to train on the volumes as they are") from None
         correlations.append(fit.correlation)
         events.update_bar(1, correlation=fit.correlation)
         if fit.correlation < MIN_CORRELATION:
@@ -650,8 +669,8 @@ def align_synthesis_cases(cases: list[dict], target: Any, events: Events) -> Non
         raise EngineError(
             f"{path}{more}: does not align to the model's reference brain (correlation {value:.2f} after affine "
             f"registration; skull-stripped T1 brains reach 0.96-0.98): the model makes skull-stripped T1 brains, so "
-            f"give skull-stripped T1 scans (e.g. from SynthStrip or HD-BET), or --align off to train on the volumes "
-            f"as they are")
+            f"give T1 scans (whole heads are skull-stripped with --skull-strip auto or on; or strip them first with "
+            f"SynthStrip or HD-BET), or --align off to train on the volumes as they are")
 
 
 def _first_spacing(cases: list[dict], size: Sequence[int]) -> tuple[float, float, float]:
@@ -733,14 +752,16 @@ def inference_preprocessing(model: nn.Module, saved: dict[str, Any]) -> Any:
 def segment(image: str, out: str, *, model_source: str | None = None, adapter: str | None = None,
             device: str = "auto", amp: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5,
             min_component_mm3: float = 1000.0, mirror: str = "auto", events: Events | None = None,
-            threads: int | None = None, skip_existing: bool = False) -> list[dict[str, Any]]:
+            threads: int | None = None, skip_existing: bool = False,
+            skull_strip: str | None = None) -> list[dict[str, Any]]:
     """Segment an image or every image of a folder; masks are written on each image's own grid.
 
     ``out``: a file path for a single image (``.nii.gz``, ``.nrrd`` or ``.seg.nrrd``), else a folder where each mask
     keeps its image's case name (``<case>.nii.gz``). ``mirror``: test-time mirroring along ``lr``, ``all`` or
     ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
     ``skip_existing``: leave images whose mask is already there (every mask is written whole or not at all, so one
-    that exists is finished): a killed job run again continues where it stopped.
+    that exists is finished): a killed job run again continues where it stopped. ``skull_strip``: brain extraction
+    of whole-head scans (``auto``/``on``/``off``; ``None``: what the adapter or model records, else ``auto``).
 
     Under ``torchrun`` each rank segments every N-th image of the sorted list (:meth:`~.distributed.Distributed.shard`:
     no rank needs to ask another which files are its own, and each mask has exactly one writer); ranks without an
@@ -793,6 +814,8 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
                 raise EngineError("segment needs a UNETR; this model is a DDPM (use synthesize)")
             patch = tuple(saved.get("patch_size") or model_input_size(model))
             prep = inference_preprocessing(model, saved)
+            if skull_strip is not None:
+                prep = dataclasses.replace(prep, skull_strip=skull_strip)
             if mirror == "auto":
                 mirror = saved.get("flip") or "none"
             events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")

@@ -112,12 +112,12 @@ class SegmentationTask:
         self.train_transform = train_transforms(self.patch_size, pixdim=prep.spacing, intensity=prep.intensity,
                                                 crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
                                                 flip_axes=flip_axes, label_classes=label_classes,
-                                                centre_jitter=centre_jitter)
+                                                centre_jitter=centre_jitter, skull_strip=prep.skull_strip)
         # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
         val_pre = val_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground,
-                                 label_classes=label_classes)
+                                 label_classes=label_classes, skull_strip=prep.skull_strip)
         self.val_data = CacheDataset(val_cases, val_pre, progress=False, num_workers=0) if val_cases else None
         self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
 
@@ -337,7 +337,8 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     # The foreground crop is done here, not by MONAI's invertible CropForeground: after an oblique scan's
     # resampling, Invertd put the cropped prediction back at the wrong place (hippocampus Dice 0.92 -> 0.00 on an
     # oblique whole-brain scan), so the pipeline only resamples and normalises and the crop is pasted back by hand.
-    pre = inference_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=False)
+    pre = inference_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=False,
+                               skull_strip=prep.skull_strip)
     # The class probabilities go back onto the scan's grid with linear interpolation and the mask is their argmax
     # there (as nnU-Net does), not a nearest-neighbour copy of the coarser working grid's labels: smooth edges at
     # the scan's own resolution, and an oblique scan no longer loses the staircase of a rotated 1.5 mm grid.
@@ -375,10 +376,14 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
 
     from ..data import read_volume, write_volume
     from ..data.preprocess import PreprocessingError, foreground_box, foreground_mask
+    from ..data.transforms import run_pipeline
 
     reference = read_volume(path, header_only=True)
-    data = pre({"image": path})
+    data = run_pipeline(pre, {"image": path})
     working = data["image"]
+    stripped = getattr(working, "meta", {}).get("skull_strip")
+    if stripped:
+        events.message(f"{os.path.basename(path)}: {stripped}")
     box = (slice(None),) * 3
     if prep.crop_foreground:
         found = foreground_box(foreground_mask(np.asarray(working[0])), margin=8)
@@ -433,7 +438,7 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
     write_volume(out_path, mask, like=reference)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
     record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
-              "sw_batch_size": batch, "window_batches": done[0],
+              "sw_batch_size": batch, "window_batches": done[0], "skull_stripped": bool(stripped),
               "seconds": round(time.perf_counter() - started, 2)}
     events.emit("step", step=total, steps=total, image_index=index + 1, images=count, eta_seconds=0.0, **record)
     return record
