@@ -26,6 +26,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ShippedModelError, EngineError)
 
 
+#: ``--skull-strip`` of finetune and segment
+_SKULL_STRIP_HELP = ("whole-head scans (skull, scalp, neck): everything outside the brain is set to background before "
+                     "the model sees it, the brain found by registering pydeface's mean head, whose brain is known, to "
+                     "the scan (about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain "
+                     "(2.8 L); on: every scan; off: none (a skull-stripped brain is left alone by auto)")
+
+
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
     """Plain-text table; integers get thousands separators, floats 4 significant digits."""
 
@@ -539,10 +546,7 @@ def _add_job_commands(sub: Any) -> None:
                         "are skull-stripped first (--skull-strip); a volume that does not align - another contrast - is "
                         "refused by name); off: resample and centre the volumes as they are")
     t.add_argument("--skull-strip", choices=["auto", "on", "off"], default=None,
-                   help="whole-head scans (skull, scalp, neck): everything outside the brain is set to background before the model "
-                        "sees it, the brain found by registering pydeface's mean head, whose brain is known, to the scan "
-                        "(about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain (2.8 L); "
-                        "on: every scan; off: none (a skull-stripped brain is left alone by auto)" + "; recorded in the adapter for segment, kept on --resume")
+                   help=_SKULL_STRIP_HELP + "; recorded in the adapter for segment, kept on --resume")
     t.add_argument("--no-val", action="store_true",
                    help="without --val, train on every case (default: hold out a quarter of 4 or more cases to pick "
                         "the best adapter)")
@@ -580,10 +584,7 @@ def _add_job_commands(sub: Any) -> None:
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
                         "passes; all: 8). auto (default): the flips the adapter was trained with, none without one")
     p.add_argument("--skull-strip", choices=["auto", "on", "off"], default=None,
-                   help="whole-head scans (skull, scalp, neck): everything outside the brain is set to background before the model "
-                        "sees it, the brain found by registering pydeface's mean head, whose brain is known, to the scan "
-                        "(about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain (2.8 L); "
-                        "on: every scan; off: none (a skull-stripped brain is left alone by auto)" + " (default: what the adapter was trained with, else auto)")
+                   help=_SKULL_STRIP_HELP + " (default: what the adapter was trained with, else auto)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave images whose mask is already in --out (masks are written whole or not at all): run a "
                         "killed job again with this flag and it continues where it stopped")
