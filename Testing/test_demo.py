@@ -67,7 +67,7 @@ def test_quick_demo_end_to_end(tmp_path):
     summary = json.loads(done.stdout)
     base, adapted = summary["segmentation"]
     assert base["model"] == "base" and adapted["method"] == "lora-pt" and adapted["rank"] == 1
-    assert {"heldout", "unseen-template"} <= set(adapted) and 0.0 <= adapted["heldout"]["dice"] <= 1.0
+    assert {"heldout", "unseen-template", "whole-head"} <= set(adapted) and 0.0 <= adapted["heldout"]["dice"] <= 1.0
     assert 0 < adapted["trainable"] < adapted["total_parameters"]
     for row in summary["cases"]:  # masks on each image's exact grid
         image = read_volume(out / "cohort" / "hippocampus" / "imagesTs" / f"{row['case']}.nii.gz")

