@@ -30,8 +30,8 @@ def data_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("app-data")
     # the demo cohort's hippocampus task, small: 4 training subjects (one held out for validation) and 1 test one
-    build_demo_cohort(root / "cohort", seed=0, n_train=4, n_test=1, n_unseen=0, n_source=0, n_synthesis=0,
-                      n_synthesis_target=0, n_synthesis_ventricles=0)
+    build_demo_cohort(root / "cohort", seed=0, n_train=4, n_test=1, n_unseen=0, n_whole_head=0, n_source=0,
+                      n_synthesis=0, n_synthesis_target=0, n_synthesis_ventricles=0)
     return str(root)
 
 

@@ -107,7 +107,7 @@ def test_ventricle_target_has_enlarged_ventricles_and_nothing_else_changed(tmp_p
     from TensorPEFTLib.engine.synthesis_metrics import dark_volume_ml
 
     out = tmp_path / "cohort"
-    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis=2, n_synthesis_target=0,
+    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_whole_head=0, n_source=0, n_synthesis=2, n_synthesis_target=0,
                       n_synthesis_ventricles=2, seg_spacings=((6.0, 6.0, 6.0),))
     roi = D.synthesis_ventricle_roi()
     assert roi.shape == D.SYNTH_SHAPE and 2000 < roi.sum() < 30000  # the ventricles' neighbourhood, not the brain
@@ -140,13 +140,13 @@ def test_multiclass_source_and_refusing_foreign_folders(tmp_path):
     from TensorPEFTLib.data.demo import DemoDataError
 
     out = tmp_path / "multi"
-    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_synthesis": 0},
+    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_whole_head": 0, "n_synthesis": 0},
                       source_multiclass=True)
     meta = json.loads((out / "subcortical" / "dataset.json").read_text())
     assert meta["out_channels"] == 5 and meta["labels"]["1"] == "thalamus"
     values = set(np.unique(read_volume(out / "subcortical" / "labelsTr" / "subcortical_000.nii.gz").array).tolist())
     assert values == {0, 1, 2, 3, 4}
-    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_synthesis": 0})  # rebuild
+    build_demo_cohort(out, seed=0, **{**SMALL, "n_train": 1, "n_test": 0, "n_unseen": 0, "n_whole_head": 0, "n_synthesis": 0})  # rebuild
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")

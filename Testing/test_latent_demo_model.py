@@ -150,7 +150,7 @@ def synthesis_cohort(tmp_path_factory):
     from TensorPEFTLib.data import build_demo_cohort
 
     out = tmp_path_factory.mktemp("cohort")
-    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis=2, n_synthesis_target=0,
+    build_demo_cohort(out, seed=0, n_train=1, n_test=0, n_unseen=0, n_whole_head=0, n_source=0, n_synthesis=2, n_synthesis_target=0,
                       n_synthesis_ventricles=0,
                       seg_spacings=((6.0, 6.0, 6.0),))
     return str(out)

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         marker = os.path.join(cohort, "dataset.json")
         params = json.load(open(marker)).get("parameters", {}) if os.path.isfile(marker) else {}
         if params.get("n_synthesis_ventricles") != need or params.get("n_synthesis") != args.source:
-            build_demo_cohort(cohort, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis=args.source,
+            build_demo_cohort(cohort, seed=0, n_train=1, n_test=0, n_unseen=0, n_whole_head=0, n_source=0, n_synthesis=args.source,
                               n_synthesis_target=0, n_synthesis_ventricles=need)
     ventricles = [c["image"] for c in find_cases(os.path.join(cohort, "synthesis-ventricles"), require_labels=False)]
     source = [c["image"] for c in find_cases(os.path.join(cohort, "synthesis"), require_labels=False)][:args.source]

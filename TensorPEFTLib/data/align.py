@@ -109,7 +109,9 @@ def align_to_reference(array: np.ndarray, affine: np.ndarray, reference: np.ndar
     low, high = np.percentile(data, [0.5, 99.5])
     data = np.clip((data - low) / max(float(high - low), 1e-12), 0.0, 1.0).astype(np.float32)
     fixed_full = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None, None]
-    weight_full = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))[None, None]
+    weight_full = None
+    if weights is not None:
+        weight_full = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))[None, None]
     centre_fixed = _centre_of_mass(fixed_full[0, 0], reference_affine)
     centre_moving = _centre_of_mass(torch.from_numpy(data), affine)
     anchor = torch.as_tensor(centre_fixed, dtype=torch.float32)

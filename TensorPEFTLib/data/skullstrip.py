@@ -64,8 +64,9 @@ class SkullStripError(PreprocessingError):
 @dataclass(frozen=True)
 class BrainExtraction:
     """``mask``: bool, on the scan's grid (True = brain and its margin); ``to_mni``: MNI152 world -> scan world (4 x 4,
-    None when the scan was not registered); ``correlation``: NCC with the MNI152 brain inside the brain after the registration (None likewise); ``head``:
-    whether the scan was taken for a whole head; ``litres``: its foreground volume."""
+    None when the scan was not registered); ``correlation``: NCC with the MNI152 brain inside the brain after the
+    registration (None likewise); ``head``: whether the scan was taken for a whole head; ``litres``: its foreground
+    volume."""
 
     mask: np.ndarray
     to_mni: np.ndarray | None
@@ -135,7 +136,8 @@ def fit_head_to_mni(initial: np.ndarray | None = None, levels: Sequence[int] = (
     inside = ndimage.binary_erosion(brain > 0.05, iterations=2).astype(np.float32)
     data, affine = _load("head")
     fit = align_to_reference(data, affine, brain, grid, weights=inside, levels=levels,
-                             iterations=(200, 120, 60)[: len(levels)], initial=np.eye(4) if initial is None else initial)
+                             iterations=(200, 120, 60)[: len(levels)],
+                             initial=np.eye(4) if initial is None else initial)
     return fit.matrix, fit.correlation
 
 
@@ -147,7 +149,8 @@ def foreground_litres(array: np.ndarray, affine: np.ndarray) -> float:
     return float(foreground_mask(array).sum()) * voxel_ml / 1000.0
 
 
-def extract_brain(array: np.ndarray, affine: np.ndarray, *, mode: str = "auto", name: str = "the scan") -> BrainExtraction:
+def extract_brain(array: np.ndarray, affine: np.ndarray, *, mode: str = "auto",
+                  name: str = "the scan") -> BrainExtraction:
     """Find the brain of a scan (``array`` (X, Y, Z) with voxel -> world ``affine``, any orientation and intensity
     range). ``mode``: one of :data:`SKULL_STRIP_CHOICES`. Raises :class:`SkullStripError` (naming ``name``) when a
     scan taken for a head does not register to the head reference."""

@@ -267,8 +267,8 @@ def pretrain_latent(recipe: Recipe, out: str, *, cohort: str | None, steps: int 
         cohort = os.path.join(out, "cohort")
         if not os.path.isfile(os.path.join(cohort, recipe.task_folder, "dataset.json")):
             events.message(f"building the demo cohort's synthesis set in {cohort} ...")
-            build_demo_cohort(cohort, seed=0, n_train=1, n_test=0, n_unseen=0, n_source=0, n_synthesis_target=0,
-                              n_synthesis_ventricles=0)
+            build_demo_cohort(cohort, seed=0, n_train=1, n_test=0, n_unseen=0, n_whole_head=0, n_source=0,
+                              n_synthesis_target=0, n_synthesis_ventricles=0)
     data = os.path.join(cohort, recipe.task_folder)
     started = time.time()
     volumes = lp.load_training_volumes(data, size)
