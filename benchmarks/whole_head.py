@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from benchmarks.harness import fmt_load, load_average, machine_line, today, versions  # noqa: E402
+from TensorPEFTLib.atomic import write_text_atomically  # noqa: E402
 from benchmarks.whole_brain import RESULTS, segment_case  # noqa: E402
 
 VARIANTS = (("lps-1.0mm", "LPS", 1.0, "raw"), ("oblique-1.0mm", "oblique", 1.0, "raw"))
@@ -151,14 +152,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt_load(load_after)}",
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
               f"- Date: {today()}", "", f"![overlays]({os.path.basename(png)})"]
-    md = os.path.join(RESULTS, stem + ".md")
-    with open(md + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.replace(md + ".tmp", md)
-    with open(os.path.join(RESULTS, stem + ".json.tmp"), "w", encoding="utf-8") as handle:
-        json.dump({"adapter": args.adapter, "rows": rows, "command": command, "date": today()}, handle, indent=2,
-                  default=float)
-    os.replace(os.path.join(RESULTS, stem + ".json.tmp"), os.path.join(RESULTS, stem + ".json"))
+    write_text_atomically(os.path.join(RESULTS, stem + ".md"), "\n".join(lines) + "\n")
+    write_text_atomically(os.path.join(RESULTS, stem + ".json"),
+                          json.dumps({"adapter": args.adapter, "rows": rows, "command": command, "date": today()},
+                                     indent=2, default=float))
     print("\n".join(lines))
     return 0
 
