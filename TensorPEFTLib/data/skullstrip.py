@@ -120,8 +120,17 @@ def head_reference() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data, affine = _load("head")
         head = resample_through(data, affine, HEAD_TO_MNI, shape, grid)
         head = np.clip(head / float(np.percentile(head, 99.5)), 0.0, 1.0).astype(np.float32)
-        _REFERENCE.update(head=head, brain=_mni_brain(shape, grid), grid=grid)
+        brain = _mni_brain(shape, grid)
+        _REFERENCE.update(head=head, brain=brain, grid=grid, inside=_brain_inside(brain))
     return _REFERENCE["head"], _REFERENCE["brain"], _REFERENCE["grid"]
+
+
+def _brain_inside(brain: np.ndarray) -> np.ndarray:
+    """The MNI brain eroded by 4 mm (2 voxels of the 2 mm grid): where the head fit and the acceptance correlation
+    look, so the skull's edge cannot pull either."""
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(brain > 0.05, iterations=2)
 
 
 def fit_head_to_mni(initial: np.ndarray | None = None, levels: Sequence[int] = (4, 2, 1)) -> tuple[np.ndarray, float]:
@@ -129,13 +138,9 @@ def fit_head_to_mni(initial: np.ndarray | None = None, levels: Sequence[int] = (
     eroded by 4 mm, so only the brain's inside (ventricles, grey / white matter) drives the fit and the skull's edge
     cannot (with the brain's edge included the fit shrank the head until its scalp met the brain's outline).
     Starts from the identity (both lie near the same origin). Returns (matrix, correlation); about 30 s."""
-    from scipy import ndimage
-
-    shape, grid = _grid()
-    brain = _mni_brain(shape, grid)
-    inside = ndimage.binary_erosion(brain > 0.05, iterations=2).astype(np.float32)
+    _, brain, grid = head_reference()
     data, affine = _load("head")
-    fit = align_to_reference(data, affine, brain, grid, weights=inside, levels=levels,
+    fit = align_to_reference(data, affine, brain, grid, weights=_REFERENCE["inside"].astype(np.float32), levels=levels,
                              iterations=(200, 120, 60)[: len(levels)],
                              initial=np.eye(4) if initial is None else initial)
     return fit.matrix, fit.correlation
@@ -181,11 +186,10 @@ def _brain_correlation(data: np.ndarray, affine: np.ndarray, matrix: np.ndarray,
     """NCC of the registered scan with the MNI152 brain inside the brain eroded by 4 mm (see
     :data:`MIN_HEAD_CORRELATION`)."""
     import torch
-    from scipy import ndimage
 
     from .align import _ncc
 
-    inside = ndimage.binary_erosion(brain > 0.05, iterations=2)
+    inside = _REFERENCE["inside"]
     aligned = resample_through(data, affine, matrix, brain.shape, grid)
     return float(_ncc(torch.from_numpy(aligned[inside]), torch.from_numpy(brain[inside])))
 
