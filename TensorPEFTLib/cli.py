@@ -30,7 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 _SKULL_STRIP_HELP = ("whole-head scans (skull, scalp, neck): everything outside the brain is set to background before "
                      "the model sees it, the brain found by registering pydeface's mean head, whose brain is known, to "
                      "the scan (about 5-10 s a scan). auto (default): scans whose foreground is larger than a brain "
-                     "(2.8 L); on: every scan; off: none (a skull-stripped brain is left alone by auto)")
+                     "(2.8 L) and register as a T1 head (others are left as they are, and said so); on: every scan, refusing one "
+                     "that is not a T1 head; off: none (a skull-stripped brain is left alone by auto)")
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:

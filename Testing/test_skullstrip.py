@@ -83,6 +83,25 @@ def test_a_whole_head_is_found_and_stripped_in_any_pose_and_range(heads, variant
         (data > np.percentile(data[found.mask], 50)) & found.mask).sum()
 
 
+@pytest.mark.parametrize("style", ["defaced", "wide-skull", "flexed-neck", "short-fov"])
+def test_heads_unlike_the_reference_are_found_too(tmp_path, style):
+    """A stranger's head (HEAD_STYLES): the face removed by defacing, 6 mm more skull and scalp, the neck bent by 20
+    degrees, a field of view ending below the cerebellum. The registration looks at the cranium only: with the whole
+    head, the short field of view did not register (correlation 0.24)."""
+    from TensorPEFTLib.data.demo import build_whole_brain_eval
+
+    build_whole_brain_eval(tmp_path, seed=3, templates=("icbm2009a",), variants=VARIANTS[:1], reference_mm=2.0,
+                           whole_head=True, head_style=style)
+    name = f"head-{style}-icbm2009a_00_{VARIANTS[0][0]}.nii.gz"
+    volume = read_volume(str(tmp_path / "imagesTs" / name))
+    found = extract_brain(volume.squeezed, volume.affine, name=name)
+    assert found.head and found.correlation > 0.4, found.describe()
+    brain = read_volume(str(tmp_path / "brainTs" / name)).squeezed > 0
+    assert found.mask[brain].mean() > 0.98, found.mask[brain].mean()
+    assert found.mask.sum() < 1.5 * brain.sum(), found.mask.sum() / brain.sum()
+    assert found.mask[read_volume(str(tmp_path / "labelsTs" / name)).squeezed > 0].all()
+
+
 def test_a_skull_stripped_brain_is_left_alone(heads):
     image, _ = _case(heads, "brain", VARIANTS[0][0])
     volume = read_volume(image)
@@ -101,15 +120,22 @@ def test_off_leaves_a_head_alone_and_on_strips_it(heads):
         extract_brain(volume.squeezed, volume.affine, mode="maybe")
 
 
-def test_something_large_that_is_not_a_head_is_refused_by_name():
+def test_something_large_that_is_not_a_head_is_left_alone_by_auto_and_refused_by_on():
+    """A large scan that is no T1 head (a CT, another contrast, a body part: UNETR is for any 3D scan) is segmented as
+    it is by default; ``on`` refuses it in one line naming it."""
     from scipy.ndimage import gaussian_filter
 
     blobs = gaussian_filter(np.random.default_rng(0).random((96, 96, 96)).astype(np.float32), 3)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    found = extract_brain(blobs, affine, name="blobs.nii.gz")
+    assert found.unrecognised and not found.head and found.mask.all() and found.correlation < 0.3
+    assert "not recognised as a T1 head" in found.describe() and "--skull-strip on" in found.describe()
+    stripped, _ = strip_skull(blobs, affine, name="blobs.nii.gz")
+    np.testing.assert_array_equal(stripped, blobs)
     with pytest.raises(SkullStripError) as caught:
-        extract_brain(blobs, affine, name="blobs.nii.gz")
+        extract_brain(blobs, affine, mode="on", name="blobs.nii.gz")
     message = str(caught.value)
-    assert "blobs.nii.gz" in message and "--skull-strip off" in message and "\n" not in message
+    assert "blobs.nii.gz" in message and "--skull-strip auto or off" in message and "\n" not in message
     assert isinstance(caught.value, PreprocessingError)  # a user error: one line, exit 2
 
 
@@ -136,17 +162,21 @@ def test_segment_sees_a_whole_head_as_the_brain_inside_it(heads, tmp_path):
     masks = {}
     for name, path, mode in (("ideal", ideal, "off"), ("auto", image, "auto"), ("off", image, "off")):
         out = tmp_path / f"{name}.nii.gz"
+        events = tmp_path / f"{name}.jsonl"
         code = main(["segment", "--model", "demo-unetr", "--image", str(path), "--out", str(out), "--skull-strip",
-                     mode, "--threads", "2", "--quiet", "--overlap", "0.25"])
+                     mode, "--threads", "2", "--quiet", "--overlap", "0.25", "--events", str(events)])
         assert code == 0
         masks[name] = read_volume(str(out)).squeezed > 0
+        done = [json.loads(line) for line in events.read_text().splitlines() if '"done"' in line][-1]
+        assert done["skull_stripped"] == (1 if name == "auto" else 0)  # what a GUI tells its user
     assert masks["ideal"].sum() > 1000  # the deep grey nuclei: more than 8 mL
     agree = {name: _dice(masks[name], masks["ideal"]) for name in ("auto", "off")}
     assert agree["auto"] > 0.85 and agree["auto"] > agree["off"] + 0.05, agree
 
 
-def test_a_head_that_cannot_be_stripped_stops_segment_in_one_line(tmp_path, capsys):
-    """The error is raised inside MONAI's pipeline, which wraps it: the user still gets one line and exit 2."""
+def test_segment_says_what_it_did_with_a_large_scan_that_is_no_head(tmp_path, capsys):
+    """auto: segmented as it is, and the user is told why; on: the error is raised inside MONAI's pipeline, which
+    wraps it, and the user still gets one line and exit 2, with no mask written."""
     from scipy.ndimage import gaussian_filter
 
     from TensorPEFTLib.cli import main
@@ -154,11 +184,15 @@ def test_a_head_that_cannot_be_stripped_stops_segment_in_one_line(tmp_path, caps
     blobs = gaussian_filter(np.random.default_rng(0).random((96, 96, 96)).astype(np.float32), 3) * 1000
     path = tmp_path / "blobs.nii.gz"
     write_volume(str(path), blobs, like=np.diag([2.0, 2.0, 2.0, 1.0]))
-    code = main(["segment", "--model", "demo-unetr", "--image", str(path), "--out", str(tmp_path / "mask.nii.gz"),
-                 "--threads", "1", "--quiet"])
+    common = ["segment", "--model", "demo-unetr", "--image", str(path), "--threads", "1", "--overlap", "0"]
+    assert main(common + ["--out", str(tmp_path / "auto.nii.gz")]) == 0
+    said = capsys.readouterr()
+    assert "blobs.nii.gz: larger than a brain" in said.out + said.err and "not recognised as a T1 head" in said.out + said.err
+    assert read_volume(str(tmp_path / "auto.nii.gz")).shape[:3] == blobs.shape
+    code = main(common + ["--out", str(tmp_path / "on.nii.gz"), "--skull-strip", "on", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "blobs.nii.gz" in err[0] and "--skull-strip off" in err[0], err
-    assert not (tmp_path / "mask.nii.gz").exists()
+    assert code == 2 and len(err) == 1 and "blobs.nii.gz" in err[0] and "--skull-strip auto or off" in err[0], err
+    assert not (tmp_path / "on.nii.gz").exists()
 
 
 def test_a_whole_head_registers_to_the_synthesis_reference_after_stripping(heads):

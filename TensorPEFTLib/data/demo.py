@@ -121,6 +121,22 @@ WHOLE_BRAIN_FOV_MM = (180.0, 216.0, 184.0)
 #: from the vertex to the chin, nose to occiput, as a sagittal 3D T1 covers it
 WHOLE_HEAD_FOV_MM = (190.0, 236.0, 220.0)
 _HEAD_CENTRE = (0.0, -16.0, -8.0)
+#: how a stranger's whole head can differ from the one head any package ships (pydeface's mean head, which brain
+#: extraction itself registers to): ``build_whole_brain_eval(head_style=...)``. The brain and its labels stay the
+#: template's; the head around it changes (geometry in MNI mm).
+HEAD_STYLES = {
+    "mean": "pydeface's mean head as it is",
+    "defaced": "the face removed with pydeface's own face mask, as public datasets (OpenNeuro) release T1s",
+    "wide-skull": "skull and scalp 6 mm further from the brain all round (more CSF and bone between: an older or "
+                  "larger head around the same brain)",
+    "flexed-neck": "the head bent 20 degrees at the cranio-cervical junction (chin towards the chest): the neck and "
+                   "jaw move, the cranium does not",
+    "short-fov": "the field of view ends 8 mm below the cerebellum (an axial slab): no neck, no chin, no mouth",
+}
+_HEAD_STYLE_FOV_FLOOR_MM = -80.0  # short-fov: MNI z of the slab's lower edge (the cerebellum ends near -72)
+_FLEX_PIVOT_MM = np.array([0.0, -30.0, -72.0])  # flexed-neck: rotation axis (left-right) through here ...
+_FLEX_BLEND_MM = (-72.0, -92.0)  # ... the rotation fading in from the first z to the second (below: 20 degrees)
+_WIDEN_MM, _WIDEN_RAMP_MM = 6.0, (3.0, 15.0)  # wide-skull: 6 mm outward, ramped in between these distances from the brain
 #: voxel sizes (mm, along the stored voxel axes) the subjects are drawn from: isotropic 1.0-1.5 mm and anisotropic
 #: in-plane 0.9-1.0 mm with thicker slices, as 3D T1 protocols come
 WHOLE_BRAIN_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (0.9, 0.9, 1.2), (1.0, 1.0, 1.4),
@@ -241,6 +257,37 @@ def _crop_to(data: np.ndarray, affine: np.ndarray, lo: np.ndarray, hi: np.ndarra
     return data[a[0]:b[0], a[1]:b[1], a[2]:b[2]], out
 
 
+class _RestyledHead:
+    """A field of MNI space seen through a :data:`HEAD_STYLES` warp: ``sample(world)`` samples ``field`` at the warped
+    points, so a head, its hippocampus map and its brain mask wrapped with one style stay consistent. Styles that
+    remove tissue (``defaced``, ``short-fov``) are in the head image itself (:meth:`_Sources.whole_head`)."""
+
+    def __init__(self, field: Any, style: str, brain_distance: "_Field | None" = None) -> None:
+        self.field, self.style, self.brain_distance = field, style, brain_distance
+
+    def warp(self, world: np.ndarray) -> np.ndarray:
+        """Output world points (3, n) -> where the mean-head-shaped ``field`` is sampled (a pull-back)."""
+        if self.style == "wide-skull":
+            # radially inward by up to 6 mm, 0 at the brain: what lay 6 mm out now lies 12 mm out
+            low, high = _WIDEN_RAMP_MM
+            distance = self.brain_distance.sample(world)
+            shift = _WIDEN_MM * np.clip((distance - low) / (high - low), 0.0, 1.0)
+            centre = np.asarray(_BRAIN_CENTRE, dtype=np.float64)[:, None]
+            radial = world - centre
+            return world - shift * radial / np.maximum(np.linalg.norm(radial, axis=0), 1e-6)
+        if self.style == "flexed-neck":
+            top, bottom = _FLEX_BLEND_MM
+            angle = np.deg2rad(20.0) * np.clip((top - world[2]) / (top - bottom), 0.0, 1.0)
+            rel = world - _FLEX_PIVOT_MM[:, None]
+            cos, sin = np.cos(angle), np.sin(angle)
+            return np.stack([world[0], _FLEX_PIVOT_MM[1] + cos * rel[1] - sin * rel[2],
+                             _FLEX_PIVOT_MM[2] + sin * rel[1] + cos * rel[2]])
+        return world
+
+    def sample(self, world: np.ndarray, order: int = 1) -> np.ndarray:
+        return self.field.sample(self.warp(world), order=order)
+
+
 class _Sources:
     def __init__(self) -> None:
         self._cache: dict[str, Any] = {}
@@ -293,24 +340,71 @@ class _Sources:
             self._cache[key] = _Field(data.astype(np.float32), affine)
         return self._cache[key]
 
-    def whole_head(self, brain_key: str) -> _Field:
+    def restyled_head(self, brain_key: str, style: str) -> Any:
+        """:meth:`whole_head` as a :data:`HEAD_STYLES` stranger's; ``restyle(field)`` wraps the labels to match."""
+        if style not in HEAD_STYLES:
+            raise DemoDataError(f"head style {style!r}: choose one of {', '.join(HEAD_STYLES)}")
+        return self.restyle(self.whole_head(brain_key, style if style in ("defaced", "short-fov") else "mean"), style)
+
+    def restyle(self, field: Any, style: str) -> Any:
+        """``field`` (anything in MNI space: a head, a label map) through ``style``'s warp."""
+        if style not in ("wide-skull", "flexed-neck"):
+            return field
+        distance = None
+        if style == "wide-skull":
+            if "brain-distance" not in self._cache:
+                from scipy.ndimage import distance_transform_edt
+
+                shape, affine = self._head_box()
+                world = affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:4]
+                brain = self.template("mni152").sample(world).reshape(shape) > 0
+                self._cache["brain-distance"] = _Field(distance_transform_edt(~brain).astype(np.float32), affine)
+            distance = self._cache["brain-distance"]
+        return _RestyledHead(field, style, distance)
+
+    @staticmethod
+    def _head_box() -> tuple[tuple[int, ...], np.ndarray]:
+        """The 1 mm MNI grid the whole heads are built on."""
+        from .skullstrip import _HEAD_BOX
+
+        low, high = _HEAD_BOX
+        affine = np.eye(4)
+        affine[:3, 3] = low
+        return tuple(int(v) for v in np.round(high - low) + 1), affine
+
+    def whole_head(self, brain_key: str, style: str = "mean") -> _Field:
         """A whole head around ``brain_key``'s brain, in MNI152 world at 1 mm: pydeface's mean head (scalp, skull,
         face, neck; placed in MNI space by :data:`~TensorPEFTLib.data.skullstrip.HEAD_TO_MNI`) with its brain
         replaced by the template's own (the mean head's is an affine average, too blurred to segment), the gap
         between them filled with CSF. No package ships a single subject's whole-head T1: this is the nearest to one
-        that can be built, and its scalp and skull are the same for every head (the note in docs/demo-data.md)."""
-        key = f"head:{brain_key}"
+        that can be built, and its scalp and skull are the same for every head (the note in docs/demo-data.md).
+        ``style`` ``defaced`` or ``short-fov``: that head with the face, or everything below the slab, set to 0."""
+        key = f"head:{brain_key}:{style}"
+        if style != "mean" and key not in self._cache:  # the mean head with tissue removed (other styles: restyle)
+            head = self.whole_head(brain_key)
+            shape, affine = self._head_box()
+            keep = np.ones(shape, dtype=np.float32)
+            if style == "defaced":
+                import nibabel as nib
+
+                from .align import resample_through
+                from .skullstrip import HEAD_TO_MNI
+
+                face = nib.load(str(source_path("head").with_name("facemask.nii.gz")))
+                keep = resample_through(np.asarray(face.dataobj, dtype=np.float32), np.asarray(face.affine),
+                                        HEAD_TO_MNI, shape, affine)
+            elif style == "short-fov":
+                z = affine[2, 2] * np.arange(shape[2]) + affine[2, 3]
+                keep[..., z < _HEAD_STYLE_FOV_FLOOR_MM] = 0.0
+            self._cache[key] = _Field(head.data * (keep >= 0.5), affine)
         if key not in self._cache:
             import nibabel as nib
             from scipy.ndimage import binary_dilation, gaussian_filter
 
             from .align import resample_through
-            from .skullstrip import HEAD_TO_MNI, _HEAD_BOX
+            from .skullstrip import HEAD_TO_MNI
 
-            low, high = _HEAD_BOX
-            shape = tuple(int(v) for v in np.round(high - low) + 1)
-            affine = np.diag([1.0, 1.0, 1.0, 1.0])
-            affine[:3, 3] = low
+            shape, affine = self._head_box()
             head_img = nib.load(str(source_path("head")))
             head = resample_through(np.asarray(head_img.dataobj, dtype=np.float32), np.asarray(head_img.affine),
                                     HEAD_TO_MNI, shape, affine)
@@ -877,7 +971,7 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
                            subjects_per_template: int = 1, variants: Sequence[tuple[str, str, float, str]] = EVAL_VARIANTS,
                            oblique_deg: tuple[float, float] = (10.0, 20.0), reference_mm: float = 1.0,
                            fov_mm: Sequence[float] | None = None, progress: bool = False,
-                           whole_head: bool = False) -> dict[str, Any]:
+                           whole_head: bool = False, head_style: str = "mean") -> dict[str, Any]:
     """Whole-brain hippocampus test cases on templates that neither pre-training nor fine-tuning use (ICBM 2009c;
     ICBM 2009a where nilearn is installed), each brain stored in every one of ``variants`` (RAS, LPS and oblique
     by 10-20° about each axis, at 1.0 and 1.2 mm, one in 0-4095 and one in [0, 1]).
@@ -889,6 +983,8 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
     ``whole_head``: each brain inside a whole head (scalp, skull, face, neck: :meth:`_Sources.whole_head`) in a
     :data:`WHOLE_HEAD_FOV_MM` field of view, as a clinic's T1 comes before any skull-stripping; ``brainTs/`` then
     holds each scan's brain mask (the template's brain carried through the same deformation), entry key ``brain``.
+    ``head_style``: a stranger's head (:data:`HEAD_STYLES`: defaced, a wider skull, a bent neck, a shorter field of
+    view); cases are named ``head-STYLE-...`` (``head-...`` for the mean head).
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -897,6 +993,8 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
     centre = _HEAD_CENTRE if whole_head else _BRAIN_CENTRE
     if whole_head:
         source_path("head")
+    if head_style not in HEAD_STYLES or (head_style != "mean" and not whole_head):
+        raise DemoDataError(f"head style {head_style!r}: choose one of {', '.join(HEAD_STYLES)} (with whole_head)")
     usable, skipped = [], []
     for key in templates:
         try:
@@ -922,7 +1020,8 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
             prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, key)]  # on this template's anatomy
             if whole_head:  # where the brain is, carried through the same deformation: the reference brain mask
                 prob.append(src.brain_mask(key))
-            anatomy = src.whole_head(key) if whole_head else src.template(key)
+                prob = [src.restyle(p, head_style) for p in prob]
+            anatomy = src.restyled_head(key, head_style) if whole_head else src.template(key)
             image, maps = _simulate(reference, anatomy, prob, rng, rotate_deg=15.0, scale=0.1,
                                     elastic_mm=2.0, shift_mm=12.0)
             # the reference label of every variant is drawn from the probability map, as every cohort subject's is
@@ -939,7 +1038,8 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
                 grid = _Grid(shape, spacing, centre, direction)
                 img = image_field.sample(grid.world(), order=1).reshape(grid.shape)
                 lbl = reference_label(map_field, grid)
-                case = f"{'head-' if whole_head else ''}{key}_{i:02d}_{name}"
+                prefix = ("head-" if head_style == "mean" else f"head-{head_style}-") if whole_head else ""
+                case = f"{prefix}{key}_{i:02d}_{name}"
                 write_volume(out / "imagesTs" / f"{case}.nii.gz", scanner_range(img, kind), grid.affine)
                 write_volume(out / "labelsTs" / f"{case}.nii.gz", lbl, grid.affine)
                 extra = {}
@@ -949,7 +1049,7 @@ def build_whole_brain_eval(out_dir: str | os.PathLike, seed: int = 0, *, templat
                     extra["brain"] = f"./brainTs/{case}.nii.gz"
                 entries.append({**extra, "image": f"./imagesTs/{case}.nii.gz", "label": f"./labelsTs/{case}.nii.gz",
                                 "name": case, "template": key, "subject": f"{key}_{i:02d}", "variant": name,
-                                "whole_head": bool(whole_head),
+                                "whole_head": bool(whole_head), "head_style": head_style if whole_head else None,
                                 "storage": storage, "spacing_mm": [spacing] * 3, "range": kind,
                                 "shape": [int(v) for v in shape],
                                 "oblique_deg": [round(float(a), 1) for a in (angles if storage == "oblique" else np.zeros(3))]})

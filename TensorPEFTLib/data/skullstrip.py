@@ -12,7 +12,8 @@ detection in the scalp). This module finds the brain the way template-based defa
    to the MNI152 brain, inside the MNI brain eroded by 4 mm so the skull cannot pull the fit; recomputed in
    ``Testing/test_skullstrip.py``), with the MNI152 brain mask as its brain.
 2. A scan whose foreground is larger than any brain (:data:`HEAD_MIN_LITRES`) is registered to that reference
-   (:func:`~TensorPEFTLib.data.align.align_to_reference`, NCC, 12 parameters) and the reference's brain is carried
+   (:func:`~TensorPEFTLib.data.align.align_to_reference`, NCC over the cranium only (:data:`CRANIUM_MM`: not the
+   neck, jaw or face, which differ most between scans), 12 parameters) and the reference's brain is carried
    back onto the scan's grid, grown by :data:`MARGIN_MM` so no cortex is cut; outside it the scan is set to its
    background level. Skull-stripped brains are recognised by their size and left alone.
 
@@ -32,7 +33,7 @@ from .align import align_to_reference, grid_affine, resample_through
 from .preprocess import SKULL_STRIP_CHOICES, PreprocessingError
 
 __all__ = ["BrainExtraction", "SkullStripError", "SKULL_STRIP_CHOICES", "HEAD_TO_MNI", "HEAD_MIN_LITRES",
-           "MIN_HEAD_CORRELATION", "MARGIN_MM", "head_reference", "fit_head_to_mni", "extract_brain",
+           "MIN_HEAD_CORRELATION", "MARGIN_MM", "CRANIUM_MM", "head_reference", "fit_head_to_mni", "extract_brain",
            "strip_skull", "foreground_litres"]
 
 #: a foreground larger than this (litres) is a head: skull-stripped template brains measure 1.8-1.9 L (MNI space is
@@ -45,6 +46,11 @@ HEAD_MIN_LITRES = 2.8
 MIN_HEAD_CORRELATION = 0.3
 #: the carried-back brain mask grown by this much, so an affine fit never cuts cortex
 MARGIN_MM = 3.0
+#: the head registration looks at the cranium only: the reference's brain and everything within this distance of it
+#: (skull and scalp over the brain). Neck, jaw and face are what differ most between people's scans - a field of view
+#: cut below the cerebellum, a face removed by defacing, the neck bent - and with them in the fit, a head cut below
+#: the cerebellum did not register (correlation inside the brain 0.24; 0.56 with the cranium only, 2 mm, 2026-12-03)
+CRANIUM_MM = 20.0
 #: reference world (MNI152 mm) -> pydeface head world (mm): found by :func:`fit_head_to_mni`
 HEAD_TO_MNI = np.array([
     [0.871, 0.065, 0.010, -4.700],
@@ -74,7 +80,16 @@ class BrainExtraction:
     head: bool
     litres: float
 
+    @property
+    def unrecognised(self) -> bool:
+        """Larger than a brain, registered, but no T1 brain lined up inside it (``auto`` then leaves it alone)."""
+        return not self.head and self.correlation is not None
+
     def describe(self) -> str:
+        if self.unrecognised:
+            return (f"larger than a brain ({self.litres:.1f} L foreground) but not recognised as a T1 head (brain "
+                    f"correlation {self.correlation:.2f} < {MIN_HEAD_CORRELATION}): not stripped; pass --skull-strip "
+                    "on to require brain extraction, or strip it first")
         if not self.head:
             return f"brain only ({self.litres:.1f} L foreground): not stripped"
         kept = float(self.mask.mean()) * 100
@@ -121,8 +136,16 @@ def head_reference() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         head = resample_through(data, affine, HEAD_TO_MNI, shape, grid)
         head = np.clip(head / float(np.percentile(head, 99.5)), 0.0, 1.0).astype(np.float32)
         brain = _mni_brain(shape, grid)
-        _REFERENCE.update(head=head, brain=brain, grid=grid, inside=_brain_inside(brain))
+        _REFERENCE.update(head=head, brain=brain, grid=grid, inside=_brain_inside(brain), cranium=_cranium(brain))
     return _REFERENCE["head"], _REFERENCE["brain"], _REFERENCE["grid"]
+
+
+def _cranium(brain: np.ndarray) -> np.ndarray:
+    """Weights of the head registration (float32 0/1 on the reference grid): within :data:`CRANIUM_MM` of the brain."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~(brain > 0.05), sampling=HEAD_GRID_MM)
+    return (distance <= CRANIUM_MM).astype(np.float32)
 
 
 def _brain_inside(brain: np.ndarray) -> np.ndarray:
@@ -157,8 +180,12 @@ def foreground_litres(array: np.ndarray, affine: np.ndarray) -> float:
 def extract_brain(array: np.ndarray, affine: np.ndarray, *, mode: str = "auto",
                   name: str = "the scan") -> BrainExtraction:
     """Find the brain of a scan (``array`` (X, Y, Z) with voxel -> world ``affine``, any orientation and intensity
-    range). ``mode``: one of :data:`SKULL_STRIP_CHOICES`. Raises :class:`SkullStripError` (naming ``name``) when a
-    scan taken for a head does not register to the head reference."""
+    range). ``mode``: one of :data:`SKULL_STRIP_CHOICES`.
+
+    A scan larger than a brain that does not register to the head reference as a T1 head (another contrast, a CT, a
+    body part, an unusual head) is left alone by ``auto`` (:attr:`BrainExtraction.unrecognised`: the models are for
+    any 3D scan, and a refusal would stop a user whose data are not heads) and refused by ``on`` with a
+    :class:`SkullStripError` naming ``name``."""
     if mode not in SKULL_STRIP_CHOICES:
         raise SkullStripError(f"skull-strip mode {mode!r}: choose one of {', '.join(SKULL_STRIP_CHOICES)}")
     data = np.asarray(array, dtype=np.float32)
@@ -168,13 +195,17 @@ def extract_brain(array: np.ndarray, affine: np.ndarray, *, mode: str = "auto",
         return BrainExtraction(everything, None, None, False, litres)
     head, brain, grid = head_reference()
     # 8 and 4 mm levels: the 2 mm level moved the brain by 0.3 mm on average (0.65 at most) for three times the time
-    fit = align_to_reference(data, affine, head, grid, levels=(4, 2), iterations=(150, 100))
+    fit = align_to_reference(data, affine, head, grid, levels=(4, 2), iterations=(150, 100),
+                             weights=_REFERENCE["cranium"])
     correlation = _brain_correlation(data, affine, fit.matrix, brain, grid)
+    if correlation < MIN_HEAD_CORRELATION and mode == "auto":
+        return BrainExtraction(everything, None, correlation, False, litres)
     if correlation < MIN_HEAD_CORRELATION:
         raise SkullStripError(
             f"{name}: larger than a brain ({litres:.1f} L), so taken for a whole head, but no T1 brain lines up inside "
             f"it (correlation {correlation:.2f} < {MIN_HEAD_CORRELATION} after registration): give a T1 scan, "
-            f"skull-stripped first (SynthStrip, HD-BET, FSL bet) if the head is unusual, or pass --skull-strip off")
+            f"skull-stripped first (SynthStrip, HD-BET, FSL bet) if the head is unusual, or pass --skull-strip auto "
+            "or off")
     # the reference's brain on the scan's grid: scan world -> MNI is the inverse of the fit
     prior = resample_through(brain, grid, np.linalg.inv(fit.matrix), data.shape, affine)
     mask = _grown(prior > 0.05, affine, MARGIN_MM)

@@ -101,7 +101,8 @@ class SkullStripd(MapTransform):
     """Brain extraction of whole-head scans (:func:`~TensorPEFTLib.data.skullstrip.strip_skull`) on each channel-first
     image of ``keys``, on the grid it has here (the working grid): everything outside the brain set to the scan's
     background level. ``mode``: ``auto`` (scans larger than a brain), ``on`` or ``off``. Not spatial, so ``Invertd``
-    passes over it; the result is recorded in the image's meta as ``skull_strip``."""
+    passes over it. What was done is described in the image's meta as ``skull_strip`` (for a head, and for a large
+    scan ``auto`` did not recognise as one), and ``skull_stripped`` is set on a stripped image."""
 
     def __init__(self, keys: Sequence[str] | str, mode: str = "auto", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -118,6 +119,10 @@ class SkullStripd(MapTransform):
             name = str(img.meta.get("filename_or_obj", "the scan")) if isinstance(img, MetaTensor) else "the scan"
             stripped, found = strip_skull(array[0], affine, mode=self.mode, name=name)
             if not found.head:
+                if found.unrecognised and isinstance(img, MetaTensor):  # say so: the user expected a head, or not
+                    img = img.clone()
+                    img.meta["skull_strip"] = found.describe()
+                    d[key] = img
                 continue
             out = array.copy()
             out[0] = stripped
@@ -127,6 +132,7 @@ class SkullStripd(MapTransform):
                 img = img.clone()
                 img.data = torch.as_tensor(out, dtype=img.dtype)
                 img.meta["skull_strip"] = found.describe()
+                img.meta["skull_stripped"] = True
                 d[key] = img
             else:
                 d[key] = torch.as_tensor(out)

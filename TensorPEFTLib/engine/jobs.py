@@ -843,7 +843,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
         failures = sorted(((p, EngineError(e)) for _, share in shares for p, e in share),  # type: ignore[misc]
                           key=lambda f: order.get(f[0], 0))
     events.emit("done", status="completed" if not failures else "failed", out=out, masks=[r["mask"] for r in records],
-                failed=[p for p, _ in failures])
+                failed=[p for p, _ in failures], skull_stripped=sum(bool(r.get("skull_stripped")) for r in records))
     if failures:
         names = "; ".join(str(err) for _, err in failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
         message = (f"{len(failures)} of {len(images)} images could not be segmented ({len(records)} masks "

@@ -381,9 +381,11 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
     reference = read_volume(path, header_only=True)
     data = run_pipeline(pre, {"image": path})
     working = data["image"]
-    stripped = getattr(working, "meta", {}).get("skull_strip")
-    if stripped:
-        events.message(f"{os.path.basename(path)}: {stripped}")
+    meta = getattr(working, "meta", {})
+    stripped = bool(meta.get("skull_stripped"))
+    if meta.get("skull_strip"):  # a head stripped: a line for people; a large scan left alone: a warning, for GUIs too
+        say = events.message if stripped else events.warn
+        say(f"{os.path.basename(path)}: {meta['skull_strip']}")
     box = (slice(None),) * 3
     if prep.crop_foreground:
         found = foreground_box(foreground_mask(np.asarray(working[0])), margin=8)
@@ -438,7 +440,7 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
     write_volume(out_path, mask, like=reference)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
     record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
-              "sw_batch_size": batch, "window_batches": done[0], "skull_stripped": bool(stripped),
+              "sw_batch_size": batch, "window_batches": done[0], "skull_stripped": stripped,
               "seconds": round(time.perf_counter() - started, 2)}
     events.emit("step", step=total, steps=total, image_index=index + 1, images=count, eta_seconds=0.0, **record)
     return record
