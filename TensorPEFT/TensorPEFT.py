@@ -78,6 +78,7 @@ class TensorPEFTParameterNode:
     augmentAffine: bool = True  # few scans: learn what a structure looks like, not where it sits in the patch
     dataSource: Annotated[str, Choice(DATA_SOURCES)] = DATA_SOURCES[0]
     dataFolder: str = ""
+    skullStrip: Annotated[str, Choice(list(requests.SKULL_STRIP_CHOICES))] = "auto"  # whole-head scans, both jobs
     device: Annotated[str, Choice(list(requests.DEVICE_CHOICES))] = "auto"
     adapterFolder: str = ""
     resume: bool = False
@@ -331,8 +332,10 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = p.inputVolume
             image, mask = self.logic.exportForSegmentation(volume)
             segmentName = os.path.basename(os.path.normpath(adapter))
-            return (requests.SegmentRequest.fromParameters(p, image=image, mask=mask),
-                    lambda result: self.logic.importMask(mask, volume, segmentName))
+            def imported(result: jobs.JobResult) -> None:
+                self.logic.importMask(mask, volume, segmentName)
+                self.ui.statusLabel.text = slicer_app.segmented_text(volume.GetName(), segmentName, result.done)
+            return requests.SegmentRequest.fromParameters(p, image=image, mask=mask), imported
 
         self.runButton("segment", _("Cannot start segmentation."), prepare)
 
@@ -366,6 +369,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             p.adapterFolder = folder
             p.modelKind = "DDPM" if adapter_folders.adapter_task(config) == "synthesis" else "UNETR"
+            p.skullStrip = adapter_folders.recorded_skull_strip(config)  # segment its scans as it was trained
             self.ui.statusLabel.text = _("adapter {method} (rank {rank}) loaded from {folder}").format(
                 method=config.get("method", "?"), rank=config.get("rank", "?"), folder=folder)
 

@@ -209,6 +209,8 @@ def test_finetune_and_resume_run_the_cli_commands_of_the_front_end_layer(tmp_pat
         assert args[args.index(flag) + 1] == value
     out = args[args.index("--out") + 1]
     assert out.startswith(os.path.join(str(tmp_path), "tensorpeft-app", "runs")) and args[-2:] == ["--events", "-"]
+    assert args[args.index("--skull-strip") + 1] == "auto"  # the page's default, as the CLI's
+    assert [c["value"] for c in state["skull_strip_choices"]] == ["auto", "on", "off"]
     session.job = None  # as if it had been cancelled
     session.finetune(resume=True)
     resumed = recorder.argv[-1]
@@ -263,8 +265,10 @@ def test_save_and_load_an_adapter_inside_the_root(tmp_path):
     session = AppSession(DataRoot(str(tmp_path)), state, viewer=None)
     session.start_job = _Recorder()
     session.probes.start_job = _Recorder()
+    state["skull_strip"] = "off"
     session.load_adapter("runs/one")
     assert not state["error"] and state["adapter"] == "runs/one" and state["model_kind"] == "UNETR"
+    assert state["skull_strip"] == "auto"  # what the adapter was trained with (its record has no mode: auto)
     assert "runs/one" in session.adapter_folders()
     session.save_adapter("kept/copy")
     assert not state["error"], state["error"]

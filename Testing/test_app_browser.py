@@ -159,7 +159,11 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     _pixels_until(page, os.path.join(shots, "app-segmentation.png"), _mask_shown(page, 0.003, 0.0005), 30,
                   "the red surface in 3D and the red overlay in a slice view")
 
-    # 3. fine-tune a few steps: progress arrives, Cancel returns to idle within 5 s, Resume finishes the run
+    # 3. fine-tune a few steps: progress arrives, Cancel returns to idle within 5 s, Resume finishes the run; with
+    # "Whole-head scans" switched to off, which the adapter records (auto, the default, for the segmentation above)
+    assert page.state("skull_strip") == "auto"
+    page.choose("tp-skull-strip", "off: scans are used as they are")
+    page.wait("window.trame.state.get('skull_strip') == 'off'", 5, "the whole-head choice")
     steps = int(os.environ.get("TENSORPEFT_APP_STEPS", "4"))  # docs/app.md's curve: a longer run
     every = max(1, steps // 3) if steps > 4 else 2
     _set_number(page, "tp-steps", steps)
@@ -187,6 +191,8 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     page.wait("!window.trame.state.get('job_busy')", 400 + 30 * steps, "the resumed run to finish")
     assert not page.state("error"), page.state("error")
     assert "adapter written" in page.state("info"), page.state("info")
+    with open(os.path.join(data_root, page.state("adapter"), "adapter_config.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["preprocessing"]["skull_strip"] == "off"
     curve = page.js("document.getElementById('tp-curve').innerHTML")
     assert "<polyline" in curve and "<circle" in curve, "no loss curve or no validation point"
     time.sleep(1)  # the buttons' idle look is drawn a frame after the state says so

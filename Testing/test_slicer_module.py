@@ -264,6 +264,35 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     assert build_parser().parse_args(count.asArgList()).json and "--events" not in count.asArgList()
 
 
+def test_the_panels_whole_head_choice_reaches_finetune_and_segment(tmp_path):
+    """The panel's 'Whole-head scans' choice (skullStrip) is the CLI's --skull-strip, for training and segmenting;
+    a resumed run keeps its own; an adapter's recorded mode is what loading it sets."""
+    from TensorPEFTLib.cli import build_parser
+    from TensorPEFTLib.data.preprocess import SKULL_STRIP_CHOICES
+
+    assert requests.SKULL_STRIP_CHOICES == SKULL_STRIP_CHOICES == tuple(requests.SKULL_STRIP_HELP)
+    train = FinetuneRequest(dataFolder=str(tmp_path), adapterFolder=str(tmp_path / "a"), skullStrip="off")
+    assert build_parser().parse_args(train.asArgList()).skull_strip == "off"
+    assert build_parser().parse_args(FinetuneRequest(dataFolder=str(tmp_path), adapterFolder=str(tmp_path / "a"),
+                                                     ).asArgList()).skull_strip == "auto"
+    train.resume = True
+    assert "--skull-strip" not in train.asArgList()
+    segment = requests.SegmentRequest(image="a.nrrd", mask="b.nrrd", model="demo-unetr", skullStrip="on")
+    assert build_parser().parse_args(segment.asArgList()).skull_strip == "on"
+    for bad in (FinetuneRequest(dataFolder=str(tmp_path), adapterFolder="a", skullStrip="yes"),
+                requests.SegmentRequest(image="a.nrrd", mask="b.nrrd", model="demo-unetr", skullStrip="yes")):
+        with pytest.raises(RequestError, match="whole-head scans 'yes': choose auto"):
+            bad.asArgList()
+    from TensorPEFTLib.frontend.slicer_app import segmented_text
+
+    assert segmented_text("head", "run", {"skull_stripped": 1}) == ("head segmented with run; a whole head: its brain "
+                                                                    "was extracted first")
+    assert segmented_text("brain", "run", {"skull_stripped": 0}) == segmented_text("brain", "run", None)
+    assert adapter_folders.recorded_skull_strip({"preprocessing": {"skull_strip": "off"}}) == "off"
+    assert adapter_folders.recorded_skull_strip({"skull_strip": "on"}) == "on"  # a synthesis adapter's record
+    assert adapter_folders.recorded_skull_strip({"preprocessing": {"spacing": [1.5] * 3}}) == "auto"  # older ones
+
+
 def test_requests_from_the_panel_fields(tmp_path):
     """fromParameters reads the same-named attributes (the parameter node's); an unset path is '', never '.'."""
     import types

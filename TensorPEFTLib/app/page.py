@@ -34,6 +34,8 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                            density="compact", hide_details=True, classes="mt-2", id="tp-case",
                            update_modelValue=(ctrl.select_case, "[$event]"))
                 html.Div("{{ case_text }}", classes="text-caption mb-2")
+                v3.VSelect(label="Whole-head scans (fine-tune and segment)", items=("skull_strip_choices",),
+                           v_model=("skull_strip",), density="compact", hide_details=True, id="tp-skull-strip")
 
                 html.Div("2 · Model and adapter", classes="text-subtitle-2 mt-2")
                 with v3.VBtnToggle(v_model=("model_kind",), mandatory=True, density="compact", classes="mb-2",

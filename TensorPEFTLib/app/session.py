@@ -78,7 +78,9 @@ class AppSession:
                         for name, summary in requests.method_summaries().items()],
             # steps / eval_every 0: finetune's own defaults for the cohort (1250 steps for a few cases, validation every
             # fifth), as the CLI and the Slicer panel use them
-            "method": "lora-pt", "rank": 1, "steps": 0, "eval_every": 0, "device": "auto",
+            "method": "lora-pt", "rank": 1, "steps": 0, "eval_every": 0, "device": "auto", "skull_strip": "auto",
+            "skull_strip_choices": [{"title": f"{mode}: {text}", "value": mode}
+                                    for mode, text in requests.SKULL_STRIP_HELP.items()],
             "device_text": "checking the device ...", "cpu_warning": "", "param_count": "",
             "job_name": "", "job_busy": False, "progress": 0, "progress_text": "idle", "eta": "", "curve": "",
             "adapter": "", "can_resume": False, "synth_count": 1, "synth_steps": 50, "synthesized": [],
@@ -300,7 +302,8 @@ class AppSession:
         out = self.last_run if resume else os.path.join(self.work_folder("runs"), f"{kind.lower()}-{method}-r{rank}")
         request = self.model_choice(requests.FinetuneRequest, dataFolder=self._training_data(), adapterFolder=out,
                                     steps=int(self.state["steps"] or 0), evalEvery=int(self.state["eval_every"] or 0),
-                                    device=str(self.state["device"]), resume=resume, threads=self.worker_threads)
+                                    device=str(self.state["device"]), resume=resume, threads=self.worker_threads,
+                                    skullStrip=str(self.state["skull_strip"]))
         request.validate()
         self.last_run = out
         self.state["can_resume"] = False
@@ -323,7 +326,7 @@ class AppSession:
 
     @one_line_errors
     def segment(self) -> None:
-        from ..frontend.slicer_app import export_for_segmentation
+        from ..frontend.slicer_app import export_for_segmentation, segmented_text
 
         if self.state["model_kind"] != "UNETR":
             raise requests.RequestError("segmentation needs a UNETR: choose the UNETR family (and its model)")
@@ -334,14 +337,14 @@ class AppSession:
         image, mask = export_for_segmentation(self.viewer.scene, volume, self.work_folder("segment"))
         request = requests.SegmentRequest(image=image, mask=mask, adapterFolder=adapter,
                                           model="" if adapter else self._model_argument(),
-                                          device=str(self.state["device"]))
+                                          device=str(self.state["device"]), skullStrip=str(self.state["skull_strip"]))
         what = os.path.basename(adapter) if adapter else os.path.basename(str(self.state["model"]))
         self.state["segment_with"] = what
 
         def done(result: JobResult) -> None:
             self.viewer.show_mask(mask, volume, what)
             self.state["segmented"] = volume.GetName()
-            self.info(f"{volume.GetName()} segmented with {what} (red: slice overlay and 3D surface)")
+            self.info(segmented_text(volume.GetName(), what, result.done) + " (red: slice overlay and 3D surface)")
 
         self._start_user_job(request, "segment", done)
 
@@ -393,6 +396,7 @@ class AppSession:
         if kind != self.state["model_kind"]:
             self.set_kind(kind)
         self.state["adapter"] = self.root.relative(path)
+        self.state["skull_strip"] = adapter_folders.recorded_skull_strip(config)  # its scans as it was trained
         self.info(f"adapter {config.get('method', '?')} (rank {config.get('rank', '?')}) loaded from "
                   f"{self.root.relative(path)}")
 

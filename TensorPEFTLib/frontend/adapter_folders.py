@@ -48,6 +48,11 @@ def adapter_task(config: Dict[str, Any]) -> str:
     return str(config.get("task") or TASK_OF_FAMILY.get(str(config.get("family")), ""))
 
 
+def recorded_skull_strip(config: Dict[str, Any]) -> str:
+    """The brain extraction mode an adapter was trained with (``auto`` for adapters from before it existed)."""
+    return str((config.get("preprocessing") or {}).get("skull_strip") or config.get("skull_strip") or "auto")
+
+
 def check_adapter_for(folder: str, task: str) -> str:
     """``folder`` when it holds a finished adapter for ``task``; RequestError naming the folder otherwise."""
     saved = adapter_task(check_adapter_folder(folder))

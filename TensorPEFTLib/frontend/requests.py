@@ -21,6 +21,14 @@ MODEL_KINDS = ("UNETR", "DDPM")
 #: panel choice → ``--device`` value
 DEVICE_CHOICES = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
 FLIP_CHOICES = ("all", "lr", "none")
+#: ``--skull-strip`` of finetune and segment (the library's ``data.preprocess.SKULL_STRIP_CHOICES``, which imports
+#: numpy: a test checks they are the same), with what each means for the panel's tooltip and the page's list
+SKULL_STRIP_CHOICES = ("auto", "on", "off")
+SKULL_STRIP_HELP = {
+    "auto": "whole heads are skull-stripped, brains and other scans left as they are",
+    "on": "every scan is skull-stripped; one that is not a T1 head is refused",
+    "off": "scans are used as they are",
+}
 
 
 class RequestError(ValueError):
@@ -78,6 +86,12 @@ def _number(value: float) -> str:
 
 def _looks_like_file(text: str) -> bool:
     return os.sep in text or "/" in text or os.path.splitext(text)[1] != ""
+
+
+def _skull_strip_problems(mode: str) -> List[str]:
+    if mode in SKULL_STRIP_CHOICES:
+        return []
+    return [f"whole-head scans {mode!r}: choose auto (skull-strip whole heads), on or off"]
 
 
 @dataclass
@@ -218,9 +232,10 @@ class FinetuneRequest(ModelChoice):
     flip: str = ""  # "": the CLI default (left-right)
     spacing: float = 0.0
     validationData: str = ""
+    skullStrip: str = "auto"
 
     def problems(self) -> List[str]:
-        found = super().problems()
+        found = super().problems() + _skull_strip_problems(self.skullStrip)
         if self.learningRate and not (0 < float(self.learningRate) < 1):
             found.append(f"learning rate {self.learningRate}: choose 0 (the default) or a value between 0 and 1, "
                          "e.g. 0.001")
@@ -243,6 +258,8 @@ class FinetuneRequest(ModelChoice):
     def _args(self) -> List[str]:
         args = ["finetune", "--model", self.model, "--data", self.dataFolder, "--out", self.adapterFolder,
                 *self._method_args(), "--device", DEVICE_CHOICES[self.device], "--seed", str(int(self.seed))]
+        if not self.resume:  # a resumed run keeps its own
+            args += ["--skull-strip", self.skullStrip]
         options = (("--lr", self.learningRate, _number), ("--steps", self.steps, str),
                    ("--spacing", self.spacing, _number), ("--patch-size", self.patchSize, str),
                    ("--val", self.validationData, str), ("--eval-every", self.evalEvery, str),
@@ -270,9 +287,10 @@ class SegmentRequest(Request):
     model: str = ""
     device: str = "auto"
     minComponentMm3: Optional[float] = None
+    skullStrip: str = "auto"
 
     def problems(self) -> List[str]:
-        found = self._device_problems()
+        found = self._device_problems() + _skull_strip_problems(self.skullStrip)
         if not self.adapterFolder and not self.model:
             found.append("no adapter folder and no model: fine-tune first, or load an adapter folder")
         if not self.image or not self.mask:
@@ -280,7 +298,8 @@ class SegmentRequest(Request):
         return found
 
     def _args(self) -> List[str]:
-        args = ["segment", "--image", self.image, "--out", self.mask, "--device", DEVICE_CHOICES[self.device]]
+        args = ["segment", "--image", self.image, "--out", self.mask, "--device", DEVICE_CHOICES[self.device],
+                "--skull-strip", self.skullStrip]
         args += ["--adapter", self.adapterFolder] if self.adapterFolder else []
         args += ["--model", self.model] if self.model else []
         if self.minComponentMm3 is not None:

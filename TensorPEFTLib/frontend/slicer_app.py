@@ -97,3 +97,10 @@ def import_mask(slicer: Any, mask: str, volume: Any, segment_name: str) -> Any:
                                    "that the image resembles the training scans (modality, orientation, field of view).")
     show_segmentation(slicer, volume, segmentation)
     return segmentation
+
+
+def segmented_text(volume_name: str, segmented_with: str, done: Any) -> str:
+    """What a GUI says when ``segment`` finished: which volume, with what, and whether its brain was extracted first
+    (the worker's ``done`` event counts the whole heads it skull-stripped)."""
+    head = "; a whole head: its brain was extracted first" if (done or {}).get("skull_stripped") else ""
+    return f"{volume_name} segmented with {segmented_with}{head}"
