@@ -168,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(RESULTS, exist_ok=True)
     heads = [r for r in rows if r["scan"] == "head"]
     first = next((r for r in heads if r["variant"].startswith("oblique")), heads[0])
-    shown = {f"{r['style']} head, --skull-strip {r['skull_strip']} (Dice {r['dice']:.3f})": r["mask"] for r in rows
-             if r["name"] == first["name"]}
     if len(styles) > 1:  # one head of each style, as the extraction found its brain
         shown = {f"{r['style']} head (Dice {r['dice']:.3f})": r for r in heads
                  if r["skull_strip"] == "auto" and r["subject"] == first["subject"] and r["variant"] == first["variant"]}
         png = styles_figure(os.path.join(RESULTS, stem + ".png"), shown,
                             f"{first['subject']}, {first['variant']}: heads of every style - brain found (blue), "
                             "reference hippocampus (green), segment's mask (red)")
-    else:
-        png = figure(os.path.join(RESULTS, stem + ".png"), first["image"], first["label"], shown,
+    else:  # one head, with and without extraction
+        masks = {f"{r['style']} head, --skull-strip {r['skull_strip']} (Dice {r['dice']:.3f})": r["mask"] for r in rows
+                 if r["name"] == first["name"]}
+        png = figure(os.path.join(RESULTS, stem + ".png"), first["image"], first["label"], masks,
                      f"{first['name']}: a whole head stored obliquely at 1 mm - brain found (blue), reference "
                      "hippocampus (green), segment's mask (red)")
     command = "python benchmarks/whole_head.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -133,6 +133,8 @@ HEAD_STYLES = {
                    "jaw move, the cranium does not",
     "short-fov": "the field of view ends 8 mm below the cerebellum (an axial slab): no neck, no chin, no mouth",
 }
+_TISSUE_STYLES = ("defaced", "short-fov")  # styles that remove tissue from the head image (Sources.whole_head)
+_WARP_STYLES = ("wide-skull", "flexed-neck")  # styles that move it: head, labels and brain mask alike (_RestyledHead)
 _HEAD_STYLE_FOV_FLOOR_MM = -80.0  # short-fov: MNI z of the slab's lower edge (the cerebellum ends near -72)
 _FLEX_PIVOT_MM = np.array([0.0, -30.0, -72.0])  # flexed-neck: rotation axis (left-right) through here ...
 _FLEX_BLEND_MM = (-72.0, -92.0)  # ... the rotation fading in from the first z to the second (below: 20 degrees)
@@ -344,11 +346,11 @@ class _Sources:
         """:meth:`whole_head` as a :data:`HEAD_STYLES` stranger's; ``restyle(field)`` wraps the labels to match."""
         if style not in HEAD_STYLES:
             raise DemoDataError(f"head style {style!r}: choose one of {', '.join(HEAD_STYLES)}")
-        return self.restyle(self.whole_head(brain_key, style if style in ("defaced", "short-fov") else "mean"), style)
+        return self.restyle(self.whole_head(brain_key, style if style in _TISSUE_STYLES else "mean"), style)
 
     def restyle(self, field: Any, style: str) -> Any:
         """``field`` (anything in MNI space: a head, a label map) through ``style``'s warp."""
-        if style not in ("wide-skull", "flexed-neck"):
+        if style not in _WARP_STYLES:
             return field
         distance = None
         if style == "wide-skull":
@@ -380,7 +382,7 @@ class _Sources:
         that can be built, and its scalp and skull are the same for every head (the note in docs/demo-data.md).
         ``style`` ``defaced`` or ``short-fov``: that head with the face, or everything below the slab, set to 0."""
         key = f"head:{brain_key}:{style}"
-        if style != "mean" and key not in self._cache:  # the mean head with tissue removed (other styles: restyle)
+        if style in _TISSUE_STYLES and key not in self._cache:  # the mean head with tissue removed
             head = self.whole_head(brain_key)
             shape, affine = self._head_box()
             keep = np.ones(shape, dtype=np.float32)

@@ -212,7 +212,7 @@ def extract_brain(array: np.ndarray, affine: np.ndarray, *, mode: str = "auto",
     # cranium fit follows the skull: a skull 6 mm further from the brain than the reference's scaled the brain mask to
     # 1.37x the true brain (a cerebellar false detection followed); 1.18x after, for every head style (2026-12-03).
     fit = align_to_reference(data, affine, brain, grid, levels=(2,), iterations=(100,),
-                             weights=_REFERENCE["inside"].astype(np.float32), initial=fit.matrix)
+                             weights=_REFERENCE["inside"], initial=fit.matrix)
     # the reference's brain on the scan's grid: scan world -> MNI is the inverse of the fit
     prior = resample_through(brain, grid, np.linalg.inv(fit.matrix), data.shape, affine)
     mask = _grown(prior > 0.05, affine, MARGIN_MM)
