@@ -386,7 +386,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
                       checkpointing=args.checkpointing, autoencoder=args.autoencoder, align=args.align,
-                      skull_strip=args.skull_strip)
+                      skull_strip=args.skull_strip, labels=args.labels)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -442,7 +442,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _print_json(result)
     elif result["kind"] == "segmentation":
         rows = result["cases"] + [{"case": "mean", **result["mean"]}]
-        print(format_table(rows, ["case", "dice", "hd95"], ["case", "Dice", "HD95 (mm)"]))
+        values = list(result["mean"].get("structures") or {})
+        for row in rows:  # several structures: a Dice column for each label value
+            for v in values:
+                row[f"dice_{v}"] = (row.get("structures") or {}).get(v, {}).get("dice", float("nan"))
+        print(format_table(rows, ["case", "dice", "hd95", *(f"dice_{v}" for v in values)],
+                           ["case", "Dice", "HD95 (mm)", *(f"Dice {v}" for v in values)]))
     else:
         mean = result["mean"]
         print(format_table([mean], ["generated", "real", "pairs", "ms_ssim", "fd_features", "mmd_features", "mmd_voxels"],
@@ -514,6 +519,12 @@ def _add_job_commands(sub: Any) -> None:
                         "models/autoencoder.pt)")
     p.add_argument("--data", required=True, help="training data: Decathlon folder (imagesTr/, labelsTr/) or MONAI datalist JSON")
     p.add_argument("--val", help="validation data (same layout), scored during training")
+    p.add_argument("--labels", nargs="+", metavar="SPEC", default=None,
+                   help="which label values are the structures to learn, one class each: e.g. --labels 17 53 "
+                        "(FreeSurfer's left and right hippocampus), 17+53 (both as one structure), left=17 right=53 "
+                        "(named); other values are background. Default: every non-zero value in the labels, one class "
+                        "each, named as a Slicer .seg.nrrd names them. More structures than the model predicts get a "
+                        "wider output layer; segment writes masks in these values")
     p.add_argument("--out", required=True, help="adapter folder to write")
     add_adapter_arguments(p, default_method="lora-pt", default_rank=1)
     t = p.add_argument_group("training")
@@ -536,9 +547,10 @@ def _add_job_commands(sub: Any) -> None:
                    help="random rotation (±10°), scaling (±10 %%) and shift (±8 voxels) of each training patch (default "
                         "on: with few subjects the model then learns what a structure looks like, not where it sits)")
     t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
-    t.add_argument("--flip", choices=["all", "lr", "none"], default="lr",
-                   help="random flips in segmentation training: lr (left-right only, plausible for brain anatomy; "
-                        "default), all axes (the LoRA-PT recipe) or none")
+    t.add_argument("--flip", choices=["auto", "all", "lr", "none"], default="auto",
+                   help="random flips in segmentation training: lr (left-right only, plausible for brain anatomy), "
+                        "all axes (the LoRA-PT recipe) or none; auto (default): lr, or none when your labels tell a "
+                        "left from a right structure (a flipped patch would show the left one on the right)")
     t.add_argument("--align", choices=["auto", "off"], default="auto",
                    help="synthesis: register each training volume (12-parameter affine) to the brain the base model "
                         "was pre-trained on, and sample it on the model's grid, so the model learns how your brains "

@@ -255,7 +255,7 @@ def test_finetune_command_is_the_cli_one(tmp_path):
     # the panel's defaults (0 = auto) leave steps, lr and affine to finetune, so the GUI runs the CLI's recipe
     auto = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "b"))
     plain = build_parser().parse_args(auto.asArgList())
-    assert plain.steps is None and plain.lr is None and plain.affine and plain.flip == "lr"
+    assert plain.steps is None and plain.lr is None and plain.affine and plain.flip == "auto"
     off = FinetuneRequest(dataFolder=str(data), adapterFolder=str(tmp_path / "c"), augmentAffine=False)
     assert not build_parser().parse_args(off.asArgList()).affine
     ddpm = FinetuneRequest(modelKind="DDPM", dataFolder=str(data), adapterFolder=str(tmp_path / "d"), method="tenvoo-l")
@@ -288,6 +288,13 @@ def test_the_panels_whole_head_choice_reaches_finetune_and_segment(tmp_path):
     assert segmented_text("head", "run", {"skull_stripped": 1}) == ("head segmented with run; a whole head: its brain "
                                                                     "was extracted first")
     assert segmented_text("brain", "run", {"skull_stripped": 0}) == segmented_text("brain", "run", None)
+    from TensorPEFTLib.frontend.slicer_app import mask_segment_names
+
+    # several structures: the names segment's done event gives (JSON keys are strings); one: the GUI's name for it
+    assert mask_segment_names({"structures": {"17": "Left-Hippocampus", "53": "label 53"}}, "run") == {
+        17: "Left-Hippocampus", 53: "label 53"}
+    assert mask_segment_names({"structures": {"255": "label 255"}}, "run") == {255: "run"}
+    assert mask_segment_names(None, "run") == mask_segment_names({}, "run") == {1: "run"}
     assert adapter_folders.recorded_skull_strip({"preprocessing": {"skull_strip": "off"}}) == "off"
     assert adapter_folders.recorded_skull_strip({"skull_strip": "on"}) == "on"  # a synthesis adapter's record
     assert adapter_folders.recorded_skull_strip({"preprocessing": {"spacing": [1.5] * 3}}) == "auto"  # older ones
@@ -318,7 +325,7 @@ def test_requests_from_the_panel_fields(tmp_path):
     ({"useDemoModel": False, "checkpointPath": "/nowhere/model.pt"}, "/nowhere/model.pt: checkpoint file not found"),
     ({"dataFolder": "/nowhere/train"}, "/nowhere/train: training data not found"),
     ({"patchSize": 8}, "patch size 8"),
-    ({"flip": "up"}, "flip 'up': choose all, lr"),
+    ({"flip": "up"}, "flip 'up': choose auto, all, lr"),
 ])
 def test_bad_finetune_input_is_one_clear_line(tmp_path, change, message):
     fields = {"dataFolder": str(tmp_path), "adapterFolder": str(tmp_path / "a"), **change}

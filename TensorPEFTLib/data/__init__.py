@@ -10,6 +10,7 @@ from typing import Any
 
 from .datasets import DataError, case_name, check_volume, find_cases, load_dataset_json, validate_cases
 from .io import VOLUME_SUFFIXES, Volume, VolumeError, is_volume_file, read_volume, volume_format, write_volume
+from .labels import LabelMap, LabelSpecError, parse_label_specs
 
 _LAZY = {
     "LoadVolumed": "transforms", "train_transforms": "transforms", "val_transforms": "transforms",
@@ -19,7 +20,8 @@ _LAZY = {
 
 __all__ = [
     "DataError", "VOLUME_SUFFIXES", "Volume", "VolumeError", "case_name", "find_cases", "is_volume_file",
-    "check_volume", "load_dataset_json", "read_volume", "validate_cases", "volume_format", "write_volume", *_LAZY,
+    "check_volume", "load_dataset_json", "read_volume", "validate_cases", "volume_format", "write_volume",
+    "LabelMap", "LabelSpecError", "parse_label_specs", *_LAZY,
 ]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .io import VOLUME_SUFFIXES, VolumeError, is_volume_file, read_volume
 
-__all__ = ["DataError", "find_cases", "validate_cases", "case_name", "load_dataset_json"]
+__all__ = ["DataError", "find_cases", "validate_cases", "case_name", "load_dataset_json", "label_centroids"]
 
 
 class DataError(ValueError):
@@ -200,7 +200,7 @@ def validate_cases(
     Checks (:func:`check_volume`): readable / not truncated; 3D (a 2D slice, a 3D file with a singleton axis, or a
     4D series is refused); finite voxels (no NaN / Inf); an image that is not constant; image and label on the same grid (shape and affine); label values integers in
     ``0 .. num_classes-1`` (when given) with some foreground. Returns one summary dict per case (name, shape,
-    spacing, label values).
+    spacing, label values, the names a ``.seg.nrrd`` gives them, each value's centre in world mm).
     """
     problems: list[str] = []
     report = []
@@ -222,6 +222,9 @@ def validate_cases(
             continue
         values = _check_label_values(label_path, label.array, num_classes, require_foreground, problems)
         info["label_values"] = values
+        info["label_names"] = {int(k): str(v) for k, v in (label.meta.get("segments") or {}).items()}
+        if values:
+            info["label_centroids"] = label_centroids(label.array, label.affine, values)
         if image is not None:
             ishape, lshape = image.array.shape[:3], label.array.shape[:3]
             if ishape != lshape:
@@ -236,6 +239,19 @@ def validate_cases(
     if problems:
         raise DataError(_summary(problems), problems)
     return report
+
+
+def label_centroids(labels: np.ndarray, affine: np.ndarray, values: Iterable[int]) -> dict[int, list[float]]:
+    """Each non-zero label value's centre in world (RAS) mm, in one pass over the label map."""
+    from scipy import ndimage
+
+    wanted = [int(v) for v in values if int(v) != 0]
+    if not wanted:
+        return {}
+    centres = ndimage.center_of_mass(np.ones(labels.shape, dtype=np.uint8), np.asarray(labels), wanted)
+    voxels = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    world = voxels @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return {v: [round(float(c), 2) for c in xyz] for v, xyz in zip(wanted, world)}
 
 
 def check_volume(path: str, kind: str = "image"):

@@ -20,7 +20,7 @@ from .io import read_volume
 from .preprocess import foreground_select, normalise_foreground
 
 __all__ = [
-    "LoadVolumed", "ForegroundNormalised", "SkullStripd", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
+    "LoadVolumed", "MapLabelsd", "ForegroundNormalised", "SkullStripd", "WorldGridSpacingd", "train_transforms", "val_transforms", "inference_transforms", "inverse_transforms",
     "synthesis_transforms", "AlignToReferenced", "run_pipeline", "user_error_of",
 ]
 
@@ -75,6 +75,31 @@ class LoadVolumed(MapTransform):
             d[key] = MetaTensor(torch.as_tensor(np.asarray(arr, dtype=self.dtype)),
                                 affine=torch.as_tensor(vol.affine, dtype=torch.float64), meta=meta)
         return d
+
+
+class MapLabelsd(MapTransform):
+    """The user's label values → the model's classes (:meth:`~TensorPEFTLib.data.labels.LabelMap.to_classes`: values
+    not in the map become background), right after loading, so resampling and cropping see classes."""
+
+    def __init__(self, label_map: Any, keys: Sequence[str] | str = "label", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_map = label_map
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            classes = self.label_map.to_classes(np.asarray(value))
+            d[key] = MetaTensor(torch.as_tensor(classes.astype(np.float32)), meta=dict(value.meta))  # affine in meta
+        return d
+
+
+def _load(keys: Sequence[str], label_map: Any) -> list:
+    """Load, and map the label's values to classes with ``label_map`` (None: the files hold classes already)."""
+    steps: list[Any] = [LoadVolumed(keys)]
+    if label_map is not None and "label" in keys:
+        steps.append(MapLabelsd(label_map))
+    return steps
 
 
 class ForegroundNormalised(MapTransform):
@@ -254,6 +279,7 @@ def train_transforms(
     centre_jitter: int = 0,
     seed: int | None = None,
     skull_strip: str = "auto",
+    label_map: Any = None,
 ):
     """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
 
@@ -280,7 +306,7 @@ def train_transforms(
     mt = _monai()
     keys = ["image", "label"]
     outer = tuple(int(p) + 2 * int(centre_jitter) for p in patch_size)
-    steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
+    steps: list[Any] = _load(keys, label_map) + [mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
     steps += _geometry(mt, keys, pixdim, orientation, ("bilinear", "nearest"), label_classes)
     steps += _skull_strip(skull_strip)
     norm = _intensity(mt, "image", intensity)
@@ -322,6 +348,7 @@ def train_transforms(
 def val_transforms(
     *, pixdim: Sequence[float] | None = None, orientation: str | None = "RAS", intensity: str = "foreground",
     with_label: bool = True, crop_foreground: bool = True, label_classes: int | None = None, skull_strip: str = "auto",
+    label_map: Any = None,
 ):
     """Validation / evaluation pipeline: the deterministic part of :func:`train_transforms` on the whole volume
     (cropped to the foreground plus a margin, not to patches), for sliding-window inference. ``with_label=False``
@@ -329,7 +356,7 @@ def val_transforms(
     mt = _monai()
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps: list[Any] = [LoadVolumed(keys), mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
+    steps: list[Any] = _load(keys, label_map) + [mt.EnsureChannelFirstd(keys, channel_dim="no_channel")]
     steps += _geometry(mt, keys, pixdim, orientation, modes, label_classes if with_label else None)
     steps += _skull_strip(skull_strip)
     norm = _intensity(mt, "image", intensity)

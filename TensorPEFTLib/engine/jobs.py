@@ -16,6 +16,8 @@ from ..adapters.catalog import default_steps
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
+from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, plan_labels, prepare_adapter_model,
+                     resolve_flip)
 from .outputs import RunLock, check_output_file, check_output_folder
 from .runtime import EngineError, Interrupted, Runtime, place_model, select_runtime
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
@@ -128,12 +130,10 @@ def check_input_size(model: nn.Module, size: Sequence[int], option: str) -> tupl
 
 
 def num_classes_of(model: nn.Module) -> int:
-    out = getattr(model, "out", None)
-    conv = getattr(out, "conv", None)
-    conv = getattr(conv, "conv", conv)
-    if conv is not None and hasattr(conv, "out_channels"):
-        return int(conv.out_channels)
-    return 2
+    """Classes a segmentation model predicts (background included)."""
+    from ..models.heads import output_classes
+
+    return output_classes(model)
 
 
 # ----------------------------------------------------------------------------------------------- finetune
@@ -229,10 +229,10 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              val: str | None = None, device: str = "auto", amp: str = "auto", events: Events | None = None,
              resume: bool = False, overwrite: bool = False, batch_size: int | None = None,
              patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None, affine: bool = True,
-             elastic: bool = False, flip: str = "lr", auto_val: bool = True,
+             elastic: bool = False, flip: str = "auto", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
              centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None,
-             align: str = "auto", skull_strip: str | None = None) -> TrainResult:
+             align: str = "auto", skull_strip: str | None = None, labels: Sequence[str] | None = None) -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -241,8 +241,13 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     (and ``auto_val``) a quarter of the cases is held out (:func:`split_validation`).
     Segmentation cases are resampled to the model's working spacing (``spacing`` overrides; see
     :func:`working_preprocessing`), which the adapter records for ``segment``.
-    ``flip``: random flips in segmentation training on ``lr`` (left-right only, default: plausible for brain
-    structures, and the axis ``segment`` then mirrors along), ``all`` axes (the LoRA-PT recipe) or ``none``.
+    ``flip``: random flips in segmentation training on ``lr`` (left-right only: plausible for brain structures, and
+    the axis ``segment`` then mirrors along), ``all`` axes (the LoRA-PT recipe) or ``none``; ``auto`` (default):
+    ``lr``, or ``none`` when the labels tell a left from a right structure (:func:`.labels.resolve_flip`).
+    ``labels``: which label values are the structures, one class each (``--labels``, see
+    :func:`~TensorPEFTLib.data.labels.parse_label_specs`); None: every non-zero value in the labels. Labels with more
+    structures than the model predicts get a wider output layer (:func:`.labels.apply_label_plan`); the adapter
+    records the map and ``segment`` writes masks in these values.
     ``affine``: random rotation / scaling / shift of each training patch (see
     :func:`~TensorPEFTLib.data.train_transforms`); on by default, since with few subjects a UNETR otherwise learns
     where a structure sits in the patch.
@@ -274,22 +279,30 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     lock = RunLock(out, "finetune") if ctx.is_main else None  # one writer per run: rank 0
     try:
         with ctx.agreement():
-            if flip not in FLIP_AXES:
-                raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_AXES)}")
+            if flip not in FLIP_CHOICES:
+                raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_CHOICES)}")
             if ctx.is_main:
                 check_output_folder(out)
             if batch_size is not None and batch_size < 1:
                 raise EngineError(f"--batch-size must be >= 1, got {batch_size}")
             _check_existing_run(out, resume, overwrite)
-            model, task_kind, num_classes, train_cases, val_cases = _prepare_finetune(
-                model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main, autoencoder)
+            model, task_kind, num_classes, train_cases, val_cases, plan = _prepare_finetune(
+                model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main, autoencoder,
+                labels)
+            if task_kind == "segmentation":
+                plan = ctx.broadcast(plan)  # rank 0 alone read the labels
+                events.message(plan.describe())
+                num_classes = apply_label_plan(model, plan, events)
+            elif labels:
+                raise EngineError("--labels is for segmentation; a DDPM learns from the images alone")
+            flip = resolve_flip(flip, plan, events) if task_kind == "segmentation" else "lr"
             if lock is not None:
                 lock.acquire()
                 _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
                 if overwrite and not resume:
                     clear_run(out)
         return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
-                         device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
+                         plan=plan, device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                          threads=threads, loss=loss, label_resampling=label_resampling,
                          centre_jitter=centre_jitter, checkpointing=checkpointing, align=align,
@@ -305,10 +318,12 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
 
 
 def _prepare_finetune(model_source: str, data: str, val: str | None, patch_size: Sequence[int] | None,
-                      auto_val: bool, seed: int, events: Events, check_data: bool, autoencoder: str | None = None
-                      ) -> tuple[nn.Module, str, int | None, list[dict], list[dict]]:
+                      auto_val: bool, seed: int, events: Events, check_data: bool, autoencoder: str | None = None,
+                      labels: Sequence[str] | None = None
+                      ) -> tuple[nn.Module, str, int | None, list[dict], list[dict], LabelPlan | None]:
     """The model, its task, the training and validation cases, every case checked (``check_data``: rank 0 of a
-    data-parallel job reads every file once for all ranks)."""
+    data-parallel job reads every file once for all ranks), and how the labels become classes (rank 0's; None on
+    the others and for synthesis)."""
     from ..data import find_cases, validate_cases
 
     model = resolve_model(model_source, autoencoder)
@@ -333,11 +348,15 @@ def _prepare_finetune(model_source: str, data: str, val: str | None, patch_size:
             events.message(f"no --val given: {len(val_cases)} of the {len(train_cases) + len(val_cases)} cases pick the "
                            f"best adapter ({', '.join(c.get('name', os.path.basename(c['image'])) for c in val_cases)})")
     num_classes = num_classes_of(model) if task_kind == "segmentation" else None
+    plan = None
     if check_data:
         events.message(f"checking {len(train_cases) + len(val_cases)} case(s) before training ...")
-        validate_cases(train_cases + val_cases, num_classes, require_labels=task_kind == "segmentation",
-                       require_foreground=task_kind == "segmentation")
-    return model, task_kind, num_classes, train_cases, val_cases
+        # label values are checked against the label plan, not the model's classes: any values can be mapped
+        report = validate_cases(train_cases + val_cases, None, require_labels=task_kind == "segmentation",
+                                require_foreground=task_kind == "segmentation")
+        if task_kind == "segmentation":
+            plan = plan_labels(report, labels)
+    return model, task_kind, num_classes, train_cases, val_cases, plan
 
 
 RUN_FILES = ("adapter_config.json", "adapter.safetensors", "history.json", "metrics.csv", "report.png")
@@ -398,13 +417,19 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
                    centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto",
-                   skull_strip: str | None = None) -> tuple[Trainer, str | None]:
+                   skull_strip: str | None = None, plan: LabelPlan | None = None) -> tuple[Trainer, str | None]:
     from ..data import case_name
 
     ckpt = checkpoint_path(out) if resume else None
 
     if resume:
         saved = read_adapter_config(ckpt)
+        if plan is not None and task_kind == "segmentation":
+            started = adapter_label_map(saved, int(saved.get("num_classes") or num_classes or 2))
+            if started.to_dict() != plan.label_map.to_dict():
+                raise EngineError(f"this run started with {started.describe()}, but the labels now give "
+                                  f"{plan.label_map.describe()}; resume with the labels it started with "
+                                  "(or start a new run)")
         load_adapter(model, ckpt)
         if cfg is not None and cfg.to_dict() != saved["config"]:
             events.message("note: --resume continues with the checkpoint's adapter settings; other adapter flags are ignored")
@@ -486,7 +511,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         task: Any = SegmentationTask(train_cases, own_val, patch_size=size, num_classes=num_classes, runtime=runtime,
                                      batch_size=per_rank, preprocessing=prep, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
-                                     centre_jitter=centre_jitter, shard=shard)
+                                     centre_jitter=centre_jitter, shard=shard,
+                                     label_map=None if plan is None or plan.plain else plan.label_map)
     else:
         from .synthesis import SynthesisTask
 
@@ -530,6 +556,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
         meta.update(flip=flip, affine=affine, elastic=elastic, loss=loss, label_resampling=label_resampling,
                     centre_jitter=centre_jitter)
+        if plan is not None:  # segment writes masks in the user's values; --resume checks the labels still agree
+            meta.update(label_map=plan.label_map.to_dict(), label_values_found=plan.found)
     if task_kind == "synthesis":
         meta["schedule"] = task.schedule
         if alignment is not None:  # the samples lie where the reference brain does
@@ -713,6 +741,7 @@ def load_adapted_model(model_source: str | None, adapter: str | None, runtime: R
     if parts is not None and recorded.get("scale_factor"):
         parts.scale_factor = float(recorded["scale_factor"])
     if adapter:
+        prepare_adapter_model(model, saved)  # the output layer it was trained with
         load_adapter(model, adapter)
         merge_and_unload(model)
     place_model(model, runtime).eval()
@@ -804,7 +833,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
                                                             if len(images) < ctx.world_size else ""))
         if done:
             events.message(f"--skip-existing: {len(done)} of {len(mine)} mask(s) already written, left as they are")
-        model = None
+        model, label_map = None, None
         if todo:
             if ctx.active and device_is_cuda(device):
                 device = f"cuda:{ctx.local_rank}"
@@ -818,6 +847,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
                 prep = dataclasses.replace(prep, skull_strip=skull_strip)
             if mirror == "auto":
                 mirror = saved.get("flip") or "none"
+            label_map = adapter_label_map(saved, num_classes_of(model))
             events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
     # With one bad file among many the others are still segmented and the bad ones named at the end (segment_images
     # checks every header before the first scan, each scan's voxels just before its turn); one file fails at once.
@@ -830,7 +860,8 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
             records = segment_images(model, [images[i] for i in todo], [outputs[i] for i in todo], runtime, events,
                                      patch_size=patch, preprocessing=prep, sw_batch_size=sw_batch_size,
                                      overlap=overlap, min_component_mm3=min_component_mm3,
-                                     mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures)
+                                     mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures,
+                                     label_map=label_map)
             for record in records:
                 record["mirror"] = mirror
         elif not ctx.active or ctx.is_main:
@@ -843,7 +874,8 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
         failures = sorted(((p, EngineError(e)) for _, share in shares for p, e in share),  # type: ignore[misc]
                           key=lambda f: order.get(f[0], 0))
     events.emit("done", status="completed" if not failures else "failed", out=out, masks=[r["mask"] for r in records],
-                failed=[p for p, _ in failures], skull_stripped=sum(bool(r.get("skull_stripped")) for r in records))
+                failed=[p for p, _ in failures], skull_stripped=sum(bool(r.get("skull_stripped")) for r in records),
+                structures=label_map.segment_names() if label_map is not None else {})
     if failures:
         names = "; ".join(str(err) for _, err in failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
         message = (f"{len(failures)} of {len(images)} images could not be segmented ({len(records)} masks "
@@ -983,7 +1015,16 @@ def evaluate(pred: str, ref: str, *, kind: str = "auto", window: int = 7, figure
         kind = "segmentation" if np.issubdtype(sample.dtype, np.integer) or np.array_equal(sample, np.round(sample)) else "synthesis"
     if kind == "segmentation":
         rows, unmatched = evaluate_segmentations(preds, refs, pair=pair)
-        mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95")}
+        mean: dict[str, Any] = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95")}
+        values = sorted({v for r in rows for v in r.get("structures") or {}})
+        if values:  # several structures: each one's mean over the cases that have it in either map
+            import warnings
+
+            with warnings.catch_warnings():  # a structure without any HD95 (empty everywhere) is NaN, not a warning
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean["structures"] = {v: {k: float(np.nanmean([r["structures"][v][k] for r in rows
+                                                               if v in r.get("structures") or {}]))
+                                          for k in ("dice", "hd95")} for v in values}
         return {"kind": kind, "cases": rows, "mean": mean, "unmatched_references": unmatched}
     if kind != "synthesis":
         raise EngineError(f"--kind {kind!r}: choose auto, segmentation or synthesis")

@@ -17,20 +17,30 @@ def _onehot(mask: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(t, num_classes).permute(3, 0, 1, 2)[None].float()
 
 
-def segmentation_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], num_classes: int | None = None) -> dict[str, float]:
-    """Dice and 95th-percentile Hausdorff distance (mm) between two label maps on the same grid, mean over the
-    foreground classes. HD95 is NaN when a class is empty in either map (as MONAI reports it)."""
+def segmentation_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
+    """Dice and 95th-percentile Hausdorff distance (mm) between two label maps on the same grid: per structure (each
+    non-zero label value in either map, whatever the values: 1 and 2, FreeSurfer's 17 and 53, 255) and their mean.
+    HD95 is NaN for a structure empty in either map (as MONAI reports it); two empty maps score Dice 1."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
     if pred.shape != ref.shape:
         raise EngineError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    k = int(num_classes or max(int(pred.max()), int(ref.max()), 1) + 1)
-    p, r = _onehot(pred, k), _onehot(ref, k)
-    dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)(p, r)
+    pred, ref = np.rint(np.asarray(pred)).astype(np.int64), np.rint(np.asarray(ref)).astype(np.int64)
+    values = sorted((set(np.unique(pred).tolist()) | set(np.unique(ref).tolist())) - {0})
+    # each value its own class 1..n: one-hot over n + 1 classes, not over max(value) + 1 (54 for FreeSurfer's 53,
+    # where MONAI would score every absent class as a perfect 1)
+    lut = np.zeros(max([0, *values]) + 1, dtype=np.int64)
+    lut[values] = np.arange(1, len(values) + 1)
+    k = len(values) + 1 if values else 2
+    p, r = _onehot(lut[np.clip(pred, 0, None)], k), _onehot(lut[np.clip(ref, 0, None)], k)
+    dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)(p, r).flatten()
     hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean_batch")
     with np.errstate(all="ignore"):
-        hd95 = hd(p, r, spacing=list(map(float, spacing)))
-    return {"dice": float(torch.nanmean(dice.flatten())), "hd95": float(torch.nanmean(hd95.flatten()))}
+        hd95 = hd(p, r, spacing=list(map(float, spacing))).flatten()
+    scores: dict[str, Any] = {"dice": float(torch.nanmean(dice)), "hd95": float(torch.nanmean(hd95))}
+    if len(values) > 1:
+        scores["structures"] = {int(v): {"dice": float(d), "hd95": float(h)} for v, d, h in zip(values, dice, hd95)}
+    return scores
 
 
 #: how a prediction's file name may differ from its reference's: ``case_01_seg.nii.gz`` scores against ``case_01``

@@ -92,7 +92,7 @@ class SegmentationTask:
                  runtime: Runtime, batch_size: int = 2, preprocessing: Any = None,
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
-                 centre_jitter: int = 16, shard: tuple[int, int] = (0, 1)) -> None:
+                 centre_jitter: int = 16, shard: tuple[int, int] = (0, 1), label_map: Any = None) -> None:
         from monai.data import CacheDataset
 
         from ..data import train_transforms, val_transforms
@@ -112,12 +112,13 @@ class SegmentationTask:
         self.train_transform = train_transforms(self.patch_size, pixdim=prep.spacing, intensity=prep.intensity,
                                                 crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
                                                 flip_axes=flip_axes, label_classes=label_classes,
-                                                centre_jitter=centre_jitter, skull_strip=prep.skull_strip)
+                                                centre_jitter=centre_jitter, skull_strip=prep.skull_strip,
+                                                label_map=label_map)
         # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
         val_pre = val_transforms(pixdim=prep.spacing, intensity=prep.intensity, crop_foreground=prep.crop_foreground,
-                                 label_classes=label_classes, skull_strip=prep.skull_strip)
+                                 label_classes=label_classes, skull_strip=prep.skull_strip, label_map=label_map)
         self.val_data = CacheDataset(val_cases, val_pre, progress=False, num_workers=0) if val_cases else None
         self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
 
@@ -312,8 +313,11 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
                    patch_size: Sequence[int], preprocessing: Any = None, sw_batch_size: int = 4,
                    overlap: float = 0.5, min_component_mm3: float = 1000.0,
                    mirror_axes: Sequence[int] = (),
-                   failures: list[tuple[str, Exception]] | None = None) -> list[dict[str, Any]]:
-    """Segment each image and write its label map (uint8) on the image's own grid. Returns one record per image.
+                   failures: list[tuple[str, Exception]] | None = None,
+                   label_map: Any = None) -> list[dict[str, Any]]:
+    """Segment each image and write its label map on the image's own grid, in the label values (and, in a
+    ``.seg.nrrd``, the names) of ``label_map`` (a :class:`~TensorPEFTLib.data.labels.LabelMap`; None: class k is
+    written as k). Returns one record per image.
 
     Each image is resampled to the working grid (``preprocessing``: a :class:`~TensorPEFTLib.data.preprocess.
     Preprocessing`), intensity-scaled on its foreground and cropped to it; the sliding window runs on that crop
@@ -358,7 +362,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
         try:
             check_volume(path, "image")
             record = _segment_one(model, path, out_path, index, len(todo), runtime, events, pre, post, prep,
-                                  patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes)
+                                  patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes, label_map)
         except (DataError, PreprocessingError, VolumeError) as err:
             if raise_first or isinstance(err, VolumeWriteError):
                 raise
@@ -371,7 +375,8 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
 
 def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: int, runtime: Runtime,
                  events: Events, pre: Any, post: Any, prep: Any, patch_size: Sequence[int], sw_batch_size: int,
-                 overlap: float, min_component_mm3: float, mirror_axes: Sequence[int]) -> dict[str, Any]:
+                 overlap: float, min_component_mm3: float, mirror_axes: Sequence[int],
+                 label_map: Any = None) -> dict[str, Any]:
     import time
 
     from ..data import read_volume, write_volume
@@ -437,9 +442,14 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
     if tuple(mask.shape) != tuple(reference.shape[:3]):
         raise RuntimeError(f"{path}: prediction grid {mask.shape} differs from the image's {reference.shape}")
     mask = remove_small_components(mask, reference.spacing, min_component_mm3)
-    write_volume(out_path, mask, like=reference)
+    names = None
+    if label_map is not None:
+        mask, names = label_map.to_values(mask), label_map.segment_names()
+    write_volume(out_path, mask, like=reference, segment_names=names)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    volumes = {int(v): round(float(n) * voxel_ml, 3) for v, n in zip(*np.unique(mask, return_counts=True)) if v}
     record = {"image": path, "mask": out_path, "foreground_ml": round(float((mask > 0).sum()) * voxel_ml, 3),
+              "structures_ml": volumes,
               "sw_batch_size": batch, "window_batches": done[0], "skull_stripped": stripped,
               "seconds": round(time.perf_counter() - started, 2)}
     events.emit("step", step=total, steps=total, image_index=index + 1, images=count, eta_seconds=0.0, **record)

@@ -20,7 +20,7 @@ from ..models.presets import BUNDLE_CONFIG_NAMES
 MODEL_KINDS = ("UNETR", "DDPM")
 #: panel choice → ``--device`` value
 DEVICE_CHOICES = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
-FLIP_CHOICES = ("all", "lr", "none")
+FLIP_CHOICES = ("auto", "all", "lr", "none")
 #: ``--skull-strip`` of finetune and segment (the library's ``data.preprocess.SKULL_STRIP_CHOICES``, which imports
 #: numpy: a test checks they are the same), with what each means for the panel's tooltip and the page's list
 SKULL_STRIP_CHOICES = ("auto", "on", "off")
@@ -229,7 +229,7 @@ class FinetuneRequest(ModelChoice):
     evalEvery: int = 0
     checkpointEvery: int = 0
     threads: int = 0
-    flip: str = ""  # "": the CLI default (left-right)
+    flip: str = ""  # "": the CLI default (auto: left-right unless the labels tell left from right)
     spacing: float = 0.0
     validationData: str = ""
     skullStrip: str = "auto"
@@ -252,7 +252,7 @@ class FinetuneRequest(ModelChoice):
         if not self.adapterFolder:
             found.append("no adapter folder: choose where the adapter is written")
         if self.flip and self.flip not in FLIP_CHOICES:
-            found.append(f"flip {self.flip!r}: choose all, lr (left-right, for brains) or none")
+            found.append(f"flip {self.flip!r}: choose auto, all, lr (left-right, for brains) or none")
         return found
 
     def _args(self) -> List[str]:

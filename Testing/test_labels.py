@@ -1,0 +1,191 @@
+"""Labels as users have them: any label values (FreeSurfer's 17 / 53, 255 for a mask), more structures than the
+model predicts, left and right structures apart; the map from values to classes and back, the wider output layer,
+the flip rule, scoring per structure."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from TensorPEFTLib.adapters import AdapterConfig
+from TensorPEFTLib.cli import main
+from TensorPEFTLib.data import LabelMap, LabelSpecError, parse_label_specs, read_volume, write_volume
+from TensorPEFTLib.data.labels import lateral_classes
+from TensorPEFTLib.engine import EngineError, Events, TrainSettings, evaluate, finetune, segment
+from TensorPEFTLib.engine.labels import plan_labels, resolve_flip
+from TensorPEFTLib.engine.scoring import segmentation_scores
+from TensorPEFTLib.models.heads import output_classes, set_output_classes
+
+import synthetic
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+QUIET = Events(quiet=True)
+
+
+# ------------------------------------------------------------------------------------------- the map itself
+
+def test_label_map_from_found_values_and_back():
+    found = LabelMap.from_found([0, 53, 17, 17], {17: "Left-Hippocampus"})
+    assert found.values == ((17,), (53,)) and found.names == ("Left-Hippocampus", None)
+    assert found.num_classes == 3 and not found.is_identity
+    labels = np.array([[[0, 17, 53, 4]]])
+    classes = found.to_classes(labels)
+    assert classes.tolist() == [[[0, 1, 2, 0]]] and classes.dtype == np.uint8  # 4 is not listed: background
+    assert found.to_values(classes).tolist() == [[[0, 17, 53, 0]]]
+    assert found.to_values(np.array([3])).tolist() == [0]  # a class the map does not know (a wider old head)
+    assert found.segment_names() == {17: "Left-Hippocampus", 53: "label 53"}
+    assert LabelMap.from_dict(found.to_dict()) == found
+    assert LabelMap.identity(3).is_identity and LabelMap.from_found([0, 1, 2]).is_identity
+
+
+def test_label_specs_merge_name_and_refuse_in_one_line():
+    spec = parse_label_specs(["hippocampus=17+53", "4"], {4: "Left-Lateral-Ventricle"})
+    assert spec.values == ((17, 53), (4,)) and spec.names == ("hippocampus", "Left-Lateral-Ventricle")
+    assert spec.to_classes(np.array([17, 53, 4, 2])).tolist() == [1, 1, 2, 0]
+    assert spec.to_values(np.array([0, 1, 2])).tolist() == [0, 17, 4]  # a merged class is written as its first value
+    assert parse_label_specs(["17,53"]).values == ((17,), (53,))
+    assert LabelMap.from_found([0, 1000]).to_values(np.array([1])).dtype == np.uint16
+    for bad, why in (("x=", "write a label value"), ("0", "background"), ("17 17", "already"), ("-3", "write a")):
+        with pytest.raises(LabelSpecError, match=why):
+            parse_label_specs(bad.split())
+
+
+def test_lateral_structures_are_those_always_on_one_side():
+    pair = LabelMap(((17,), (53,)))
+    left_right = [{17: [-25.0, -20, -10], 53: [27.0, -21, -11]}, {17: [-20.0, -25, -15], 53: [30.0, -20, -14]}]
+    assert lateral_classes(pair, left_right) == [1, 2]
+    front_back = [{17: [1.0, -10, -10], 53: [-1.5, -30, -12]}, {17: [0.5, -12, -9], 53: [0.0, -31, -10]}]
+    assert lateral_classes(pair, front_back) == []
+    swapped = left_right[:1] + [{17: [25.0, 0, 0], 53: [-25.0, 0, 0]}]  # not on the same side every time
+    assert lateral_classes(pair, swapped) == []
+    assert lateral_classes(LabelMap(((17, 53),)), left_right) == []  # one structure: nothing to confuse
+
+
+def test_plan_from_the_checked_cases_and_the_flip_rule():
+    report = [{"label_values": [0, 17, 53], "label_names": {}, "label_centroids": {17: [-25, 0, 0], 53: [25, 0, 0]}},
+              {"label_values": [0, 17, 53, 4], "label_names": {}, "label_centroids": {17: [-24, 1, 0], 53: [26, 0, 0],
+                                                                                    4: [-5, 10, 10]}}]
+    plan = plan_labels(report, ["17", "53"])
+    assert plan.found == [0, 4, 17, 53] and plan.ignored == [4] and plan.lateral == [1, 2] and not plan.plain
+    assert "values 4 are background" in plan.describe()
+    assert resolve_flip("auto", plan, QUIET) == "none" and resolve_flip("lr", plan, QUIET) == "lr"
+    merged = plan_labels(report, ["17+53"])
+    assert merged.lateral == [] and resolve_flip("auto", merged, QUIET) == "lr"
+    assert plan_labels([{"label_values": [0, 1]}], None).plain
+    with pytest.raises(EngineError, match="no training label has the value.*99"):
+        plan_labels(report, ["99"])
+
+
+# ------------------------------------------------------------------------------------------- the output layer
+
+def test_a_wider_output_layer_keeps_what_the_model_found():
+    from TensorPEFTLib.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unetr-small", **synthetic.TINY_UNETR).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = model(x).softmax(1)
+    assert output_classes(model) == 2 and set_output_classes(model, 4) == 2 and output_classes(model) == 4
+    with torch.no_grad():
+        after = model(x).softmax(1)
+    # background keeps its probability; the three new structures share the old structure's, evenly
+    torch.testing.assert_close(after[:, 0], before[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[:, 1:].sum(1), before[:, 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[:, 1], after[:, 3])
+    assert model.tensorpeft_spec["overrides"]["out_channels"] == 4
+    assert set_output_classes(model, 4) == 4  # no change
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+def test_dice_is_per_structure_whatever_the_label_values():
+    rng = np.random.default_rng(0)
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[2:8, 2:8, 2:8], ref[12:18, 12:18, 12:18] = 1, 2
+    pred = ref.copy()
+    pred[2:5, 2:8, 2:8] = 0  # half of structure 1 missed
+    plain = segmentation_scores(pred, ref, (1, 1, 1))
+    values = np.array([0, 17, 53])
+    fs = segmentation_scores(values[pred], values[ref], (1, 1, 1))
+    assert fs["dice"] == pytest.approx(plain["dice"]) and fs["structures"][17]["dice"] == pytest.approx(2 / 3)
+    assert fs["structures"][53]["dice"] == pytest.approx(1.0)
+    # a binary mask saved as 0/255: scored as one structure (one-hot over 256 classes scored every absent one as 1)
+    empty = segmentation_scores(np.zeros_like(ref), (ref > 0).astype(np.uint8) * 255, (1, 1, 1))
+    assert empty["dice"] == 0.0 and "structures" not in empty
+    assert rng is not None
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def two_structures(tmp_path_factory):
+    """Blob cases labelled as a user's tool might: the ellipsoid 17, the dimmer blob 53 (3 classes for a model of
+    2), a stray 4 in one label."""
+    root = tmp_path_factory.mktemp("own")
+    rng = np.random.default_rng(0)
+    affine = synthetic.oblique_affine()
+    for split, n in (("Tr", 4), ("Ts", 1)):
+        os.makedirs(root / "data" / f"images{split}")
+        os.makedirs(root / "data" / f"labels{split}")
+        for i in range(n):
+            image, label = synthetic.blob_case(rng)
+            values = np.where(label == 1, 17, 0).astype(np.uint8)
+            values[(image > 0.42) & (image < 0.58) & (label == 0)] = 53
+            if i == 0:
+                values[0, 0, 0] = 4
+            write_volume(root / "data" / f"images{split}" / f"c{i}.nii.gz", image, like=affine)
+            write_volume(root / "data" / f"labels{split}" / f"c{i}.nii.gz", values, like=affine)
+    model = synthetic.save_tiny_model(str(root / "unetr.safetensors"))
+    out = str(root / "adapter")
+    finetune(model, str(root / "data"), out, AdapterConfig(method="lora-pt", rank=2),
+             TrainSettings(steps=4, lr=3e-3, eval_every=2, checkpoint_every=2, seed=0), labels=["17", "53"],
+             device="cpu", events=QUIET, threads=1)
+    return root, model, out
+
+
+def test_finetune_records_the_map_and_segment_writes_the_users_values(two_structures, tmp_path):
+    root, _, out = two_structures
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["label_map"] == {"values": [[17], [53]], "names": [None, None]}
+    assert saved["num_classes"] == 3 and saved["label_values_found"] == [0, 4, 17, 53]
+    image = str(root / "data" / "imagesTs" / "c0.nii.gz")
+    events_file = tmp_path / "events.jsonl"
+    events = Events(str(events_file), quiet=True)
+    record = segment(image, str(tmp_path / "m.seg.nrrd"), adapter=out, device="cpu", min_component_mm3=0,
+                     events=events)[0]
+    events.close()
+    done = [json.loads(line) for line in events_file.read_text().splitlines() if '"done"' in line][-1]
+    assert done["structures"] == {"17": "label 17", "53": "label 53"}  # what the GUIs name the segments by
+    mask = read_volume(tmp_path / "m.seg.nrrd")
+    assert set(np.unique(mask.array)) <= {0, 17, 53} and set(record["structures_ml"]) <= {17, 53}
+    assert set(mask.meta["segments"].values()) <= {"label 17", "label 53"}
+    scores = evaluate(str(tmp_path / "m.seg.nrrd"), str(root / "data" / "labelsTs" / "c0.nii.gz"))
+    assert 0.0 <= scores["mean"]["dice"] <= 1.0
+
+
+def test_fewer_labels_keep_the_model_head_and_bad_labels_stop_before_training(two_structures, tmp_path, capsys):
+    root, model, _ = two_structures
+    settings = TrainSettings(steps=2, lr=3e-3, eval_every=2, checkpoint_every=2, seed=0)
+    out = str(tmp_path / "one")
+    finetune(model, str(root / "data"), out, AdapterConfig(method="lora", rank=1), settings, labels=["s=17+53"],
+             device="cpu", events=QUIET, threads=1)
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["num_classes"] == 2 and saved["label_map"]["names"] == ["s"]
+    record = segment(str(root / "data" / "imagesTs" / "c0.nii.gz"), str(tmp_path / "m.nii.gz"), adapter=out,
+                     device="cpu", min_component_mm3=0, events=QUIET)[0]
+    assert set(np.unique(read_volume(record["mask"]).array)) <= {0, 17}
+    # resuming with other labels is refused
+    with pytest.raises(EngineError, match="started with classes 1 = s"):
+        finetune(model, str(root / "data"), out, None, settings, labels=["17"], resume=True, device="cpu",
+                 events=QUIET, threads=1)
+    code = main(["finetune", "--model", model, "--data", str(root / "data"), "--out", str(tmp_path / "bad"),
+                 "--labels", "99", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--labels: no training label has the value(s) 99" in err[0]
+    assert not os.path.exists(tmp_path / "bad" / "adapter.safetensors")
