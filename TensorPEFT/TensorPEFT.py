@@ -333,7 +333,7 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             image, mask = self.logic.exportForSegmentation(volume)
             segmentName = os.path.basename(os.path.normpath(adapter))
             def imported(result: jobs.JobResult) -> None:
-                self.logic.importMask(mask, volume, segmentName)
+                self.logic.importMask(mask, volume, segmentName, result.done)
                 self.ui.statusLabel.text = slicer_app.segmented_text(volume.GetName(), segmentName, result.done)
             return requests.SegmentRequest.fromParameters(p, image=image, mask=mask), imported
 
@@ -409,8 +409,8 @@ class TensorPEFTLogic(ScriptedLoadableModuleLogic):
     def exportForSegmentation(self, volume) -> tuple:
         return slicer_app.export_for_segmentation(slicer.mrmlScene, volume, self.newWorkFolder("segment"))
 
-    def importMask(self, mask: str, volume, segmentName: str):
-        return slicer_app.import_mask(slicer, mask, volume, segmentName)
+    def importMask(self, mask: str, volume, segmentName: str, done=None):
+        return slicer_app.import_mask(slicer, mask, volume, segmentName, done)
 
     def importSynthesized(self, paths: list) -> list:
         nodes = slicer_app.import_synthesized(slicer.mrmlScene, paths)

@@ -342,7 +342,7 @@ class AppSession:
         self.state["segment_with"] = what
 
         def done(result: JobResult) -> None:
-            self.viewer.show_mask(mask, volume, what)
+            self.viewer.show_mask(mask, volume, what, result.done)
             self.state["segmented"] = volume.GetName()
             self.info(segmented_text(volume.GetName(), what, result.done) + " (red: slice overlay and 3D surface)")
 

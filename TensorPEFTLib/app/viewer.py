@@ -15,6 +15,8 @@ from typing import Any, List, Optional, Sequence
 PREDICTION_COLOR = (0.95, 0.15, 0.10)
 #: the reference label's colour (green, as in the demo's overlay PNGs)
 REFERENCE_COLOR = (0.15, 0.85, 0.25)
+#: further structures of a prediction with several (left and right hippocampus ...): magenta, orange, yellow, blue
+STRUCTURE_COLORS = ((0.90, 0.20, 0.85), (1.0, 0.55, 0.05), (0.95, 0.90, 0.10), (0.20, 0.45, 1.0))
 
 
 def use_offscreen_egl() -> None:
@@ -76,15 +78,17 @@ class SceneViewer:
         self.show_volume(volume)
         return volume
 
-    def show_mask(self, mask: str, volume: Any, name: str) -> Any:
-        """A worker's mask (on ``volume``'s grid) as a red segmentation: slice overlay and 3D surface."""
+    def show_mask(self, mask: str, volume: Any, name: str, done: Any = None) -> Any:
+        """A worker's mask (on ``volume``'s grid) as a red segmentation: slice overlay and 3D surface; several
+        structures (named by ``segment``'s ``done`` event) red, magenta, orange ... in the order of their values."""
         from ..frontend.segmentations import load_mask_file
+        from ..frontend.slicer_app import mask_segment_names
 
         earlier = [n for n in self.result_nodes if n.IsA("vtkMRMLSegmentationNode")]  # one prediction at a time
         self.result_nodes = [n for n in self.result_nodes if n not in earlier]
         self._remove(earlier)
         segmentation = load_mask_file(self.scene, mask, volume, name=f"{volume.GetName()} {name}",
-                                      segment_names={1: name}, closed_surface=True)
+                                      segment_names=mask_segment_names(done, name), closed_surface=True)
         self._colour(segmentation, PREDICTION_COLOR, opacity_2d=0.6)
         self.result_nodes.append(segmentation)
         for node in self.case_nodes[1:]:  # the reference would hide the prediction's surface in 3D
@@ -117,9 +121,13 @@ class SceneViewer:
 
     # ------------------------------------------------------------------------------------------------ display
     def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float) -> None:
+        """Every segment ``colour``; a prediction with several structures: each its own (``colour`` first)."""
         seg = segmentation.GetSegmentation()
-        for index in range(seg.GetNumberOfSegments()):
-            seg.GetNthSegment(index).SetColor(*colour)
+        palette = [colour, *STRUCTURE_COLORS] if colour == PREDICTION_COLOR else [colour]
+        segments = sorted((seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())),
+                          key=lambda segment: int(segment.GetLabelValue()))
+        for index, segment in enumerate(segments):
+            segment.SetColor(*palette[index % len(palette)])
         display = segmentation.GetDisplayNode()
         if display is not None:
             display.SetVisibility(True)

@@ -86,12 +86,23 @@ def export_training_pairs(scene: Any, pairs: list, folder: str, with_labels: boo
     return folder
 
 
-def import_mask(slicer: Any, mask: str, volume: Any, segment_name: str) -> Any:
-    """A worker's mask → a segmentation named after ``volume``, shown; a warning when the model found nothing."""
+def mask_segment_names(done: Any, segment_name: str) -> dict:
+    """Segment names for a worker's mask: with several structures, the names ``segment``'s ``done`` event gives each
+    label value (the adapter's labels: a Slicer segmentation's segment names, else "label 17"); with one, the
+    GUI's own ``segment_name`` for it, whatever its value."""
+    structures = {int(value): str(name) for value, name in ((done or {}).get("structures") or {}).items()}
+    if len(structures) > 1:
+        return structures
+    return {next(iter(structures), 1): segment_name}
+
+
+def import_mask(slicer: Any, mask: str, volume: Any, segment_name: str, done: Any = None) -> Any:
+    """A worker's mask → a segmentation named after ``volume``, shown; a warning when the model found nothing.
+    ``done``: the ``segment`` job's done event (names of several structures, :func:`mask_segment_names`)."""
     from .segmentations import load_mask_file
 
     segmentation = load_mask_file(slicer.mrmlScene, mask, volume, name=f"{volume.GetName()} segmentation",
-                                  segment_names={1: segment_name})
+                                  segment_names=mask_segment_names(done, segment_name))
     if segmentation.GetSegmentation().GetNumberOfSegments() == 0:
         slicer.util.warningDisplay(f"The model found nothing in {volume.GetName()}: the segmentation is empty. Check "
                                    "that the image resembles the training scans (modality, orientation, field of view).")
