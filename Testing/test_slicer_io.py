@@ -101,6 +101,37 @@ def test_mask_with_two_labels_gives_two_named_segments(scene):
     assert np.array_equal(segmentations.segmentation_to_labels(scene, segmentation, node, binary=False).array, labels)
 
 
+def test_segments_named_alike_export_as_one_structure_each_whatever_their_order(scene, tmp_path):
+    """A left and a right segment in every training segmentation, in another order in the second: each name is one
+    structure (by its first appearance), written with its name; the adapter's plan reads the names."""
+    from TensorPEFTLib.engine.labels import plan_labels
+
+    pairs = []
+    for n, order in enumerate((("left", "right"), ("right", "left"))):
+        node, array = _volume(scene, name=f"two {n}", seed=n)
+        labels = np.zeros(array.shape, dtype=np.uint8)
+        labels[3:9, 4:9, 2:6] = 1
+        labels[13:19, 10:15, 5:9] = 2
+        segmentation = segmentations.labels_to_segmentation(scene, labels, node, name=f"seg {n}",
+                                                            segment_names={1: order[0], 2: order[1]})
+        pairs.append((node, segmentation))
+    cases = segmentations.export_training_folder(scene, pairs, str(tmp_path / "train"))
+    assert all(c["label"].endswith(".seg.nrrd") for c in cases)
+    first, second = (read_volume(c["label"]) for c in cases)
+    assert first.meta["segments"] == second.meta["segments"] == {1: "left", 2: "right"}
+    assert first.array[5, 6, 3] == 1 and second.array[5, 6, 3] == 2  # the second's first block is its "right"
+    report = validate_cases(find_cases(str(tmp_path / "train"), "training"), None)
+    plan = plan_labels(report, None)
+    assert plan.label_map.names == ("left", "right") and plan.label_map.values == ((1,), (2,))
+    # a segmentation without one of the names is refused, naming it
+    node, array = _volume(scene, name="three", seed=3)
+    labels = np.zeros(array.shape, dtype=np.uint8)
+    labels[3:9, 4:9, 2:6], labels[13:19, 10:15, 5:9] = 1, 2
+    odd = segmentations.labels_to_segmentation(scene, labels, node, name="odd", segment_names={1: "left", 2: "middle"})
+    with pytest.raises(scene_io.SceneError, match="odd has the segments left, middle where seg 0 has left, right"):
+        segmentations.export_training_folder(scene, pairs + [(node, odd)], str(tmp_path / "t2"))
+
+
 def test_no_scratch_nodes_are_left_in_the_scene(scene):
     node, array = _volume(scene)
     before = scene.GetNumberOfNodes()

@@ -93,10 +93,18 @@ def load_mask_file(scene: Any, path: str, reference: Any, name: str | None = Non
                                   closed_surface=closed_surface, source=str(path))
 
 
-def segmentation_to_labels(scene: Any, segmentation: Any, reference: Any, *, binary: bool = True) -> Volume:
+def segment_names(segmentation: Any) -> list[str]:
+    """The segments' names in their order."""
+    seg = segmentation.GetSegmentation()
+    return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+
+
+def segmentation_to_labels(scene: Any, segmentation: Any, reference: Any, *, binary: bool = True,
+                           structures: list[str] | None = None) -> Volume:
     """A segmentation node exported on ``reference``'s grid → :class:`Volume` of labels.
 
-    ``binary``: every segment → 1 (the fine-tuned UNETRs predict one structure); else segment *n* → label *n*.
+    ``binary``: every segment → 1 (one structure); else segment *n* → label *n*, or with ``structures`` (segment
+    names) the segment named ``structures[k]`` → label k + 1, whatever its place in this segmentation.
     """
     slicer = _slicer()
     vtk = _vtk()
@@ -114,7 +122,11 @@ def segmentation_to_labels(scene: Any, segmentation: Any, reference: Any, *, bin
                          "harden both transforms first (Data module → Harden transform)")
     ensure_segmentation_support(scene)
     ids = vtk.vtkStringArray()
-    for index in range(seg.GetNumberOfSegments()):
+    order = list(range(seg.GetNumberOfSegments()))
+    if structures is not None and not binary:
+        names = segment_names(segmentation)
+        order = [names.index(name) for name in structures]  # the export numbers segments in the order given
+    for index in order:
         ids.InsertNextValue(seg.GetNthSegmentID(index))
     before = _node_ids(scene)
     temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tensorpeft_export__")
@@ -135,18 +147,43 @@ def segmentation_to_labels(scene: Any, segmentation: Any, reference: Any, *, bin
     return Volume(array=labels, affine=reference_volume.affine, meta={"node_name": segmentation.GetName()})
 
 
-def export_training_folder(scene: Any, pairs: Iterable[tuple[Any, Any]], folder: str, *, binary: bool = True,
+def training_structures(pairs: list[tuple[Any, Any]]) -> list[str] | None:
+    """The structures several-segment segmentations label, by segment name (None: one segment each, one structure).
+    Every segmentation must then name the same segments: a structure is known by its name across the cases."""
+    named = [(seg, segment_names(seg)) for _, seg in pairs if seg is not None]
+    if all(len(names) <= 1 for _, names in named):
+        return None
+    first, structures = named[0]
+    for seg, names in named:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SceneError(f"{_node_name(seg)} has two segments named {', '.join(twice)}: a structure is known by its "
+                             "segment name; rename one (Segment Editor)")
+        if sorted(names) != sorted(structures):
+            raise SceneError(f"{_node_name(seg)} has the segments {', '.join(names)} where {_node_name(first)} has "
+                             f"{', '.join(structures)}: give every segmentation the same segments, named alike "
+                             "(Segment Editor), or one segment each for one structure")
+    return structures
+
+
+def export_training_folder(scene: Any, pairs: Iterable[tuple[Any, Any]], folder: str, *, binary: bool | None = None,
                            with_labels: bool = True, suffix: str = EXCHANGE_SUFFIX) -> list[dict[str, str]]:
     """Volume/segmentation pairs from the scene → a Decathlon folder (``imagesTr/``, ``labelsTr/``) the worker reads.
 
     Case files are named after the volume nodes. Each pair is checked (scalar volume, non-empty segmentation on the
     volume's grid) before anything is written; the first problem is raised as a SceneError naming the nodes.
-    ``with_labels=False`` (synthesis: images only) ignores the segmentations. Returns
-    ``[{"case", "image", "label"}, ...]`` (``label`` None without labels).
+    ``with_labels=False`` (synthesis: images only) ignores the segmentations. ``binary`` None: one structure when
+    every segmentation has one segment (its label 1, whatever its name); segmentations with several segments, named
+    alike in every case (:func:`training_structures`), give one structure per name, written as ``.seg.nrrd`` labels
+    that carry the names to the adapter. Returns ``[{"case", "image", "label"}, ...]`` (``label`` None without
+    labels).
     """
     pairs = list(pairs)
     if not pairs:
         raise SceneError("no training pairs: add at least one volume with its segmentation")
+    structures = training_structures(pairs) if with_labels and binary is not True else None
+    if binary is None:
+        binary = structures is None
     seen: set[str] = set()
     prepared = []
     for number, (volume_node, segmentation_node) in enumerate(pairs, start=1):
@@ -160,7 +197,7 @@ def export_training_folder(scene: Any, pairs: Iterable[tuple[Any, Any]], folder:
         if not with_labels:
             prepared.append((volume_node, image, None))
             continue
-        labels = segmentation_to_labels(scene, segmentation_node, volume_node, binary=binary)
+        labels = segmentation_to_labels(scene, segmentation_node, volume_node, binary=binary, structures=structures)
         if not np.any(labels.array):
             raise SceneError(f"{_node_name(segmentation_node)} has no labelled voxels inside "
                              f"{_node_name(volume_node)}; check that the pair belongs together")
@@ -174,8 +211,12 @@ def export_training_folder(scene: Any, pairs: Iterable[tuple[Any, Any]], folder:
             case, n = f"{base}_{n}", n + 1
         names.add(case.lower())
         image_path = write_volume(os.path.join(folder, "imagesTr", case + suffix), image.array, image.affine)
-        label_path = (write_volume(os.path.join(folder, "labelsTr", case + suffix), labels.array, labels.affine)
-                      if labels is not None else None)
+        label_path = None
+        if labels is not None and structures:  # the names travel with the labels: the adapter's segment names
+            label_path = write_volume(os.path.join(folder, "labelsTr", case + ".seg.nrrd"), labels.array,
+                                      labels.affine, segment_names=dict(enumerate(structures, start=1)))
+        elif labels is not None:
+            label_path = write_volume(os.path.join(folder, "labelsTr", case + suffix), labels.array, labels.affine)
         cases.append({"case": case, "image": image_path, "label": label_path})
     return cases
 
