@@ -74,6 +74,12 @@ def _red(pixels: np.ndarray) -> float:
     return float(np.mean((r > 90) & (r > 1.8 * g) & (r > 1.8 * b)))
 
 
+def _magenta(pixels: np.ndarray) -> float:
+    """Fraction of a prediction's second structure (viewer.STRUCTURE_COLORS[0], magenta): red and blue, no green."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return float(np.mean((r > 90) & (b > 90) & (r > 1.8 * g) & (b > 1.8 * g)))
+
+
 def _green(pixels: np.ndarray) -> float:
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     return float(np.mean((g > 90) & (g > 1.5 * r) & (g > 1.5 * b)))
@@ -276,6 +282,13 @@ def test_a_trained_adapter_segments_the_hippocampus(app, page, data_root, tmp_pa
 
     _pixels_until(page, os.path.join(shots, "app-hippocampus.png"), _mask_shown(page, 0.001, 0.0002), 60,
                   "the red hippocampus in 3D and a slice view")
+    saved = json.load(open(os.path.join(os.environ["TENSORPEFT_APP_ADAPTER"], "adapter_config.json")))
+    if len((saved.get("label_map") or {}).get("values") or []) > 1:  # e.g. a left and a right hippocampus
+        def second_structure(image: np.ndarray) -> bool:
+            return any(_magenta(_crop(image, box)) > 0.0002 for _, box in _views(page))
+
+        _pixels_until(page, os.path.join(shots, "app-hippocampus-structures.png"), second_structure, 60,
+                      "the second structure in magenta")
 
 
 # --------------------------------------------------------------------------------------------- access
