@@ -17,6 +17,8 @@ PREDICTION_COLOR = (0.95, 0.15, 0.10)
 REFERENCE_COLOR = (0.15, 0.85, 0.25)
 #: further structures of a prediction with several (left and right hippocampus ...): magenta, orange, yellow, blue
 STRUCTURE_COLORS = ((0.90, 0.20, 0.85), (1.0, 0.55, 0.05), (0.95, 0.90, 0.10), (0.20, 0.45, 1.0))
+#: what the status line calls a prediction's colours, in order (the palette repeats after five structures)
+STRUCTURE_COLOUR_NAMES = ("red", "magenta", "orange", "yellow", "blue") * 51
 
 
 def use_offscreen_egl() -> None:
