@@ -189,3 +189,6 @@ def test_fewer_labels_keep_the_model_head_and_bad_labels_stop_before_training(tw
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--labels: no training label has the value(s) 99" in err[0]
     assert not os.path.exists(tmp_path / "bad" / "adapter.safetensors")
+    code = main(["finetune", "--model", model, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"),
+                 "--labels", "left=", "--quiet"])  # the typo, before the missing data
+    assert code == 2 and "--labels 'left='" in capsys.readouterr().err

@@ -16,8 +16,8 @@ from ..adapters.catalog import default_steps
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
-from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, plan_labels, prepare_adapter_model,
-                     resolve_flip)
+from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, check_label_specs, plan_labels,
+                     prepare_adapter_model, resolve_flip)
 from .outputs import RunLock, check_output_file, check_output_folder
 from .runtime import EngineError, Interrupted, Runtime, place_model, select_runtime
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
@@ -281,6 +281,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         with ctx.agreement():
             if flip not in FLIP_CHOICES:
                 raise EngineError(f"--flip {flip!r}: choose one of {', '.join(FLIP_CHOICES)}")
+            if labels:
+                check_label_specs(labels)  # a typo is reported before the data are read
             if ctx.is_main:
                 check_output_folder(out)
             if batch_size is not None and batch_size < 1:

@@ -14,7 +14,7 @@ from ..data.labels import LabelMap, LabelSpecError, lateral_classes, parse_label
 from .events import Events
 from .runtime import EngineError
 
-__all__ = ["LabelPlan", "plan_labels", "apply_label_plan", "resolve_flip", "adapter_label_map",
+__all__ = ["LabelPlan", "check_label_specs", "plan_labels", "apply_label_plan", "resolve_flip", "adapter_label_map",
            "prepare_adapter_model", "FLIP_CHOICES"]
 
 #: ``--flip`` choices; ``auto`` = ``lr``, or ``none`` when the labels tell a left from a right structure
@@ -41,6 +41,14 @@ class LabelPlan:
         if self.ignored:
             text += f"; values {', '.join(map(str, self.ignored))} are background (not in --labels)"
         return text
+
+
+def check_label_specs(specs: Sequence[str]) -> None:
+    """``--labels`` entries that cannot be read, as an EngineError (one line), before any data are read."""
+    try:
+        parse_label_specs(specs)
+    except LabelSpecError as err:
+        raise EngineError(str(err)) from None
 
 
 def plan_labels(report: Sequence[dict[str, Any]], specs: Sequence[str] | None) -> LabelPlan:
