@@ -63,7 +63,11 @@ def test_lateral_structures_are_those_always_on_one_side():
     assert lateral_classes(pair, front_back) == []
     swapped = left_right[:1] + [{17: [25.0, 0, 0], 53: [-25.0, 0, 0]}]  # not on the same side every time
     assert lateral_classes(pair, swapped) == []
-    assert lateral_classes(LabelMap(((17, 53),)), left_right) == []  # one structure: nothing to confuse
+    assert lateral_classes(LabelMap(((17, 53),)), left_right) == []  # one structure, no head centre: cannot tell
+    heads = [[0.0, -18, 5], [2.0, -20, 3]]  # each image's centre: the midline
+    assert lateral_classes(LabelMap(((17, 53),)), left_right, heads) == []  # both hippocampi as one: both sides
+    assert lateral_classes(LabelMap(((17,),)), left_right, heads) == [1]  # the left one alone: always left
+    assert lateral_classes(pair, left_right, heads) == [1, 2]
 
 
 def test_plan_from_the_checked_cases_and_the_flip_rule():

@@ -211,6 +211,7 @@ def validate_cases(
         if image is not None:
             info["shape"] = list(image.array.shape[:3])
             info["spacing"] = [round(s, 4) for s in image.spacing]
+            info["image_centre"] = image_centre(image.array, image.affine)
         if not label_path:
             if require_labels:
                 problems.append(f"{image_path}: image without a label")
@@ -239,6 +240,19 @@ def validate_cases(
     if problems:
         raise DataError(_summary(problems), problems)
     return report
+
+
+def image_centre(image: np.ndarray, affine: np.ndarray) -> list[float]:
+    """World (RAS mm) centre of the image's bright half (voxels above the mean: the head or brain of an MRI, the body of
+    a CT): where the midline of a head lies, whatever the field of view around it."""
+    from scipy import ndimage
+
+    array = np.asarray(image, dtype=np.float32)
+    centre = np.asarray(ndimage.center_of_mass(array > float(array.mean())), dtype=np.float64)
+    if not np.all(np.isfinite(centre)):
+        centre = (np.asarray(array.shape, dtype=np.float64) - 1) / 2
+    world = np.asarray(affine)[:3, :3] @ centre + np.asarray(affine)[:3, 3]
+    return [round(float(c), 2) for c in world]
 
 
 def label_centroids(labels: np.ndarray, affine: np.ndarray, values: Iterable[int]) -> dict[int, list[float]]:

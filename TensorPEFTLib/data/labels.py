@@ -19,9 +19,9 @@ import numpy as np
 
 __all__ = ["LabelMap", "LabelSpecError", "parse_label_specs", "LATERAL_OFFSET_MM", "lateral_classes"]
 
-#: a structure whose centre lies at least this far (mm, along the patient's left-right axis) to one side of the
-#: labels' common centre in every training case is lateral (a left or a right structure): see :func:`lateral_classes`
-LATERAL_OFFSET_MM = 5.0
+#: a structure whose centre lies at least this far (mm, along the patient's left-right axis) to one side of the head's
+#: centre in every training case is lateral (a left or a right structure: hippocampi lie 25-30 mm off the midline)
+LATERAL_OFFSET_MM = 10.0
 
 _SPEC = re.compile(r"^(?:(?P<name>[^=]+)=)?(?P<values>\d+(?:\+\d+)*)$")
 
@@ -147,28 +147,30 @@ def parse_label_specs(specs: Sequence[str], found_names: Mapping[int, str] | Non
 
 
 def lateral_classes(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequence[float]]],
+                    image_centres: Sequence[Sequence[float] | None] | None = None,
                     offset_mm: float = LATERAL_OFFSET_MM) -> list[int]:
-    """The classes (1..K) that always lie on one side: in every case where the class and another class are both
-    labelled, the class's centre is at least ``offset_mm`` left of (or right of, the same side in every case) the
-    centre of all its labelled structures together. Only meaningful with two or more classes.
+    """The classes (1..K) that always lie on one side: in every case that labels them, the class's centre is at least
+    ``offset_mm`` to the same side (patient's left or right) of the case's image centre (its head; without one, the
+    centre of the case's labelled structures together, which needs two structures).
 
     A left-right flip of such a training patch shows the left structure on the right still called "left": it teaches
     the model that side does not matter, which is wrong for exactly these labels (and test-time mirroring then mixes
-    the two). ``centroids``: per case, label value → its centre in RAS world mm (x = patient left → right).
+    the two). ``centroids``: per case, label value → its centre in RAS world mm (x = patient left → right);
+    ``image_centres``: per case, the image's centre in the same frame (see ``datasets.image_centre``).
     """
-    if len(label_map.values) < 2:
-        return []
     sides: dict[int, set[int]] = {}
-    for case in centroids:
+    for index, case in enumerate(centroids):
         centres = {}
         for k, group in enumerate(label_map.values, start=1):
             points = [np.asarray(case[v], dtype=np.float64) for v in group if v in case]
             if points:
                 centres[k] = np.mean(points, axis=0)
-        if len(centres) < 2:
-            continue
-        middle = np.mean(list(centres.values()), axis=0)
+        middle = image_centres[index] if image_centres is not None and index < len(image_centres) else None
+        if middle is None:
+            if len(centres) < 2:
+                continue
+            middle = np.mean(list(centres.values()), axis=0)
         for k, centre in centres.items():
-            offset = float(centre[0] - middle[0])
+            offset = float(centre[0] - np.asarray(middle, dtype=np.float64)[0])
             sides.setdefault(k, set()).add(0 if abs(offset) < offset_mm else int(np.sign(offset)))
     return sorted(k for k, side in sides.items() if len(side) == 1 and 0 not in side)

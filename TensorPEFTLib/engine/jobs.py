@@ -293,7 +293,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                 labels)
             if task_kind == "segmentation":
                 plan = ctx.broadcast(plan)  # rank 0 alone read the labels
-                events.message(plan.describe())
+                if not plan.plain or len(plan.label_map.values) > 1:  # one structure labelled 1: nothing to say
+                    events.message(plan.describe())
                 num_classes = apply_label_plan(model, plan, events)
             elif labels:
                 raise EngineError("--labels is for segmentation; a DDPM learns from the images alone")

@@ -75,7 +75,8 @@ def plan_labels(report: Sequence[dict[str, Any]], specs: Sequence[str] | None) -
                           "structures fit a mask: choose the ones to learn with --labels")
     ignored = sorted(set(found) - label_map.listed - {0})
     centroids = [{int(v): c for v, c in (case.get("label_centroids") or {}).items()} for case in report]
-    return LabelPlan(label_map, found, ignored, lateral_classes(label_map, centroids))
+    centres = [case.get("image_centre") for case in report]
+    return LabelPlan(label_map, found, ignored, lateral_classes(label_map, centroids, centres))
 
 
 def apply_label_plan(model: nn.Module, plan: LabelPlan, events: Events) -> int:
