@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from TensorPEFTLib.data import Volume, VolumeError, read_volume, write_volume
+from TensorPEFTLib.data import Volume, VolumeError, is_volume_file, read_volume, write_volume
 
 
 def _oblique_affine() -> np.ndarray:
@@ -133,6 +133,19 @@ def test_written_seg_nrrd_has_slicer_fields(tmp_path, image):
     assert header["Segment0_Name"] == "hippocampus" and header["Segment0_LabelValue"] == "1"
     assert header["Segment1_LabelValue"] == "2" and header["Segment0_Layer"] == "0"
     assert read_volume(tmp_path / "pred.seg.nrrd").meta["segments"] == {1: "hippocampus", 2: "Segment_2"}
+
+
+def test_freesurfer_mgz_round_trips_with_its_geometry(tmp_path, image):
+    """FreeSurfer's T1.mgz / aseg.mgz: stored LIA (its conformed space), label values such as 17 and 53."""
+    lia = np.array([[-1.0, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1]])
+    aseg = (_mask(image) * 17).astype(np.uint16)  # uint16 is not an MGH type: written as int32
+    for name, array in (("T1.mgz", image.astype(np.float32)), ("aseg.mgz", aseg), ("x.mgh", image.astype(np.uint8))):
+        write_volume(tmp_path / name, array, lia)
+        back = read_volume(tmp_path / name)
+        np.testing.assert_array_equal(back.affine, lia)
+        np.testing.assert_array_equal(np.asarray(back.array), array)
+        assert back.meta["format"] == "mgh" and is_volume_file(tmp_path / name)
+    assert read_volume(tmp_path / "T1.mgz", header_only=True).shape == image.shape
 
 
 def test_write_refuses_wrong_grid_and_is_atomic(tmp_path, image):

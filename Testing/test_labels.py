@@ -196,3 +196,33 @@ def test_fewer_labels_keep_the_model_head_and_bad_labels_stop_before_training(tw
     code = main(["finetune", "--model", model, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"),
                  "--labels", "left=", "--quiet"])  # the typo, before the missing data
     assert code == 2 and "--labels 'left='" in capsys.readouterr().err
+
+
+def test_a_freesurfer_subject_folder_trains_and_segments_in_its_own_format(two_structures, tmp_path, capsys):
+    """T1.mgz-like images and aseg.mgz-like labels (LIA, FreeSurfer's conformed orientation; 17 and 53 among other
+    structures), straight from the command line: --labels picks the two, the mask comes back as .mgz in 17 / 53."""
+    root, model, _ = two_structures
+    lia = np.array([[-1.2, 0, 0, 20.0], [0, 0, 1.5, -30.0], [0, -1.0, 0, 25.0], [0, 0, 0, 1]])
+    data = tmp_path / "subjects"
+    rng = np.random.default_rng(1)
+    for split, n in (("Tr", 3), ("Ts", 1)):
+        os.makedirs(data / f"images{split}")
+        os.makedirs(data / f"labels{split}")
+        for i in range(n):
+            image, label = synthetic.blob_case(rng)
+            aseg = np.where(label == 1, 17, 2).astype(np.int32)  # 2: FreeSurfer's white matter, everywhere else
+            aseg[(image > 0.42) & (image < 0.58) & (label == 0)] = 53
+            write_volume(data / f"images{split}" / f"sub{i}.mgz", image, like=lia)
+            write_volume(data / f"labels{split}" / f"sub{i}.mgz", aseg, like=lia)
+    out = str(tmp_path / "run")
+    assert main(["finetune", "--model", model, "--data", str(data), "--out", out, "--labels", "17", "53",
+                 "--steps", "2", "--threads", "1", "--quiet"]) == 0
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["label_map"]["values"] == [[17], [53]] and saved["label_values_found"] == [2, 17, 53]
+    mask = str(tmp_path / "sub0_seg.mgz")
+    assert main(["segment", "--adapter", out, "--image", str(data / "imagesTs" / "sub0.mgz"), "--out", mask,
+                 "--min-component", "0", "--quiet"]) == 0
+    written = read_volume(mask)
+    np.testing.assert_allclose(written.affine, lia, atol=1e-5)
+    assert set(np.unique(written.array)) <= {0, 17, 53}
+    capsys.readouterr()

@@ -131,5 +131,5 @@ def scan_folder(folder: str) -> FolderCases:
         except DataError as err:  # e.g. the demo's cohort folder: it names the task folders to choose
             raise ValueError(str(err).splitlines()[0]) from None
     if not found.cases:
-        raise ValueError(f"{folder}: no volumes here (.nii, .nii.gz, .nrrd, or a Decathlon folder with imagesTr/)")
+        raise ValueError(f"{folder}: no volumes here (.nii, .nii.gz, .nrrd, .mgz, or a Decathlon folder with imagesTr/)")
     return found

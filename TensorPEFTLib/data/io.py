@@ -28,7 +28,7 @@ __all__ = [
     "Volume", "VolumeError", "read_volume", "write_volume", "volume_format", "is_volume_file", "VOLUME_SUFFIXES",
 ]
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mgz", ".mgh")
 
 # NRRD "space" names → sign of each axis relative to RAS (x: +R, y: +A, z: +S)
 _NRRD_SPACES = {
@@ -90,7 +90,8 @@ class Volume:
 
 
 def volume_format(path: str | os.PathLike) -> str:
-    """``"nifti"``, ``"seg.nrrd"`` or ``"nrrd"`` from the file name; raises VolumeError otherwise."""
+    """``"nifti"``, ``"seg.nrrd"``, ``"nrrd"`` or ``"mgh"`` (FreeSurfer's ``.mgz`` / ``.mgh``) from the file name;
+    raises VolumeError otherwise."""
     name = str(path).lower()
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -98,7 +99,9 @@ def volume_format(path: str | os.PathLike) -> str:
         return "seg.nrrd"
     if name.endswith(".nrrd"):
         return "nrrd"
-    raise VolumeError(f"{path}: unsupported file type; use .nii, .nii.gz, .nrrd or .seg.nrrd")
+    if name.endswith((".mgz", ".mgh")):
+        return "mgh"
+    raise VolumeError(f"{path}: unsupported file type; use .nii, .nii.gz, .nrrd, .seg.nrrd or .mgz")
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
@@ -122,8 +125,8 @@ def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume
     if not os.path.isfile(path):
         raise VolumeError(f"{path}: file not found")
     try:
-        if fmt == "nifti":
-            return _read_nifti(path, header_only)
+        if fmt in ("nifti", "mgh"):
+            return _read_nibabel(path, header_only, fmt)
         if fmt == "seg.nrrd":
             return _read_seg_nrrd(path)
         return _read_nrrd(path)
@@ -135,7 +138,8 @@ def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume
                           "— re-export it") from None
 
 
-def _read_nifti(path: str, header_only: bool) -> Volume:
+def _read_nibabel(path: str, header_only: bool, fmt: str = "nifti") -> Volume:
+    """NIfTI, or FreeSurfer's MGH/MGZ (``T1.mgz``, ``aseg.mgz``): nibabel gives both with their voxel → RAS affine."""
     import nibabel as nib
 
     img = nib.load(path)
@@ -146,7 +150,7 @@ def _read_nifti(path: str, header_only: bool) -> Volume:
         array = np.asanyarray(img.dataobj)
         if array.shape != img.shape:
             raise VolumeError(f"{path}: data shape {array.shape} does not match header {img.shape}; truncated file?")
-    return Volume(array=array, affine=affine, path=path, meta={"format": "nifti"})
+    return Volume(array=array, affine=affine, path=path, meta={"format": fmt})
 
 
 def _nrrd_affine(header: Mapping[str, Any], path: str) -> tuple[np.ndarray, list[int]]:
@@ -309,6 +313,8 @@ def write_volume(
         raise VolumeError(f"{path}: cannot write a {array.ndim}D array; expected 3D (or 4D with channels last)")
     if fmt == "nifti":
         _atomic(path, lambda tmp: _write_nifti(tmp, array, affine))
+    elif fmt == "mgh":
+        _atomic(path, lambda tmp: _write_mgh(tmp, array, affine))
     elif fmt == "nrrd":
         _atomic(path, lambda tmp: _write_nrrd(tmp, array, affine))
     else:
@@ -324,6 +330,16 @@ def _write_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     nib.save(img, path)
+
+
+def _write_mgh(path: str, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    # MGH holds uint8, int16, int32 and float32 only
+    if array.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+        array = array.astype(np.float32 if array.dtype.kind == "f" else np.int32)
+    # nibabel picks the format by the file name; the temp name keeps the .mgz/.mgh ending (see _atomic)
+    nib.save(nib.MGHImage(array, affine), path)
 
 
 def _lps_header(affine: np.ndarray, ndim: int) -> dict[str, Any]:

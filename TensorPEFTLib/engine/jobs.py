@@ -26,7 +26,7 @@ from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, T
 FLIP_AXES = {"all": (0, 1, 2), "lr": (0,), "none": ()}
 MIRROR_CHOICES = ("auto",) + tuple(FLIP_AXES)
 #: what segment writes for a single image
-MASK_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+MASK_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mgz")
 #: a case whose voxels are this many times larger or smaller than the working grid's gets a warning in finetune
 #: (segment refuses it: see preprocess.check_spacing)
 SPACING_WARN_RATIO = 3.0
@@ -758,7 +758,7 @@ def _image_list(image: str) -> list[str]:
     if p.is_dir():
         files = sorted(str(f) for f in p.iterdir() if f.is_file() and is_volume_file(f) and not f.name.startswith("."))
         if not files:
-            raise EngineError(f"{image}: no .nii, .nii.gz or .nrrd images in this folder")
+            raise EngineError(f"{image}: no .nii, .nii.gz, .nrrd or .mgz images in this folder")
         return files
     if not p.is_file():
         raise EngineError(f"{image}: no such image file or folder")
