@@ -90,3 +90,47 @@ def save_tiny_model(path: str, kind: str = "unetr", seed: int = 0, spacing=None)
 
         as_if_pretrained(model)
     return save_model(model, path)
+
+
+def write_dicom_series(folder: str, volume: np.ndarray, affine: np.ndarray, *, slope: float = 0.5,
+                       intercept: float = -100.0, series_uid: str | None = None, series_number: int = 1,
+                       shuffle: bool = True) -> list[str]:
+    """``volume`` ([i, j, k] = column, row, slice; RAS ``affine``) as a DICOM MR series, one uncompressed file per
+    slice, stored values = (volume - intercept) / slope in int16, files named in a shuffled order (as exports come)
+    and without an extension. Returns the file paths."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    os.makedirs(folder, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    pixel = (float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step)))  # PixelSpacing: rows apart, columns apart
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    order = np.random.default_rng(0).permutation(volume.shape[2]) if shuffle else np.arange(volume.shape[2])
+    paths = []
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = os.path.join(folder, f"IM{n:04d}")
+        ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, series_number
+        ds.Modality, ds.SeriesDescription = "MR", f"T1 series {series_number}"
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.r_[col_step / pixel[1], row_step / pixel[0]]]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * slice_step]
+        ds.PixelSpacing = [f"{pixel[0]:.6f}", f"{pixel[1]:.6f}"]
+        ds.SliceThickness = f"{np.linalg.norm(slice_step):.6f}"
+        ds.InstanceNumber = int(k) + 1
+        ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        stored = np.round((volume[:, :, k].T - intercept) / slope).astype(np.int16)  # rows x columns
+        ds.PixelData = stored.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

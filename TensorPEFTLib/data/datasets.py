@@ -5,6 +5,7 @@ Two layouts are understood:
 - Medical Segmentation Decathlon / nnU-Net folders: ``imagesTr/`` + ``labelsTr/`` (and optional ``imagesTs/``,
   ``labelsTs/``), with an optional ``dataset.json`` whose ``training`` / ``test`` lists are used when present.
   nnU-Net's channel suffix (``case_0000.nii.gz`` ↔ ``case.nii.gz``) is understood; macOS ``._*`` files are skipped.
+  An image may also be a folder holding one DICOM series (``imagesTr/case/*.dcm``, its label ``labelsTr/case.nii.gz``).
 - A MONAI datalist JSON file (``{"training": [{"image": ..., "label": ...}], ...}``), paths relative to the file.
 
 A case is a dict ``{"image": path, "label": path or None, "name": str}`` (plus ``group`` when the dataset.json
@@ -21,6 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .dicom import is_dicom_series
 from .io import VOLUME_SUFFIXES, VolumeError, is_volume_file, read_volume
 
 __all__ = ["DataError", "find_cases", "validate_cases", "case_name", "load_dataset_json", "label_centroids"]
@@ -51,8 +53,8 @@ def _scan(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return found
     for entry in sorted(folder.iterdir()):
-        if entry.is_file() and is_volume_file(entry):
-            found[case_name(entry)] = str(entry)
+        if (entry.is_file() and is_volume_file(entry)) or (entry.is_dir() and is_dicom_series(entry)):
+            found[case_name(entry)] = str(entry)  # a DICOM series is a folder named after its case
     return found
 
 
@@ -117,7 +119,7 @@ def find_cases(source: str | os.PathLike, split: str = "training", *, require_la
     else:
         cases, problems = _from_folder(src, split)
     for case in cases:
-        if not os.path.isfile(case["image"]):
+        if not (os.path.isfile(case["image"]) or is_dicom_series(case["image"])):
             problems.append(f"{case['image']}: image listed in the dataset but not found")
         if case.get("label") and not os.path.isfile(case["label"]):
             problems.append(f"{case['label']}: label listed for {os.path.basename(case['image'])} but not found")

@@ -113,7 +113,8 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 
 
 def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume:
-    """Read a volume and its geometry (see the module docstring for conventions).
+    """Read a volume and its geometry (see the module docstring for conventions): a file, or a folder holding one
+    DICOM series (:mod:`.dicom`).
 
     ``.seg.nrrd`` files are returned as one 3D label map whatever their storage (a single labelmap layer or 4D
     layers): see :func:`_read_seg_nrrd`. With ``header_only=True`` the array is an empty array of the right shape
@@ -121,6 +122,8 @@ def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume
     Raises VolumeError (naming the file) for missing, unreadable or truncated files.
     """
     path = str(path)
+    if os.path.isdir(path):
+        return _read_dicom(path, header_only)
     fmt = volume_format(path)
     if not os.path.isfile(path):
         raise VolumeError(f"{path}: file not found")
@@ -136,6 +139,21 @@ def read_volume(path: str | os.PathLike, *, header_only: bool = False) -> Volume
         detail = " ".join(str(err).split())  # one line: nibabel's messages span several
         raise VolumeError(f"{path}: cannot read ({type(err).__name__}: {detail}); the file is unreadable or truncated "
                           "— re-export it") from None
+
+
+def _read_dicom(path: str, header_only: bool) -> Volume:
+    """A folder holding one DICOM series (:mod:`.dicom`)."""
+    from .dicom import is_dicom_series, read_dicom_series
+
+    if not is_dicom_series(path):
+        raise VolumeError(f"{path}: a folder without DICOM files; give a volume file, or the folder of one DICOM series")
+    try:
+        array, affine = read_dicom_series(path, header_only=header_only)
+    except ImportError:
+        raise VolumeError(f"{path}: reading DICOM needs the pydicom package (pip install pydicom)") from None
+    except ValueError as err:
+        raise VolumeError(str(err)) from None
+    return Volume(array=array, affine=affine, path=path, meta={"format": "dicom"})
 
 
 def _read_nibabel(path: str, header_only: bool, fmt: str = "nifti") -> Volume:

@@ -752,14 +752,20 @@ def load_adapted_model(model_source: str | None, adapter: str | None, runtime: R
 
 
 def _image_list(image: str) -> list[str]:
+    """The scans ``image`` names: a file; a folder holding one DICOM series (one scan); or a folder of volume files
+    and DICOM series folders (each a scan)."""
     from ..data import is_volume_file
+    from ..data.dicom import is_dicom_series
 
     p = Path(image)
     if p.is_dir():
         files = sorted(str(f) for f in p.iterdir() if f.is_file() and is_volume_file(f) and not f.name.startswith("."))
+        if not files and is_dicom_series(p):
+            return [str(p)]
+        files += sorted(str(f) for f in p.iterdir() if f.is_dir() and not f.name.startswith(".") and is_dicom_series(f))
         if not files:
-            raise EngineError(f"{image}: no .nii, .nii.gz, .nrrd or .mgz images in this folder")
-        return files
+            raise EngineError(f"{image}: no .nii, .nii.gz, .nrrd or .mgz images, and no DICOM series, in this folder")
+        return sorted(files)
     if not p.is_file():
         raise EngineError(f"{image}: no such image file or folder")
     return [str(p)]
@@ -818,7 +824,8 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
         if min_component_mm3 < 0:
             raise EngineError(f"--min-component must be >= 0 mm³, got {min_component_mm3:g}")
         images = _image_list(image)
-        single_file = len(images) == 1 and not Path(image).is_dir() and _has_extension(out)
+        # one scan (a file, or a DICOM series folder) may go to a mask file
+        single_file = len(images) == 1 and images[0] == str(Path(image)) and _has_extension(out)
         if single_file:
             check_output_file(out, MASK_EXTENSIONS)
             outputs = [out]
