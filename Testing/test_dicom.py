@@ -61,6 +61,22 @@ def test_what_is_not_one_regular_series_is_refused_in_one_line(tmp_path):
     os.remove(paths[4])
     with pytest.raises(VolumeError, match="not evenly spaced.*a slice is missing"):
         read_volume(gap)
+    # a non-image DICOM file beside the slices (a DICOMDIR, a report) is passed over; alone it is no scan
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.1.3.10", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    (tmp_path / "lone").mkdir()
+    FileDataset("DICOMDIR", {}, file_meta=meta, preamble=b"\0" * 128).save_as(
+        str(tmp_path / "lone" / "DICOMDIR"), enforce_file_format=True)
+    fine = tmp_path / "fine"
+    synthetic.write_dicom_series(str(fine), volume, affine)
+    shutil.copy(tmp_path / "lone" / "DICOMDIR", fine / "DICOMDIR")
+    assert read_volume(fine).shape == volume.shape
+    with pytest.raises(VolumeError, match="no DICOM image slices"):
+        read_volume(tmp_path / "lone")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(VolumeError, match="a folder without DICOM files"):

@@ -53,11 +53,13 @@ def _headers(folder: Path) -> list[tuple[Path, Any]]:
     out = []
     for path in _slice_files(folder):
         try:
-            out.append((path, pydicom.dcmread(str(path), stop_before_pixels=True)))
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
             raise _Error(f"{path}: not a readable DICOM file ({type(err).__name__}); re-export the series") from None
+        if "Rows" in ds and "Columns" in ds:  # an image; a DICOMDIR, report or presentation state beside it is not
+            out.append((path, ds))
     if not out:
-        raise _Error(f"{folder}: no DICOM files in this folder")
+        raise _Error(f"{folder}: no DICOM image slices in this folder")
     return out
 
 
