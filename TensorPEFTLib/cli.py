@@ -584,7 +584,9 @@ def _add_job_commands(sub: Any) -> None:
                                    "range, is resampled to the working grid the adapter (or model) records, "
                                    "skull-stripped if it is a whole head, intensity-scaled on its brain and cropped to "
                                    "it; masks are written on each image's own grid.")
-    p.add_argument("--image", required=True, help="image file or folder")
+    p.add_argument("--image", required=True,
+                   help="a scan (.nii, .nii.gz, .nrrd, .mgz), a folder holding one DICOM series, or a folder of "
+                        "scans and DICOM series folders")
     p.add_argument("--out", required=True, help="mask file (single image) or folder")
     p.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     p.add_argument("--adapter", default=None, help="adapter folder (omit to run the base model alone)")
