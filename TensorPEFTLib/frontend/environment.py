@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Sequence
 #: every MONAI the requirements allow (>= 1.5) needs torch >= 2.4.1 (MONAI 1.6 needs 2.8 and Python 3.10, and pip
 #: picks 1.5.x when the installed torch is older). Asked of Slicer's PyTorch extension, and checked before any job.
 TORCH_REQUIREMENT = ">=2.4.1"
-#: packages that Slicer ships (scipy since 5.x) or that come from its PyTorch extension: pinned, never replaced by pip
-SHIPPED_PACKAGES = ("numpy", "SimpleITK", "scipy", "torch")
+#: packages that Slicer ships (scipy since 5.x; pydicom for its DICOM module) or that come from its PyTorch extension:
+#: pinned, never replaced by pip
+SHIPPED_PACKAGES = ("numpy", "SimpleITK", "scipy", "pydicom", "torch")
 
 
 def installed_version(name: str) -> Optional[str]:
