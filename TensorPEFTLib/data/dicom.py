@@ -47,13 +47,14 @@ class _Error(ValueError):
     pass
 
 
-def _headers(folder: Path) -> list[tuple[Path, Any]]:
+def _headers(folder: Path, pixels: bool = False) -> list[tuple[Path, Any]]:
+    """Every image slice's dataset (with its pixel data when ``pixels``: each file is read once)."""
     import pydicom
 
     out = []
     for path in _slice_files(folder):
         try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
         except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for a damaged file
             raise _Error(f"{path}: not a readable DICOM file ({type(err).__name__}); re-export the series") from None
         if "Rows" in ds and "Columns" in ds:  # an image; a DICOMDIR, report or presentation state beside it is not
@@ -79,7 +80,7 @@ def read_dicom_series(folder: str | os.PathLike, header_only: bool = False) -> t
     ``header_only``: an uninitialised array of the right shape and dtype (float32), from the headers alone.
     Raises ValueError (one line, naming the folder or file) for what is not one regular 3D series."""
     folder = Path(folder)
-    headers = _headers(folder)
+    headers = _headers(folder, pixels=not header_only)
     series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
     if len(series) > 1:
         described = sorted({f"{getattr(ds, 'SeriesNumber', '?')} {getattr(ds, 'SeriesDescription', '')}".strip()
@@ -130,10 +131,7 @@ def read_dicom_series(folder: str | os.PathLike, header_only: bool = False) -> t
     if header_only:
         return np.empty(volume_shape, dtype=np.float32), affine
     array = np.empty(volume_shape, dtype=np.float32)
-    import pydicom
-
-    for k, (_, _, path, _) in enumerate(positions):
-        ds = pydicom.dcmread(str(path))
+    for k, (_, _, path, ds) in enumerate(positions):
         try:
             pixels = ds.pixel_array
         except Exception as err:  # noqa: BLE001 - a compressed transfer syntax without its decoder, a cut file
