@@ -153,6 +153,30 @@ def test_loose_files_pair_images_with_their_labels(tmp_path):
     assert pairs == {"a": "a_label.nii.gz", "b": "b.seg.nrrd", "c": "", "d": "d_mask.nii.gz"}
 
 
+def test_dicom_series_folders_are_scans_beside_files_or_alone(tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, os.path.dirname(__file__))
+    from synthetic import write_dicom_series
+
+    volume = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    write_dicom_series(str(tmp_path / "exam" / "t1_mprage"), volume, np.diag([1.0, 1.0, 1.2, 1.0]))
+    write_dicom_series(str(tmp_path / "exam" / "flair"), volume, np.diag([1.0, 1.0, 1.2, 1.0]))
+    _write(tmp_path / "exam" / "t1_mprage_label.nii.gz")
+    _write(tmp_path / "exam" / "other.nii.gz")
+    (tmp_path / "exam" / "notes").mkdir()  # a folder without DICOM files is no scan
+    (tmp_path / "exam" / "notes" / "readme.txt").write_text("not a scan")
+    found = scan_folder(str(tmp_path / "exam"))
+    pairs = {case["name"]: (os.path.basename(case["image"]), os.path.basename(case["label"] or ""))
+             for case in found.cases}
+    assert found.layout == "loose"
+    assert pairs == {"flair": ("flair", ""), "other": ("other.nii.gz", ""),
+                     "t1_mprage": ("t1_mprage", "t1_mprage_label.nii.gz")}
+    alone = scan_folder(str(tmp_path / "exam" / "flair"))  # the series folder itself: one scan
+    assert alone.layout == "dicom" and [c["name"] for c in alone.cases] == ["flair"]
+    assert alone.cases[0]["image"] == str(tmp_path / "exam" / "flair") and alone.cases[0]["label"] is None
+
+
 def test_decathlon_folders_pair_training_and_test_cases(tmp_path):
     import sys as _sys
 

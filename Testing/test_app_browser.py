@@ -239,6 +239,46 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     print(f"app: {app.rss_mb():.0f} MB resident after the workflow")
 
 
+def test_a_dicom_series_folder_is_a_scan_in_the_page(app, page, data_root, tmp_path):
+    """A scanner's export: the held-out subject written as a DICOM series (int16 slices in shuffled files without an
+    extension) in a folder of series. The page lists it by its folder's name, shows it, and the shipped model
+    segments it onto the series' own grid (red in 3D and a slice view)."""
+    import glob
+
+    from synthetic import write_dicom_series
+    from TensorPEFTLib.data import read_volume
+
+    shots = _shots_dir(tmp_path)
+    scan = read_volume(os.path.join(data_root, "cohort", "hippocampus", "imagesTs", "hippo_test_000.nii.gz"))
+    array = np.asarray(scan.squeezed, dtype=np.float32)
+    write_dicom_series(os.path.join(data_root, "exam", "t1_mprage"), array, scan.affine,
+                       slope=float(array.max()) / 32000.0, intercept=0.0)
+    page.open(app.url)
+    page.wait("document.getElementById('tp-folder') && window.trame && window.trame.state.get('folders')", 60,
+              "the page to connect")
+    page.click("#tp-kind-unetr")
+    page.js("document.getElementById('tp-folder').closest('.v-field').click()")
+    page.wait("(window.trame.state.get('folders') || []).includes('exam')", 30, "the new folder in the list")
+    page.choose("tp-folder", "exam")
+    page.wait("(window.trame.state.get('case_text') || '').startsWith('t1_mprage')", 60, "the series to load")
+    assert [c["title"] for c in page.state("cases")] == ["t1_mprage"]
+
+    def scan_shown(image):  # every slice view shows a head, not an empty frame
+        return all(_crop(image, box).std() > 10 for s, box in _views(page) if s)
+
+    _pixels_until(page, os.path.join(shots, "app-dicom.png"), scan_shown, 30, "the series in the slice views")
+    page.click("#tp-segment")
+    page.wait("window.trame.state.get('segmented') || window.trame.state.get('error')", 300, "the segmentation")
+    assert not page.state("error"), page.state("error")
+    masks = glob.glob(os.path.join(data_root, "tensorpeft-app", "segment", "*", "t1_mprage_mask*"))
+    assert len(masks) == 1, masks
+    series = read_volume(os.path.join(data_root, "exam", "t1_mprage"))
+    mask = read_volume(masks[0])
+    assert mask.array.shape[:3] == series.array.shape[:3] and np.allclose(mask.affine, series.affine, atol=1e-3)
+    _pixels_until(page, os.path.join(shots, "app-dicom-segmented.png"), _mask_shown(page, 0.003, 0.0005), 60,
+                  "the red mask on the series")
+
+
 @pytest.mark.skipif(not os.environ.get("TENSORPEFT_APP_ADAPTER"),
                     reason="set TENSORPEFT_APP_ADAPTER to a trained hippocampus adapter folder (e.g. make demo's "
                            "tensorpeft-demo/unetr-lora-pt-r1): loaded in the page, it segments the hippocampus")

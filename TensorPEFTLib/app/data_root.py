@@ -85,7 +85,7 @@ class FolderCases:
     """What a folder holds, paired: ``cases`` [{name, image, label or None}], and whether it can train."""
 
     folder: str
-    layout: str  # "decathlon" | "loose"
+    layout: str  # "decathlon" | "loose" | "dicom" (the folder is one DICOM series)
     cases: List[Dict[str, Optional[str]]] = field(default_factory=list)
 
     @property
@@ -94,9 +94,12 @@ class FolderCases:
 
 
 def scan_folder(folder: str) -> FolderCases:
-    """The cases of a Decathlon folder (``imagesTr``/``labelsTr``, ``imagesTs``) or of loose volume files, images
-    paired with labels by name. ValueError (one line naming the folder) when it holds no volume."""
-    from ..data.datasets import DataError, find_cases
+    """The cases of a Decathlon folder (``imagesTr``/``labelsTr``, ``imagesTs``), of one DICOM series folder (one
+    image), or of loose volume files and DICOM series folders side by side, images paired with labels by name
+    (``case.nii.gz`` or ``case/`` with ``case_label.nii.gz``). ValueError (one line naming the folder) when it holds
+    no volume."""
+    from ..data.datasets import DataError, case_name, find_cases
+    from ..data.dicom import is_dicom_series
     from ..data.io import is_volume_file
 
     if os.path.isdir(os.path.join(folder, "imagesTr")) or os.path.isdir(os.path.join(folder, "imagesTs")):
@@ -110,18 +113,23 @@ def scan_folder(folder: str) -> FolderCases:
                 found.cases.append({"name": str(case["name"]), "image": case["image"], "label": case.get("label")})
         if found.cases:
             return found
-    files = sorted(e.path for e in os.scandir(folder) if e.is_file() and is_volume_file(e.path))
-    from ..data.datasets import case_name
-
+    if is_dicom_series(folder):  # the scanner's or PACS's export of one series: one image
+        return FolderCases(folder, "dicom", [{"name": os.path.basename(os.path.normpath(folder)), "image": folder,
+                                              "label": None}])
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    files = [e.path for e in entries if e.is_file() and is_volume_file(e.path)]
     # "case.seg.nrrd" (Slicer's segmentation file) is the label of "case.nrrd": keep its ".seg" so the names differ
     names = {case_name(path) + (".seg" if path.lower().endswith(".seg.nrrd") else ""): path for path in files}
+    for entry in entries:  # a DICOM series folder beside them is one more image, named after its folder
+        if entry.is_dir() and not entry.name.startswith(".") and is_dicom_series(entry.path):
+            names[entry.name if entry.name not in names else f"{entry.name} (DICOM)"] = entry.path
     labels = {}
     for name, path in names.items():
         for mark in LABEL_MARKS:
-            if name.endswith(mark) and name[: -len(mark)] in names:
+            if name.endswith(mark) and name[: -len(mark)] in names and os.path.isfile(path):
                 labels[name[: -len(mark)]] = path
     found = FolderCases(folder, "loose")
-    for name, path in names.items():
+    for name, path in sorted(names.items()):
         if path in labels.values():
             continue
         found.cases.append({"name": name, "image": path, "label": labels.get(name)})
@@ -131,5 +139,6 @@ def scan_folder(folder: str) -> FolderCases:
         except DataError as err:  # e.g. the demo's cohort folder: it names the task folders to choose
             raise ValueError(str(err).splitlines()[0]) from None
     if not found.cases:
-        raise ValueError(f"{folder}: no volumes here (.nii, .nii.gz, .nrrd, .mgz, or a Decathlon folder with imagesTr/)")
+        raise ValueError(f"{folder}: no volumes here (.nii, .nii.gz, .nrrd, .mgz, DICOM series folders, or a "
+                         "Decathlon folder with imagesTr/)")
     return found

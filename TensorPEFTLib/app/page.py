@@ -29,6 +29,7 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                 html.Div("1 · Data", classes="text-subtitle-2")
                 v3.VSelect(label="Folder under the data root", items=("folders",), v_model=("folder_choice", None),
                            density="compact", hide_details=True, id="tp-folder",
+                           click=(ctrl.refresh_folders,),  # read on click: folders copied in since are listed
                            update_modelValue=(ctrl.open_folder, "[$event]"))
                 v3.VSelect(v_if="cases.length", label="Volume", items=("cases",), v_model=("case_index",),
                            density="compact", hide_details=True, classes="mt-2", id="tp-case",

@@ -56,6 +56,7 @@ def build_app(data_root: str, *, host: str = "127.0.0.1", port: int = 8080, toke
     viewer = SceneViewer(server)
     session = AppSession(DataRoot(data_root), server.state, viewer, worker_threads=worker_threads)
     ctrl = server.controller
+    ctrl.refresh_folders = session.refresh_folders
     ctrl.open_folder = lambda folder: session.open_folder(folder) if folder is not None else None
     ctrl.select_case = lambda index: session.select_case(index) if index is not None else None
     ctrl.set_kind = session.set_kind
