@@ -235,10 +235,36 @@ def test_finetune_and_resume_run_the_cli_commands_of_the_front_end_layer(tmp_pat
     assert out.startswith(os.path.join(str(tmp_path), "tensorpeft-app", "runs")) and args[-2:] == ["--events", "-"]
     assert args[args.index("--skull-strip") + 1] == "auto"  # the page's default, as the CLI's
     assert [c["value"] for c in state["skull_strip_choices"]] == ["auto", "on", "off"]
+    assert "--labels" not in args  # empty Structures field: every value in the labels, as the CLI
     session.job = None  # as if it had been cancelled
     session.finetune(resume=True)
     resumed = recorder.argv[-1]
     assert "--resume" in resumed and resumed[resumed.index("--out") + 1] == out
+    # the Structures field is finetune --labels; a typo is one line in the page and nothing runs
+    session.job = None
+    state["labels"] = "left=17, right=53"
+    session.finetune()
+    assert not state["error"], state["error"]
+    named = recorder.argv[-1]
+    assert named[named.index("--labels") + 1: named.index("--labels") + 3] == ["left=17", "right=53"]
+    session.job = None
+    state["labels"] = "17 left="
+    runs = len(recorder.argv)
+    session.finetune()
+    assert "--labels 'left='" in state["error"] and "\n" not in state["error"] and len(recorder.argv) == runs
+
+
+def test_a_label_with_other_values_names_them(tmp_path):
+    from TensorPEFTLib.app.session import _label_values_text
+
+    assert _label_values_text(str(tmp_path / "nowhere.nii.gz")) == ""
+    plain = np.zeros((4, 4, 4), np.uint8)
+    plain[1, 1, 1] = 1
+    _write(tmp_path / "plain.nii.gz", plain)
+    assert _label_values_text(str(tmp_path / "plain.nii.gz")) == ""
+    plain[2, 2, 2], plain[3, 3, 3] = 17, 53
+    _write(tmp_path / "aseg.nii.gz", plain)
+    assert _label_values_text(str(tmp_path / "aseg.nii.gz")) == ": label values 1, 17, 53"
 
 
 def test_loose_labelled_files_train_through_a_datalist(tmp_path):

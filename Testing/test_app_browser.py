@@ -174,10 +174,12 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     every = max(1, steps // 3) if steps > 4 else 2
     _set_number(page, "tp-steps", steps)
     _set_number(page, "tp-eval-every", every)
-    page.wait(f"window.trame.state.get('steps') == {steps} && window.trame.state.get('eval_every') == {every}", 5,
-              "the fields")
+    _type(page, "tp-labels", "hippocampus=1")  # the Structures field: finetune --labels, the structure named
+    page.wait(f"window.trame.state.get('steps') == {steps} && window.trame.state.get('eval_every') == {every} "
+              "&& window.trame.state.get('labels') == 'hippocampus=1'", 5, "the fields")
     page.click("#tp-finetune")
-    page.wait("window.trame.state.get('job_busy')", 10, "the job to start")
+    page.wait("window.trame.state.get('job_busy') || window.trame.state.get('error')", 10, "the job to start")
+    assert not page.state("error"), page.state("error")
     page.wait("window.trame.state.get('progress') > 0", 300, "the first training step")
     status = page.js("document.getElementById('tp-status').innerText")
     assert status.startswith("step "), status
@@ -198,7 +200,9 @@ def test_workflow_in_a_real_browser(app, page, data_root, tmp_path):
     assert not page.state("error"), page.state("error")
     assert "adapter written" in page.state("info"), page.state("info")
     with open(os.path.join(data_root, page.state("adapter"), "adapter_config.json"), encoding="utf-8") as handle:
-        assert json.load(handle)["preprocessing"]["skull_strip"] == "off"
+        record = json.load(handle)
+    assert record["preprocessing"]["skull_strip"] == "off"
+    assert record["label_map"] == {"values": [[1]], "names": ["hippocampus"]}
     curve = page.js("document.getElementById('tp-curve').innerHTML")
     assert "<polyline" in curve and "<circle" in curve, "no loss curve or no validation point"
     time.sleep(1)  # the buttons' idle look is drawn a frame after the state says so

@@ -59,6 +59,9 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                                   hide_details=True, id="tp-steps")
                     v3.VTextField(label="Validate every (0 = auto)", v_model_number=("eval_every",), type="number",
                                   density="compact", hide_details=True, id="tp-eval-every")
+                v3.VTextField(v_if="model_kind == 'UNETR'", label="Structures (label values; empty = all)",
+                              v_model=("labels",), density="compact", hide_details=True, classes="mt-2",
+                              id="tp-labels", placeholder="e.g. 17 53, or left=17 right=53, or 17+53 as one")
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VBtn("Fine-tune", id="tp-finetune", color="primary", disabled=("job_busy",),
                             click=(ctrl.finetune,))

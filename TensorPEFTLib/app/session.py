@@ -79,6 +79,7 @@ class AppSession:
             # steps / eval_every 0: finetune's own defaults for the cohort (1250 steps for a few cases, validation every
             # fifth), as the CLI and the Slicer panel use them
             "method": "lora-pt", "rank": 1, "steps": 0, "eval_every": 0, "device": "auto", "skull_strip": "auto",
+            "labels": "",  # finetune --labels: the structures to learn ("": every value in the labels)
             "skull_strip_choices": [{"title": f"{mode}: {text}", "value": mode}
                                     for mode, text in requests.SKULL_STRIP_HELP.items()],
             "device_text": "checking the device ...", "cpu_warning": "", "param_count": "",
@@ -194,7 +195,8 @@ class AppSession:
         self.state["case_index"] = int(index)
         if self.viewer is not None:
             self.viewer.load_case(case["image"], case.get("label"), case["name"])
-        self.state["case_text"] = f"{case['name']}" + (" (with its label, green)" if case.get("label") else "")
+        self.state["case_text"] = f"{case['name']}" + (f" (with its label, green{_label_values_text(case['label'])})"
+                                                       if case.get("label") else "")
         self.state["segmented"] = ""
 
     def _training_data(self) -> str:
@@ -303,7 +305,8 @@ class AppSession:
         request = self.model_choice(requests.FinetuneRequest, dataFolder=self._training_data(), adapterFolder=out,
                                     steps=int(self.state["steps"] or 0), evalEvery=int(self.state["eval_every"] or 0),
                                     device=str(self.state["device"]), resume=resume, threads=self.worker_threads,
-                                    skullStrip=str(self.state["skull_strip"]))
+                                    skullStrip=str(self.state["skull_strip"]),
+                                    labels=str(self.state["labels"] or "") if kind == "UNETR" else "")
         request.validate()
         self.last_run = out
         self.state["can_resume"] = False
@@ -420,3 +423,20 @@ class AppSession:
         if self.busy():
             self.job.cancel()
         self.probes.stop()
+
+
+def _label_values_text(path: str) -> str:
+    """": label values 17, 53" for a label that holds other values than 1 (what --labels / the Structures field
+    take); "" for a plain one-structure label or one that cannot be read here (the fine-tune checks it anyway)."""
+    import numpy as np
+
+    from ..data import read_volume
+
+    try:
+        values = [int(v) for v in np.unique(np.asarray(read_volume(path).array)) if v != 0]
+    except Exception:  # noqa: BLE001 - a hint only
+        return ""
+    if values == [1] or not values:
+        return ""
+    shown = ", ".join(map(str, values[:12])) + (f" and {len(values) - 12} more" if len(values) > 12 else "")
+    return f": label values {shown}"

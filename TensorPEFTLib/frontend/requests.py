@@ -229,13 +229,27 @@ class FinetuneRequest(ModelChoice):
     evalEvery: int = 0
     checkpointEvery: int = 0
     threads: int = 0
-    flip: str = ""  # "": the CLI default (auto: left-right unless the labels tell left from right)
+    flip: str = ""  # "": the CLI default (auto: left-right, swapping left and right labels that tell them apart)
     spacing: float = 0.0
     validationData: str = ""
     skullStrip: str = "auto"
+    labels: str = ""  # --labels: "17 53", "left=17 right=53", "17+53"; "": every value in the labels
+
+    def label_specs(self) -> List[str]:
+        """``labels`` as ``--labels`` entries (spaces or commas between them)."""
+        return [part for part in str(self.labels or "").replace(",", " ").split() if part]
 
     def problems(self) -> List[str]:
+        from ..data.labels import LabelSpecError, parse_label_specs
+
         found = super().problems() + _skull_strip_problems(self.skullStrip)
+        if self.label_specs():
+            if self.modelKind == "DDPM":
+                found.append("labels: a DDPM learns from the images alone; leave the structures empty")
+            try:
+                parse_label_specs(self.label_specs())
+            except LabelSpecError as err:
+                found.append(str(err))
         if self.learningRate and not (0 < float(self.learningRate) < 1):
             found.append(f"learning rate {self.learningRate}: choose 0 (the default) or a value between 0 and 1, "
                          "e.g. 0.001")
@@ -268,6 +282,8 @@ class FinetuneRequest(ModelChoice):
         for flag, value, text in options:
             if value:
                 args += [flag, text(value)]
+        if self.label_specs():
+            args += ["--labels", *self.label_specs()]
         if not self.augmentAffine or self.modelKind == "DDPM":  # affine augmentation is for segmentation
             args.append("--no-affine")
         if self.resume:
