@@ -549,8 +549,9 @@ def _add_job_commands(sub: Any) -> None:
     t.add_argument("--elastic", action="store_true", help="add random elastic deformation")
     t.add_argument("--flip", choices=["auto", "all", "lr", "none"], default="auto",
                    help="random flips in segmentation training: lr (left-right only, plausible for brain anatomy), "
-                        "all axes (the LoRA-PT recipe) or none; auto (default): lr, or none when your labels tell a "
-                        "left from a right structure (a flipped patch would show the left one on the right)")
+                        "all axes (the LoRA-PT recipe) or none; auto (default): lr. When your labels tell a left from "
+                        "a right structure (17 and 53), a left-right flip also swaps each left label with its "
+                        "mirror-image partner; without a partner for each (a left structure alone) auto is none")
     t.add_argument("--align", choices=["auto", "off"], default="auto",
                    help="synthesis: register each training volume (12-parameter affine) to the brain the base model "
                         "was pre-trained on, and sample it on the model's grid, so the model learns how your brains "
@@ -597,7 +598,8 @@ def _add_job_commands(sub: Any) -> None:
                    help="remove connected components smaller than this many mm³ (default 1000, as LoRA-PT; 0 = keep all)")
     p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
-                        "passes; all: 8). auto (default): the flips the adapter was trained with, none without one")
+                        "passes; all: 8; a left and a right label swap in the flipped pass, as in training). auto "
+                        "(default): the flips the adapter was trained with, none without one")
     p.add_argument("--skull-strip", choices=["auto", "on", "off"], default=None,
                    help=_SKULL_STRIP_HELP + " (default: what the adapter was trained with, else auto)")
     p.add_argument("--skip-existing", action="store_true",

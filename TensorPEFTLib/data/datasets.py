@@ -202,7 +202,7 @@ def validate_cases(
     Checks (:func:`check_volume`): readable / not truncated; 3D (a 2D slice, a 3D file with a singleton axis, or a
     4D series is refused); finite voxels (no NaN / Inf); an image that is not constant; image and label on the same grid (shape and affine); label values integers in
     ``0 .. num_classes-1`` (when given) with some foreground. Returns one summary dict per case (name, shape,
-    spacing, label values, the names a ``.seg.nrrd`` gives them, each value's centre in world mm).
+    spacing, label values, the names a ``.seg.nrrd`` gives them, each value's centre in world mm and volume in mL).
     """
     problems: list[str] = []
     report = []
@@ -228,6 +228,7 @@ def validate_cases(
         info["label_names"] = {int(k): str(v) for k, v in (label.meta.get("segments") or {}).items()}
         if values:
             info["label_centroids"] = label_centroids(label.array, label.affine, values)
+            info["label_volumes_ml"] = label_volumes_ml(label.array, label.affine, values)
         if image is not None:
             ishape, lshape = image.array.shape[:3], label.array.shape[:3]
             if ishape != lshape:
@@ -268,6 +269,18 @@ def label_centroids(labels: np.ndarray, affine: np.ndarray, values: Iterable[int
     voxels = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
     world = voxels @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     return {v: [round(float(c), 2) for c in xyz] for v, xyz in zip(wanted, world)}
+
+
+def label_volumes_ml(labels: np.ndarray, affine: np.ndarray, values: Iterable[int]) -> dict[int, float]:
+    """Each non-zero label value's volume in mL."""
+    from scipy import ndimage
+
+    wanted = [int(v) for v in values if int(v) != 0]
+    if not wanted:
+        return {}
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    counts = ndimage.sum_labels(np.ones(labels.shape, dtype=np.uint8), np.asarray(labels), wanted)
+    return {v: round(float(c) * voxel_ml, 4) for v, c in zip(wanted, np.atleast_1d(counts))}
 
 
 def check_volume(path: str, kind: str = "image"):

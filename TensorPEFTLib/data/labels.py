@@ -17,11 +17,21 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["LabelMap", "LabelSpecError", "parse_label_specs", "LATERAL_OFFSET_MM", "lateral_classes"]
+__all__ = ["LabelMap", "LabelSpecError", "parse_label_specs", "LATERAL_OFFSET_MM", "lateral_classes",
+           "MIRROR_TOLERANCE_MM", "MIRROR_VOLUME_RATIO", "mirror_pairs", "mirror_permutation"]
 
 #: a structure whose centre lies at least this far (mm, along the patient's left-right axis) to one side of the head's
-#: centre in every training case is lateral (a left or a right structure: hippocampi lie 25-30 mm off the midline)
-LATERAL_OFFSET_MM = 10.0
+#: centre in every training case is lateral (a left or a right structure: hippocampi lie 25-30 mm off the midline,
+#: thalami 10-11 mm, 9-10 mm in a head tilted 12 degrees; a midline structure's centre lies within a few mm of it)
+LATERAL_OFFSET_MM = 5.0
+
+#: a left and a right structure are each other's mirror image when the one's centre, reflected across the head's
+#: centre, lies within this distance (mm, mean over the cases) of the other's: the reflection ignores the head's tilt,
+#: so on the demo's subjects (heads tilted up to 15 degrees) a left and a right hippocampus measure 8-20 mm, mean 14
+MIRROR_TOLERANCE_MM = 25.0
+#: ... and their volumes differ by at most this factor (mean over the cases): a hippocampus and its neighbour the
+#: amygdala, whose centres lie about 20 mm apart, differ by about 2x
+MIRROR_VOLUME_RATIO = 1.6
 
 _SPEC = re.compile(r"^(?:(?P<name>[^=]+)=)?(?P<values>\d+(?:\+\d+)*)$")
 
@@ -146,19 +156,11 @@ def parse_label_specs(specs: Sequence[str], found_names: Mapping[int, str] | Non
     return LabelMap(tuple(groups), tuple(names))
 
 
-def lateral_classes(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequence[float]]],
-                    image_centres: Sequence[Sequence[float] | None] | None = None,
-                    offset_mm: float = LATERAL_OFFSET_MM) -> list[int]:
-    """The classes (1..K) that always lie on one side: in every case that labels them, the class's centre is at least
-    ``offset_mm`` to the same side (patient's left or right) of the case's image centre (its head; without one, the
-    centre of the case's labelled structures together, which needs two structures).
-
-    A left-right flip of such a training patch shows the left structure on the right still called "left": it teaches
-    the model that side does not matter, which is wrong for exactly these labels (and test-time mirroring then mixes
-    the two). ``centroids``: per case, label value → its centre in RAS world mm (x = patient left → right);
-    ``image_centres``: per case, the image's centre in the same frame (see ``datasets.image_centre``).
-    """
-    sides: dict[int, set[int]] = {}
+def _class_offsets(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequence[float]]],
+                   image_centres: Sequence[Sequence[float] | None] | None) -> list[dict[int, np.ndarray]]:
+    """Per case, each class's centre relative to the case's image centre (RAS mm; without an image centre, the centre
+    of the case's labelled structures together, which needs two structures; else the case is left out)."""
+    cases: list[dict[int, np.ndarray]] = []
     for index, case in enumerate(centroids):
         centres = {}
         for k, group in enumerate(label_map.values, start=1):
@@ -170,7 +172,73 @@ def lateral_classes(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequen
             if len(centres) < 2:
                 continue
             middle = np.mean(list(centres.values()), axis=0)
-        for k, centre in centres.items():
-            offset = float(centre[0] - np.asarray(middle, dtype=np.float64)[0])
-            sides.setdefault(k, set()).add(0 if abs(offset) < offset_mm else int(np.sign(offset)))
+        cases.append({k: centre - np.asarray(middle, dtype=np.float64) for k, centre in centres.items()})
+    return cases
+
+
+def lateral_classes(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequence[float]]],
+                    image_centres: Sequence[Sequence[float] | None] | None = None,
+                    offset_mm: float = LATERAL_OFFSET_MM) -> list[int]:
+    """The classes (1..K) that always lie on one side: in every case that labels them, the class's centre is at least
+    ``offset_mm`` to the same side (patient's left or right) of the case's image centre (its head; without one, the
+    centre of the case's labelled structures together, which needs two structures).
+
+    A left-right flip of such a training patch shows the left structure on the right still called "left": it teaches
+    the model that side does not matter, which is wrong for exactly these labels (and test-time mirroring then mixes
+    the two) — unless the flip also swaps each left class with its right partner (:func:`mirror_pairs`).
+    ``centroids``: per case, label value → its centre in RAS world mm (x = patient left → right);
+    ``image_centres``: per case, the image's centre in the same frame (see ``datasets.image_centre``).
+    """
+    sides: dict[int, set[int]] = {}
+    for case in _class_offsets(label_map, centroids, image_centres):
+        for k, offset in case.items():
+            sides.setdefault(k, set()).add(0 if abs(offset[0]) < offset_mm else int(np.sign(offset[0])))
     return sorted(k for k, side in sides.items() if len(side) == 1 and 0 not in side)
+
+
+def mirror_pairs(label_map: LabelMap, centroids: Sequence[Mapping[int, Sequence[float]]],
+                 image_centres: Sequence[Sequence[float] | None] | None = None,
+                 lateral: Sequence[int] | None = None,
+                 volumes: Sequence[Mapping[int, float]] | None = None,
+                 tolerance_mm: float = MIRROR_TOLERANCE_MM,
+                 volume_ratio: float = MIRROR_VOLUME_RATIO) -> list[tuple[int, int]] | None:
+    """The lateral classes as mirror-image pairs ``(a, b)`` (a left and a right hippocampus), or None when some lateral
+    class has no partner (a left structure labelled alone, or a left and a right structure of different kinds).
+
+    With every lateral class paired, a left-right flip stays a true training example once each pair's classes are
+    swapped: the flipped left hippocampus *is* a right one. Two classes pair when they lie on opposite sides, the one's
+    centre reflected across the head's centre (its left-right offset negated) lands within ``tolerance_mm`` of the
+    other's and (with ``volumes``: per case, label value → mL) their volumes differ by at most ``volume_ratio``, each
+    the mean over the cases that label both; the closest such pairs are taken first. ``lateral``:
+    :func:`lateral_classes`' answer (computed when None)."""
+    lateral = list(lateral_classes(label_map, centroids, image_centres) if lateral is None else lateral)
+    if not lateral:
+        return []
+    cases = _class_offsets(label_map, centroids, image_centres)
+    sizes = [{k: sum(float(case.get(v, 0.0)) for v in group) for k, group in enumerate(label_map.values, start=1)}
+             for case in volumes] if volumes is not None else []
+    candidates = []
+    for i, a in enumerate(lateral):
+        for b in lateral[i + 1:]:
+            both = [case for case in cases if a in case and b in case]
+            if not both or any(np.sign(case[a][0]) == np.sign(case[b][0]) for case in both):
+                continue
+            gap = float(np.mean([np.linalg.norm(case[a] * (-1.0, 1.0, 1.0) - case[b]) for case in both]))
+            ratios = [max(size[a], size[b]) / min(size[a], size[b]) for size in sizes if min(size[a], size[b]) > 0]
+            if gap <= tolerance_mm and (not ratios or float(np.mean(ratios)) <= volume_ratio):
+                candidates.append((gap, a, b))
+    pairs, used = [], set()
+    for _, a, b in sorted(candidates):
+        if a not in used and b not in used:
+            pairs.append((a, b))
+            used.update((a, b))
+    return sorted(pairs) if used == set(lateral) else None
+
+
+def mirror_permutation(pairs: Sequence[Sequence[int]], num_classes: int) -> list[int]:
+    """Class ``k``'s mirror image for each k in 0..num_classes-1 (itself unless paired): index a label map or the
+    class axis of a prediction with it after a left-right flip."""
+    permutation = list(range(num_classes))
+    for a, b in pairs:
+        permutation[int(a)], permutation[int(b)] = int(b), int(a)
+    return permutation

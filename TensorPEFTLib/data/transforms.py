@@ -94,6 +94,27 @@ class MapLabelsd(MapTransform):
         return d
 
 
+class RandFlipSwapLabelsd(mt.RandFlipd):
+    """``RandFlipd`` along one axis that also swaps the label's classes by ``permutation`` when it flips (class k
+    becomes ``permutation[k]``): a left-right flip of a left and a right hippocampus labelled apart shows the left
+    one where the right one lies, so its label must become the right one's. The random draw is ``RandFlipd``'s own
+    (the same seed flips the same patches). Training only: not invertible."""
+
+    def __init__(self, keys: Sequence[str], label_key: str, permutation: Sequence[int], prob: float,
+                 spatial_axis: int) -> None:
+        super().__init__(keys, prob=prob, spatial_axis=spatial_axis)
+        self.label_key = label_key
+        self.lookup = torch.as_tensor(list(permutation), dtype=torch.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = super().__call__(data, lazy)
+        if self._do_transform and self.label_key in d:
+            label = d[self.label_key]
+            swapped = self.lookup[torch.as_tensor(label).long()].to(torch.as_tensor(label).dtype)
+            d[self.label_key] = MetaTensor(swapped, meta=dict(label.meta)) if isinstance(label, MetaTensor) else swapped
+        return d
+
+
 def _load(keys: Sequence[str], label_map: Any) -> list:
     """Load, and map the label's values to classes with ``label_map`` (None: the files hold classes already)."""
     steps: list[Any] = [LoadVolumed(keys)]
@@ -280,6 +301,7 @@ def train_transforms(
     seed: int | None = None,
     skull_strip: str = "auto",
     label_map: Any = None,
+    flip_swap: Sequence[int] | None = None,
 ):
     """Segmentation training pipeline on ``{"image", "label"}`` dicts (the papers' recipe).
 
@@ -291,7 +313,8 @@ def train_transforms(
     (with ``centre_jitter`` J: crops of ``patch_size + 2J`` centred so, then a random ``patch_size`` crop of them, so
     the chosen voxel lands anywhere within ±J of the patch centre) →
     random flips on each of ``flip_axes`` (``flip_prob``; after RAS orientation axis 0 is left-right, the one
-    anatomically plausible flip for brain structures) → optional ``RandAffined`` (``affine``: rotation ±10°, scale
+    anatomically plausible flip for brain structures; ``flip_swap``: the class permutation a left-right flip applies
+    to the label, for labels that tell a left from a right structure, :func:`~.labels.mirror_permutation`) → optional ``RandAffined`` (``affine``: rotation ±10°, scale
     ±10 %, shift ±8 voxels, p=0.8) → intensity shift ±``shift`` and scale ±``scale`` → optional ``Rand3DElasticd``
     (p=0.2). Output: ``image`` float (1, *patch_size), ``label`` (1, *patch_size).
 
@@ -327,7 +350,10 @@ def train_transforms(
     if centre_jitter > 0:
         steps.append(mt.RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False))
     if flip_prob > 0:
-        steps += [mt.RandFlipd(keys, prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes]
+        swaps = flip_swap is not None and list(flip_swap) != list(range(len(flip_swap)))
+        steps += [RandFlipSwapLabelsd(keys, "label", flip_swap, prob=flip_prob, spatial_axis=0)
+                  if int(axis) == 0 and swaps else mt.RandFlipd(keys, prob=flip_prob, spatial_axis=int(axis))
+                  for axis in flip_axes]
     if affine:
         steps.append(mt.RandAffined(keys, prob=0.8, rotate_range=(np.deg2rad(10.0),) * 3, scale_range=(0.1,) * 3,
                                     translate_range=(8,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"))

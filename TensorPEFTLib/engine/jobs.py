@@ -13,11 +13,12 @@ from torch import nn
 from ..adapters import (AdapterConfig, get_method, inject, load_adapter, merge_and_unload, model_family,
                         read_adapter_config, summary)
 from ..adapters.catalog import default_steps
+from ..data.labels import mirror_permutation
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
-from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, check_label_specs, plan_labels,
-                     prepare_adapter_model, resolve_flip)
+from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, check_label_specs, flip_swaps,
+                     plan_labels, prepare_adapter_model, resolve_flip)
 from .outputs import RunLock, check_output_file, check_output_folder
 from .runtime import EngineError, Interrupted, Runtime, place_model, select_runtime
 from .trainer import BEST_DIR, CHECKPOINT_DIR, LAST_DIR, TrainResult, Trainer, TrainSettings, checkpoint_path
@@ -243,7 +244,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     :func:`working_preprocessing`), which the adapter records for ``segment``.
     ``flip``: random flips in segmentation training on ``lr`` (left-right only: plausible for brain structures, and
     the axis ``segment`` then mirrors along), ``all`` axes (the LoRA-PT recipe) or ``none``; ``auto`` (default):
-    ``lr``, or ``none`` when the labels tell a left from a right structure (:func:`.labels.resolve_flip`).
+    ``lr``, swapping each left class with its right partner when the labels tell left from right, or ``none`` when
+    such a class has no partner (:func:`.labels.resolve_flip`); a resumed run keeps its own.
     ``labels``: which label values are the structures, one class each (``--labels``, see
     :func:`~TensorPEFTLib.data.labels.parse_label_specs`); None: every non-zero value in the labels. Labels with more
     structures than the model predicts get a wider output layer (:func:`.labels.apply_label_plan`); the adapter
@@ -299,6 +301,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
             elif labels:
                 raise EngineError("--labels is for segmentation; a DDPM learns from the images alone")
             flip = resolve_flip(flip, plan, events) if task_kind == "segmentation" else "lr"
+            swaps = flip_swaps(flip, plan)
             if lock is not None:
                 lock.acquire()
                 _check_existing_run(out, resume, overwrite)  # again, now that no other process can start one here
@@ -307,7 +310,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
         return _finetune(model, model_source, task_kind, num_classes, train_cases, val_cases, out, cfg, settings,
                          plan=plan, device=device, amp=amp, events=events, resume=resume, batch_size=batch_size,
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
-                         threads=threads, loss=loss, label_resampling=label_resampling,
+                         swaps=swaps, threads=threads, loss=loss, label_resampling=label_resampling,
                          centre_jitter=centre_jitter, checkpointing=checkpointing, align=align,
                          skull_strip=skull_strip, ctx=ctx)
     except KeyboardInterrupt:
@@ -420,7 +423,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    batch_size: int | None, patch_size: Sequence[int] | None, spacing: Sequence[float] | None,
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
                    centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto",
-                   skull_strip: str | None = None, plan: LabelPlan | None = None) -> tuple[Trainer, str | None]:
+                   skull_strip: str | None = None, plan: LabelPlan | None = None,
+                   swaps: Sequence[tuple[int, int]] = ()) -> tuple[Trainer, str | None]:
     from ..data import case_name
 
     ckpt = checkpoint_path(out) if resume else None
@@ -446,6 +450,9 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         loss = saved.get("loss", "dice-ce-all")
         label_resampling = saved.get("label_resampling", "nearest")
         centre_jitter = int(saved.get("centre_jitter", 0))
+        if task_kind == "segmentation" and saved.get("flip"):  # the flips (and label swaps) it started with
+            flip = saved["flip"]
+            swaps = [(int(a), int(b)) for a, b in saved.get("mirror_pairs") or []]
         # a synthesis run trains on the volumes as it started: registered to the reference brain or not
         align = "auto" if saved.get("aligned_to") else "off"
         # and its cases as they were stripped (runs from before brain extraction: auto, which left their brains alone)
@@ -515,7 +522,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                                      batch_size=per_rank, preprocessing=prep, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
                                      centre_jitter=centre_jitter, shard=shard,
-                                     label_map=None if plan is None or plan.plain else plan.label_map)
+                                     label_map=None if plan is None or plan.plain else plan.label_map,
+                                     flip_swap=mirror_permutation(swaps, num_classes) if swaps else None)
     else:
         from .synthesis import SynthesisTask
 
@@ -559,6 +567,8 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
         meta.update(flip=flip, affine=affine, elastic=elastic, loss=loss, label_resampling=label_resampling,
                     centre_jitter=centre_jitter)
+        if swaps:  # the classes a left-right flip exchanged; segment's mirroring exchanges them too
+            meta["mirror_pairs"] = [list(pair) for pair in swaps]
         if plan is not None:  # segment writes masks in the user's values; --resume checks the labels still agree
             meta.update(label_map=plan.label_map.to_dict(), label_values_found=plan.found)
     if task_kind == "synthesis":
@@ -843,7 +853,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
                                                             if len(images) < ctx.world_size else ""))
         if done:
             events.message(f"--skip-existing: {len(done)} of {len(mine)} mask(s) already written, left as they are")
-        model, label_map = None, None
+        model, label_map, mirror_classes = None, None, None
         if todo:
             if ctx.active and device_is_cuda(device):
                 device = f"cuda:{ctx.local_rank}"
@@ -858,6 +868,8 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
             if mirror == "auto":
                 mirror = saved.get("flip") or "none"
             label_map = adapter_label_map(saved, num_classes_of(model))
+            pairs = saved.get("mirror_pairs") or []
+            mirror_classes = mirror_permutation(pairs, num_classes_of(model)) if pairs else None
             events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
     # With one bad file among many the others are still segmented and the bad ones named at the end (segment_images
     # checks every header before the first scan, each scan's voxels just before its turn); one file fails at once.
@@ -871,7 +883,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
                                      patch_size=patch, preprocessing=prep, sw_batch_size=sw_batch_size,
                                      overlap=overlap, min_component_mm3=min_component_mm3,
                                      mirror_axes=FLIP_AXES[mirror], failures=None if single_file else failures,
-                                     label_map=label_map)
+                                     label_map=label_map, mirror_classes=mirror_classes)
             for record in records:
                 record["mirror"] = mirror
         elif not ctx.active or ctx.is_main:

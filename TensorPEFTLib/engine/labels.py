@@ -10,26 +10,32 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..data.labels import LabelMap, LabelSpecError, lateral_classes, parse_label_specs
+from ..data.labels import LabelMap, LabelSpecError, lateral_classes, mirror_pairs, parse_label_specs
 from .events import Events
 from .runtime import EngineError
 
-__all__ = ["LabelPlan", "check_label_specs", "plan_labels", "apply_label_plan", "resolve_flip", "adapter_label_map",
-           "prepare_adapter_model", "FLIP_CHOICES"]
+__all__ = ["LabelPlan", "check_label_specs", "plan_labels", "apply_label_plan", "resolve_flip", "flip_swaps",
+           "adapter_label_map", "prepare_adapter_model", "FLIP_CHOICES"]
 
-#: ``--flip`` choices; ``auto`` = ``lr``, or ``none`` when the labels tell a left from a right structure
+#: ``--flip`` choices; ``auto`` = ``lr`` (swapping each left label with its right partner when the labels tell left
+#: from right), or ``none`` when a left or right structure has no partner
 FLIP_CHOICES = ("auto", "all", "lr", "none")
 
 
 @dataclass
 class LabelPlan:
     """How a fine-tune reads its labels: ``label_map`` (value ↔ class), the values found in the training and
-    validation labels, those left as background, and the classes that always lie on one side of the head."""
+    validation labels, those left as background, the classes that always lie on one side of the head, and those
+    lateral classes as mirror-image pairs (None: some lateral class has no partner)."""
 
     label_map: LabelMap
     found: list[int]
     ignored: list[int] = field(default_factory=list)
     lateral: list[int] = field(default_factory=list)
+    pairs: list[tuple[int, int]] | None = field(default_factory=list)
+
+    def class_name(self, k: int) -> str:
+        return self.label_map.names[k - 1] or "+".join(map(str, self.label_map.values[k - 1]))
 
     @property
     def plain(self) -> bool:
@@ -76,7 +82,10 @@ def plan_labels(report: Sequence[dict[str, Any]], specs: Sequence[str] | None) -
     ignored = sorted(set(found) - label_map.listed - {0})
     centroids = [{int(v): c for v, c in (case.get("label_centroids") or {}).items()} for case in report]
     centres = [case.get("image_centre") for case in report]
-    return LabelPlan(label_map, found, ignored, lateral_classes(label_map, centroids, centres))
+    volumes = [{int(v): ml for v, ml in (case.get("label_volumes_ml") or {}).items()} for case in report]
+    lateral = lateral_classes(label_map, centroids, centres)
+    return LabelPlan(label_map, found, ignored, lateral,
+                     mirror_pairs(label_map, centroids, centres, lateral, volumes if any(volumes) else None))
 
 
 def apply_label_plan(model: nn.Module, plan: LabelPlan, events: Events) -> int:
@@ -95,24 +104,38 @@ def apply_label_plan(model: nn.Module, plan: LabelPlan, events: Events) -> int:
 
 
 def resolve_flip(flip: str, plan: LabelPlan | None, events: Events) -> str:
-    """``--flip auto``: left-right flips, unless the labels name a left and a right structure apart (a flipped
-    training patch would show the left one on the right, still called left). An explicit choice stands, with a
-    warning when it flips lateral labels."""
+    """``--flip auto``: left-right flips. When the labels tell a left from a right structure, a flipped training
+    patch shows the left one on the right: the flip then swaps each left class with its mirror-image partner
+    (:attr:`LabelPlan.pairs`, see :func:`flip_swaps`), and without a partner for every such class (a left
+    structure labelled alone) there are no left-right flips. An explicit choice stands, with a warning when it flips
+    unpaired lateral labels."""
     lateral = plan.lateral if plan is not None else []
-    names = ""
-    if lateral and plan is not None:
-        parts = [plan.label_map.names[k - 1] or "+".join(map(str, plan.label_map.values[k - 1])) for k in lateral]
-        names = ", ".join(parts)
+    paired = plan is not None and plan.pairs is not None
+    if lateral and paired and flip in ("auto", "lr", "all"):
+        swaps = ", ".join(f"{plan.class_name(a)} <-> {plan.class_name(b)}" for a, b in plan.pairs)
+        events.message(f"left-right flips swap your left and right labels ({swaps}): a flipped left structure is "
+                       "a right one")
+        return "lr" if flip == "auto" else flip
+    names = ", ".join(plan.class_name(k) for k in lateral) if plan is not None else ""
     if flip == "auto":
         if lateral:
-            events.message(f"no left-right flips: your labels tell left from right ({names} always on one side), and a flipped "
-                "patch would teach the opposite (--flip lr to flip anyway)")
+            events.message(f"no left-right flips: your labels tell left from right ({names} always on one side, "
+                           "not all of them with a mirror-image partner), and a flipped patch would teach the "
+                           "opposite (--flip lr to flip anyway)")
             return "none"
         return "lr"
     if lateral and flip in ("lr", "all"):
         events.warn(f"--flip {flip} flips left and right, but your labels tell them apart ({names}): a flipped "
             "patch shows a left structure on the right under its left label")
     return flip
+
+
+def flip_swaps(flip: str, plan: LabelPlan | None) -> list[tuple[int, int]]:
+    """The class pairs a left-right flip exchanges in this fine-tune (recorded as the adapter's ``mirror_pairs``;
+    ``segment`` exchanges the same classes when it mirrors)."""
+    if plan is None or not plan.pairs or flip not in ("lr", "all"):
+        return []
+    return [(int(a), int(b)) for a, b in plan.pairs]
 
 
 def adapter_label_map(saved: dict[str, Any], classes: int) -> LabelMap:

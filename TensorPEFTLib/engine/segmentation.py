@@ -92,7 +92,8 @@ class SegmentationTask:
                  runtime: Runtime, batch_size: int = 2, preprocessing: Any = None,
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
-                 centre_jitter: int = 16, shard: tuple[int, int] = (0, 1), label_map: Any = None) -> None:
+                 centre_jitter: int = 16, shard: tuple[int, int] = (0, 1), label_map: Any = None,
+                 flip_swap: Sequence[int] | None = None) -> None:
         from monai.data import CacheDataset
 
         from ..data import train_transforms, val_transforms
@@ -113,7 +114,7 @@ class SegmentationTask:
                                                 crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
                                                 flip_axes=flip_axes, label_classes=label_classes,
                                                 centre_jitter=centre_jitter, skull_strip=prep.skull_strip,
-                                                label_map=label_map)
+                                                label_map=label_map, flip_swap=flip_swap)
         # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
@@ -215,20 +216,26 @@ def mirror_flips(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], sw_batch_size: int = 2,
                           overlap: float = 0.25, mirror_axes: Sequence[int] = (),
-                          on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+                          on_batch: Callable[[], None] | None = None,
+                          mirror_classes: Sequence[int] | None = None) -> torch.Tensor:
     """Class probabilities by sliding-window inference; image (B, C, X, Y, Z) → softmax (B, K, X, Y, Z), float32.
 
     ``mirror_axes`` (spatial axes, 0 = left-right after RAS orientation): test-time mirroring as in nnU-Net, the
     softmax averaged over the image and its flips along every combination of these axes (2^len passes), each flipped
     back first. Use the axes the model was trained flipped on: it has learned both orientations there, and the
-    average cancels part of its errors that are not mirror-symmetric.
+    average cancels part of its errors that are not mirror-symmetric. ``mirror_classes``: for labels that tell a
+    left from a right structure, class k's mirror image (:func:`~TensorPEFTLib.data.labels.mirror_permutation`): a
+    pass flipped left-right predicts the left hippocampus as the right one, so its classes are swapped back too.
     """
     flips = mirror_flips(mirror_axes)
+    swap = list(mirror_classes) if mirror_classes is not None else None
 
     def probabilities(dims: tuple[int, ...]) -> torch.Tensor:
         logits = sliding_window(model, image.flip(dims) if dims else image, patch_size, sw_batch_size, overlap,
                                 on_batch)
         probs = torch.softmax(logits.float(), dim=1)
+        if swap is not None and 2 in dims:  # dim 2 = spatial axis 0, left-right
+            probs = probs[:, swap]
         return probs.flip(dims) if dims else probs
 
     total = probabilities(flips[0])  # flips[0] is () : the image as it is
@@ -314,7 +321,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
                    overlap: float = 0.5, min_component_mm3: float = 1000.0,
                    mirror_axes: Sequence[int] = (),
                    failures: list[tuple[str, Exception]] | None = None,
-                   label_map: Any = None) -> list[dict[str, Any]]:
+                   label_map: Any = None, mirror_classes: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Segment each image and write its label map on the image's own grid, in the label values (and, in a
     ``.seg.nrrd``, the names) of ``label_map`` (a :class:`~TensorPEFTLib.data.labels.LabelMap`; None: class k is
     written as k). Returns one record per image.
@@ -323,7 +330,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
     Preprocessing`), intensity-scaled on its foreground and cropped to it; the sliding window runs on that crop
     and the prediction goes back onto the image's own grid and orientation. Progress: a ``step`` event per window
     batch (``step``/``steps`` window batches of image ``image_index``/``images``, ``eta_seconds``); the image's last one also
-    carries its record (mask, foreground volume). ``mirror_axes``: test-time mirroring (see
+    carries its record (mask, foreground volume). ``mirror_axes``, ``mirror_classes``: test-time mirroring (see
     :func:`predict_probabilities`).
 
     Each image's voxels are checked first (:func:`~TensorPEFTLib.data.check_volume`: NaN/Inf, constant, truncated).
@@ -362,7 +369,8 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
         try:
             check_volume(path, "image")
             record = _segment_one(model, path, out_path, index, len(todo), runtime, events, pre, post, prep,
-                                  patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes, label_map)
+                                  patch_size, sw_batch_size, overlap, min_component_mm3, mirror_axes, label_map,
+                                  mirror_classes)
         except (DataError, PreprocessingError, VolumeError) as err:
             if raise_first or isinstance(err, VolumeWriteError):
                 raise
@@ -376,7 +384,7 @@ def segment_images(model: nn.Module, images: list[str], outputs: list[str], runt
 def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: int, runtime: Runtime,
                  events: Events, pre: Any, post: Any, prep: Any, patch_size: Sequence[int], sw_batch_size: int,
                  overlap: float, min_component_mm3: float, mirror_axes: Sequence[int],
-                 label_map: Any = None) -> dict[str, Any]:
+                 label_map: Any = None, mirror_classes: Sequence[int] | None = None) -> dict[str, Any]:
     import time
 
     from ..data import read_volume, write_volume
@@ -419,7 +427,7 @@ def _segment_one(model: nn.Module, path: str, out_path: str, index: int, count: 
         try:
             with torch.no_grad(), runtime.autocast():
                 probs = predict_probabilities(model, image.to(runtime.device), patch_size, batch, overlap,
-                                              mirror_axes, on_batch)
+                                              mirror_axes, on_batch, mirror_classes)
             break
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             events.close_bar()
