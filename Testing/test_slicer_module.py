@@ -145,7 +145,8 @@ def test_request_fields_are_parameter_node_fields():
 
     fields = set(_parameter_fields())
     worker_only = {"dataFolder", "adapterFolder", "overwrite", "seed", "evalEvery", "checkpointEvery", "threads", "flip",
-                   "spacing", "validationData", "image", "mask", "model", "minComponentMm3", "outputFolder"}
+                   "spacing", "validationData", "image", "mask", "model", "minComponentMm3", "outputFolder",
+                   "labels"}  # labels: the browser app's Structures field; in Slicer the segments' names say it
     for cls in (FinetuneRequest, requests.SegmentRequest, requests.SynthesizeRequest, ParameterCountRequest):
         names = {f.name for f in dataclasses.fields(cls)}
         assert names - worker_only <= fields, f"{cls.__name__}: {sorted(names - worker_only - fields)}"

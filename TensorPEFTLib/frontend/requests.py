@@ -235,17 +235,13 @@ class FinetuneRequest(ModelChoice):
     skullStrip: str = "auto"
     labels: str = ""  # --labels: "17 53", "left=17 right=53", "17+53"; "": every value in the labels
 
-    def label_specs(self) -> List[str]:
-        """``labels`` as ``--labels`` entries (spaces or commas between them)."""
-        return [part for part in str(self.labels or "").replace(",", " ").split() if part]
+    def label_specs(self) -> List[str]:  # ``labels`` as ``--labels`` entries (spaces or commas between them)
+        return str(self.labels or "").replace(",", " ").split()
 
     def problems(self) -> List[str]:
-        from ..data.labels import LabelSpecError, parse_label_specs
-
         found = super().problems() + _skull_strip_problems(self.skullStrip)
-        if self.label_specs():
-            if self.modelKind == "DDPM":
-                found.append("labels: a DDPM learns from the images alone; leave the structures empty")
+        if self.label_specs():  # imported only then: the front end's requests stay numpy-free
+            from ..data.labels import LabelSpecError, parse_label_specs
             try:
                 parse_label_specs(self.label_specs())
             except LabelSpecError as err:
@@ -282,8 +278,7 @@ class FinetuneRequest(ModelChoice):
         for flag, value, text in options:
             if value:
                 args += [flag, text(value)]
-        if self.label_specs():
-            args += ["--labels", *self.label_specs()]
+        args += ["--labels", *self.label_specs()] if self.label_specs() else []
         if not self.augmentAffine or self.modelKind == "DDPM":  # affine augmentation is for segmentation
             args.append("--no-affine")
         if self.resume:
