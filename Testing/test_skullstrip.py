@@ -72,7 +72,9 @@ def test_a_whole_head_is_found_and_stripped_in_any_pose_and_range(heads, variant
     brain = read_volume(_case(heads, "head", variant, "brainTs")[1]).squeezed > 0
     covered = found.mask[brain].mean()
     assert covered > 0.98, covered  # nothing of the brain is cut away ...
-    assert found.mask.sum() < 1.5 * brain.sum(), found.mask.sum() / brain.sum()  # ... and little else is kept
+    # ... and little else is kept: the brain grown by 3 mm measures 1.21-1.23x the brain at 2 mm (2026-12-04);
+    # a wider skull once scaled the mask to 1.38x, and a cerebellar false detection followed
+    assert found.mask.sum() < 1.3 * brain.sum(), found.mask.sum() / brain.sum()
     hippocampus = read_volume(label).squeezed > 0
     assert hippocampus.any() and found.mask[hippocampus].all()  # nothing the model must find is cut away
     background = np.percentile(data, 0.5)
@@ -98,7 +100,7 @@ def test_heads_unlike_the_reference_are_found_too(tmp_path, style):
     assert found.head and found.correlation > 0.4, found.describe()
     brain = read_volume(str(tmp_path / "brainTs" / name)).squeezed > 0
     assert found.mask[brain].mean() > 0.98, found.mask[brain].mean()
-    assert found.mask.sum() < 1.5 * brain.sum(), found.mask.sum() / brain.sum()
+    assert found.mask.sum() < 1.3 * brain.sum(), found.mask.sum() / brain.sum()  # 1.22-1.23x measured
     assert found.mask[read_volume(str(tmp_path / "labelsTs" / name)).squeezed > 0].all()
 
 
