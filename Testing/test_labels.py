@@ -335,7 +335,7 @@ def test_a_freesurfer_subject_folder_trains_and_segments_in_its_own_format(two_s
     capsys.readouterr()
 
 
-def test_left_and_right_labels_train_flipped_and_segment_mirrored(tmp_path):
+def test_left_and_right_labels_train_flipped_and_segment_mirrored(tmp_path, capsys):
     """A left (17) and a right (53) blob on either side of a head: finetune flips them with their labels swapped,
     records the pairs, and segment mirrors with the same swap."""
     rng = np.random.default_rng(2)
@@ -361,12 +361,10 @@ def test_left_and_right_labels_train_flipped_and_segment_mirrored(tmp_path):
     code = main(["finetune", "--model", model, "--data", str(tmp_path / "data"), "--out", out, "--method", "lora",
                  "--rank", "1", "--steps", "2", "--no-val", "--threads", "1", "--spacing", "1.5"])
     assert code == 0
+    assert "left-right flips swap your left and right labels (17 <-> 53)" in capsys.readouterr().err
     saved = json.load(open(os.path.join(out, "adapter_config.json")))
     assert saved["flip"] == "lr" and saved["mirror_pairs"] == [[1, 2]] and saved["num_classes"] == 3
-    events_file = tmp_path / "events.jsonl"
-    events = Events(str(events_file), quiet=True)
-    record = segment(str(tmp_path / "data" / "imagesTs" / "c0.nii.gz"), str(tmp_path / "m.nii.gz"), adapter=out,
-                     device="cpu", min_component_mm3=0, events=events, threads=1)[0]
-    events.close()
-    assert record["mirror"] == "lr"
+    code = main(["segment", "--adapter", out, "--image", str(tmp_path / "data" / "imagesTs" / "c0.nii.gz"),
+                 "--out", str(tmp_path / "m.nii.gz"), "--min-component", "0", "--threads", "1"])
+    assert code == 0 and "mirroring: lr (the mirrored pass swaps 17 <-> 53)" in capsys.readouterr().err
     assert set(np.unique(read_volume(tmp_path / "m.nii.gz").array)) <= {0, 17, 53}

@@ -868,9 +868,11 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
             if mirror == "auto":
                 mirror = saved.get("flip") or "none"
             label_map = adapter_label_map(saved, num_classes_of(model))
-            pairs = saved.get("mirror_pairs") or []
+            pairs = (saved.get("mirror_pairs") or []) if FLIP_AXES[mirror][:1] == (0,) else []
             mirror_classes = mirror_permutation(pairs, num_classes_of(model)) if pairs else None
-            events.message(f"working grid: {prep.describe()}; mirroring: {mirror}")
+            swapped = ", ".join(" <-> ".join(str(label_map.output_values()[k]) for k in pair) for pair in pairs)
+            events.message(f"working grid: {prep.describe()}; mirroring: {mirror}"
+                           + (f" (the mirrored pass swaps {swapped})" if swapped else ""))
     # With one bad file among many the others are still segmented and the bad ones named at the end (segment_images
     # checks every header before the first scan, each scan's voxels just before its turn); one file fails at once.
     failures: list[tuple[str, Exception]] = []
