@@ -433,7 +433,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         saved = read_adapter_config(ckpt)
         if plan is not None and task_kind == "segmentation":
             started = adapter_label_map(saved, int(saved.get("num_classes") or num_classes or 2))
-            if started.to_dict() != plan.label_map.to_dict():
+            if started.values != plan.label_map.values:  # names may be added on resume; values may not change
                 raise EngineError(f"this run started with {started.describe()}, but the labels now give "
                                   f"{plan.label_map.describe()}; resume with the labels it started with "
                                   "(or start a new run)")
