@@ -254,6 +254,42 @@ def test_finetune_and_resume_run_the_cli_commands_of_the_front_end_layer(tmp_pat
     assert "--labels 'left='" in state["error"] and "\n" not in state["error"] and len(recorder.argv) == runs
 
 
+def test_the_buttons_send_the_fields_with_the_click_and_the_server_acts_on_those(tmp_path, monkeypatch):
+    """The page's client holds back field updates while a call is in flight but sends a click at once: a fine-tune
+    clicked just after typing *Structures* ran without them (fresh-clone CI, 2026-12-04). The action buttons now send
+    the form with the click, and the server takes only the form's fields from it."""
+    pytest.importorskip("trame_slicer")
+    from TensorPEFTLib.app import page, server
+    from TensorPEFTLib.app.session import FORM_FIELDS
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from synthetic import write_segmentation_dataset
+
+    write_segmentation_dataset(str(tmp_path / "task"), n_train=2, n_test=0)
+    built = {}
+    real_build_page = page.build_page
+    monkeypatch.setattr(page, "build_page", lambda *a: built.setdefault("layout", real_build_page(*a)))
+    app, session = server.build_app(str(tmp_path), server_name="form-test")
+    form = "[{" + ", ".join(f"{key}: {key}" for key in FORM_FIELDS) + "}]"
+    html = built["layout"].html
+    for button in ("finetune", "resume", "segment", "synthesize", "save", "load"):
+        start = html.index(f'id="tp-{button}"')
+        assert form in html[start: html.index(">", start)], f"tp-{button} does not send the fields with its click"
+
+    recorder = _Recorder()
+    session.start_job = recorder
+    session.open_folder("task")
+    assert app.state["labels"] == "" and app.state["steps"] == 0  # the server's state lags behind the page
+    app.controller.finetune({"labels": "hippocampus=1", "steps": 4, "eval_every": 2, "rank": 2,
+                             "adapter": "../elsewhere", "folder": "/etc"})  # not form fields: ignored
+    assert not app.state["error"], app.state["error"]
+    args = recorder.argv[-1]
+    for flag, value in (("--labels", "hippocampus=1"), ("--steps", "4"), ("--eval-every", "2"), ("--rank", "2")):
+        assert args[args.index(flag) + 1] == value
+    assert app.state["adapter"] == "" and app.state["folder"] == "task"
+    session.job = None  # the recorder stands in for the worker: nothing to stop
+
+
 def test_a_label_with_other_values_names_them(tmp_path):
     from TensorPEFTLib.app.session import _label_values_text
 

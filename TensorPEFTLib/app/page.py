@@ -11,7 +11,11 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
     from trame.widgets import html
     from trame.widgets import vuetify3 as v3
 
+    from .session import FORM_FIELDS
+
     ctrl = server.controller
+    # the fields' values travel with a button's click (AppSession.take_form): "[{skull_strip: skull_strip, ...}]"
+    form = "[{" + ", ".join(f"{key}: {key}" for key in FORM_FIELDS) + "}]"
     with SinglePageWithDrawerLayout(server, full_height=True) as layout:
         layout.title.set_text("TensorPEFT")
         with layout.toolbar:
@@ -64,9 +68,9 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                               id="tp-labels", placeholder="e.g. 17 53, or left=17 right=53, or 17+53 as one")
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VBtn("Fine-tune", id="tp-finetune", color="primary", disabled=("job_busy",),
-                            click=(ctrl.finetune,))
+                            click=(ctrl.finetune, form))
                     v3.VBtn("Resume", id="tp-resume", disabled=("job_busy || !can_resume",),
-                            click=(ctrl.resume,))
+                            click=(ctrl.resume, form))
                     v3.VBtn("Cancel", id="tp-cancel", color="error", disabled=("!job_busy",),
                             click=(ctrl.cancel,))
                 v3.VProgressLinear(model_value=("progress",), height=8, color="primary", classes="mt-2",
@@ -79,7 +83,7 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                 with html.Div(v_if="model_kind == 'UNETR'"):
                     html.Div("with {{ adapter || model }}", classes="text-caption")
                     v3.VBtn("Segment the volume", id="tp-segment", color="primary", disabled=("job_busy",),
-                            click=(ctrl.segment,))
+                            click=(ctrl.segment, form))
                 with html.Div(v_if="model_kind == 'DDPM'"):
                     with html.Div(classes="d-flex", style="gap: 8px"):
                         v3.VTextField(label="Volumes", v_model_number=("synth_count",), type="number",
@@ -87,7 +91,7 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                         v3.VTextField(label="Sampling steps", v_model_number=("synth_steps",), type="number",
                                       density="compact", hide_details=True, id="tp-synth-steps")
                     v3.VBtn("Synthesize", id="tp-synthesize", color="primary", disabled=("job_busy",),
-                            click=(ctrl.synthesize,), classes="mt-2")
+                            click=(ctrl.synthesize, form), classes="mt-2")
                     v3.VSelect(v_if="synthesized.length", label="Generated volumes", items=("synthesized",),
                                v_model=("synth_index",), density="compact", hide_details=True, classes="mt-2",
                                id="tp-synthesized", update_modelValue=(ctrl.show_synthesized, "[$event]"))
@@ -99,13 +103,13 @@ def build_page(server: Any, viewer: Any, session: Any) -> Any:
                     v3.VTextField(label="Save to (folder under the data root)", v_model=("save_to",),
                                   density="compact", hide_details=True, id="tp-save-to")
                     v3.VBtn("Save", id="tp-save", disabled=("job_busy || !adapter",),
-                            click=(ctrl.save_adapter,))
+                            click=(ctrl.save_adapter, form))
                 with html.Div(classes="d-flex mt-2", style="gap: 8px"):
                     v3.VSelect(label="Load an adapter folder", items=("adapter_folders", []),
                                v_model=("adapter_to_load",), density="compact", hide_details=True,
                                click=(ctrl.list_adapters,), id="tp-adapter-to-load")
                     v3.VBtn("Load", id="tp-load", disabled=("job_busy || !adapter_to_load",),
-                            click=(ctrl.load_adapter,))
+                            click=(ctrl.load_adapter, form))
 
                 v3.VBtn("Log", id="tp-log-button", variant="text", size="small", classes="mt-3",
                         click="show_log = !show_log")

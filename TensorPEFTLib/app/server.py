@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 POLL_SECONDS = 0.2
 
@@ -61,14 +61,22 @@ def build_app(data_root: str, *, host: str = "127.0.0.1", port: int = 8080, toke
     ctrl.select_case = lambda index: session.select_case(index) if index is not None else None
     ctrl.set_kind = session.set_kind
     ctrl.refresh_estimates = session.refresh_estimates
-    ctrl.finetune = session.finetune
-    ctrl.resume = lambda: session.finetune(resume=True)
+
+    def with_form(action: Callable[[], Any]) -> Callable[..., Any]:
+        def act(form: Any = None) -> Any:  # the page's fields as they were at the click (session.take_form)
+            session.take_form(form)
+            return action()
+
+        return act
+
+    ctrl.finetune = with_form(session.finetune)
+    ctrl.resume = with_form(lambda: session.finetune(resume=True))
     ctrl.cancel = session.cancel
-    ctrl.segment = session.segment
-    ctrl.synthesize = session.synthesize
+    ctrl.segment = with_form(session.segment)
+    ctrl.synthesize = with_form(session.synthesize)
     ctrl.show_synthesized = lambda index: session.show_synthesized(index) if index is not None else None
-    ctrl.save_adapter = lambda: session.save_adapter(server.state["save_to"])
-    ctrl.load_adapter = lambda: session.load_adapter(server.state["adapter_to_load"])
+    ctrl.save_adapter = with_form(lambda: session.save_adapter(server.state["save_to"]))
+    ctrl.load_adapter = with_form(lambda: session.load_adapter(server.state["adapter_to_load"]))
     ctrl.list_adapters = lambda: server.state.update({"adapter_folders": session.adapter_folders()})
     build_page(server, viewer, session)
 

@@ -55,6 +55,11 @@ def one_line_errors(action: Callable) -> Callable:
     return run
 
 
+# the page's input fields that a button's action reads (sent with the click: see AppSession.take_form)
+FORM_FIELDS = ("skull_strip", "model_kind", "model", "method", "rank", "steps", "eval_every", "labels", "synth_count",
+               "synth_steps", "save_to", "adapter_to_load")
+
+
 class AppSession:
     def __init__(self, root: DataRoot, state: MutableMapping[str, Any], viewer: Any = None, *,
                  python: str = sys.executable, worker_threads: int = 0) -> None:
@@ -88,6 +93,15 @@ class AppSession:
             "synth_index": None, "segment_with": "", "save_to": "", "adapter_to_load": "",
             "error": "", "info": "", "log": "", "show_log": False, "segmented": "",
         }
+
+    def take_form(self, form: Any) -> None:
+        """Take the fields' values as the page had them when a button was clicked. The page's client holds back
+        state updates while any call is in flight (the views' image requests make that often) but sends a click at
+        once, so a value typed just before the click could reach the server after it: a fine-tune started with the
+        *Structures* typed a moment before ran without them. The buttons send the fields with the click instead.
+        Only the form's own fields are taken; anything else in ``form`` is ignored."""
+        if isinstance(form, dict):
+            self.state.update({key: form[key] for key in FORM_FIELDS if key in form})
 
     def flush(self) -> None:
         flush = getattr(self.state, "flush", None)
