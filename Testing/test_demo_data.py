@@ -97,6 +97,29 @@ def test_deterministic_for_a_seed(cohort, tmp_path):
     assert not (other / "synthesis-ventricles").exists()
 
 
+def test_a_subject_redrawn_with_other_structures_is_the_same_scan(cohort):
+    """own_labels' several-structure labels: the same subject (image, pose, deformation) labelled with FreeSurfer's
+    subcortical structures; where the hippocampi are among them they cover the cohort's hippocampus label exactly."""
+    from TensorPEFTLib.data import demo
+
+    out, _ = cohort
+    parameters = json.loads((out / "dataset.json").read_text())["parameters"]
+    structures = ("Left_Hippocampus", "Right_Hippocampus", "Left_Thalamus", "Right_Thalamus", "Left_Putamen")
+    for name, split in (("hippo_001", "Tr"), ("hippo_unseen_icbm2009c_000", "Ts"), ("hippo_head_icbm2009c_000", "Ts")):
+        image, labels, affine = demo.redraw_hippocampus_subject(name, structures, parameters)
+        stored = read_volume(out / "hippocampus" / f"images{split}" / f"{name}.nii.gz")
+        hippocampus = np.asarray(read_volume(out / "hippocampus" / f"labels{split}" / f"{name}.nii.gz").squeezed)
+        assert np.array_equal(image, np.asarray(stored.squeezed)) and np.allclose(affine, stored.affine), name
+        assert np.array_equal(np.isin(labels, (1, 2)), hippocampus > 0), name
+        assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}, name
+        world_x = {k: (affine[:3, :3] @ np.argwhere(labels == k).T + affine[:3, 3:4])[0].mean() for k in (1, 2, 3, 4)}
+        assert world_x[1] < 0 < world_x[2] and world_x[3] < 0 < world_x[4], (name, world_x)  # RAS: left is -x
+    with pytest.raises(demo.DemoDataError, match="Left_Amygdala"):
+        demo.redraw_hippocampus_subject("hippo_001", ("Left_Amygdala",), parameters)
+    with pytest.raises(demo.DemoDataError, match="hippo_099"):
+        demo.redraw_hippocampus_subject("hippo_099", structures, parameters)
+
+
 def test_ventricle_target_has_enlarged_ventricles_and_nothing_else_changed(tmp_path):
     """The synthesis-ventricles brains (the DDPM's visible fine-tuning target) on the real synthesis grid: each has
     more than three times the ventricle volume of every pre-training brain, and a subject simulated with and without

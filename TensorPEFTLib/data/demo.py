@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -690,6 +690,66 @@ def _rng(seed: int, task: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), task, index]))
 
 
+#: the hippocampus task's label: both hippocampi as one structure
+HIPPOCAMPUS_STRUCTURES = ("Left_Hippocampus", "Right_Hippocampus")
+#: FreeSurfer's colour-table values (aseg) of the Harvard-Oxford structures the cohort can label
+FREESURFER_VALUES = {"Left_Lateral_Ventricle": 4, "Left_Thalamus": 10, "Left_Caudate": 11, "Left_Putamen": 12,
+                     "Left_Pallidum": 13, "Left_Hippocampus": 17, "Right_Lateral_Ventricle": 43, "Right_Thalamus": 49,
+                     "Right_Caudate": 50, "Right_Putamen": 51, "Right_Pallidum": 52, "Right_Hippocampus": 53}
+
+
+def _hippocampus_plans(n_train: int, n_test: int, n_unseen: int,
+                       n_whole_head: int) -> list[tuple[str, str, str, str, str | None, int, int]]:
+    """The hippocampus task's subjects: (image folder, label folder, name, template, test group, task code, index);
+    the task code and index seed each subject's random draws (:func:`_rng`)."""
+    return ([("imagesTr", "labelsTr", f"hippo_{i:03d}", "mni152", None, 0, i) for i in range(n_train)]
+            + [("imagesTs", "labelsTs", f"hippo_test_{i:03d}", "mni152", "heldout", 1, i) for i in range(n_test)]
+            + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
+               for i in range(n_unseen)]
+            + [("imagesTs", "labelsTs", f"hippo_head_icbm2009c_{i:03d}", "icbm2009c", "whole-head", 4, i)
+               for i in range(n_whole_head)])
+
+
+def _draw_subject(rng: np.random.Generator, template_key: str, probs: list[_Field], whole_head: bool,
+                  seg_spacings: Sequence[Sequence[float]], seg_fov_mm: Sequence[float], oblique_deg: float,
+                  pose: Mapping[str, float]) -> tuple[_Grid, dict[str, Any], str, np.ndarray, np.ndarray | None]:
+    """One segmentation subject's random draws, in the order the cohort has always drawn them (the same ``rng``
+    gives the same subject): grid, storage, intensity range, then image and the ``probs`` maps through one
+    deformation. Returns (grid, what was drawn, intensity range, image, maps)."""
+    grid, drawn = whole_brain_grid(rng, spacing=seg_spacings[int(rng.integers(len(seg_spacings)))],
+                                   oblique_deg=oblique_deg if rng.random() < 0.5 else 0.0,
+                                   fov_mm=WHOLE_HEAD_FOV_MM if whole_head else seg_fov_mm,
+                                   centre=_HEAD_CENTRE if whole_head else _BRAIN_CENTRE)
+    kind = SCANNER_RANGES[int(rng.integers(len(SCANNER_RANGES)))]
+    anatomy = _SOURCE_CACHE.whole_head(template_key) if whole_head else _SOURCE_CACHE.template(template_key)
+    image, maps = _simulate(grid, anatomy, probs, rng, **pose)
+    return grid, drawn, kind, image, maps
+
+
+def redraw_hippocampus_subject(name: str, structures: Sequence[str],
+                               parameters: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subject ``name`` of a demo cohort's hippocampus task (``hippo_003``, ``hippo_test_001``,
+    ``hippo_unseen_icbm2009c_000``) drawn again, with labels 1..K for ``structures`` (Harvard-Oxford names, keys of
+    :data:`FREESURFER_VALUES`; each voxel the most likely structure where it reaches 50 %) instead of the hippocampus:
+    the same image, head pose and deformation (``parameters``: the cohort's ``dataset.json`` ``parameters``).
+    Returns (image in its stored intensity range, labels uint8, affine)."""
+    unknown = [n for n in structures if n not in _HO]
+    if unknown:
+        raise DemoDataError(f"unknown structure(s) {', '.join(unknown)}; choose from {', '.join(sorted(_HO))}")
+    p = dict(parameters)
+    plans = _hippocampus_plans(int(p["n_train"]), int(p["n_test"]), int(p["n_unseen"]), int(p.get("n_whole_head", 0)))
+    plan = next((plan for plan in plans if plan[2] == name), None)
+    if plan is None:
+        raise DemoDataError(f"{name}: not a subject of this cohort's hippocampus task")
+    _, _, _, template_key, group, task_code, index = plan
+    probs = [_SOURCE_CACHE.prob([n], _LABEL_BOX, template_key) for n in structures]
+    pose = {k: float(p[k]) for k in ("rotate_deg", "scale", "elastic_mm", "shift_mm")}
+    grid, _, kind, image, maps = _draw_subject(_rng(int(p["seed"]), task_code, index), template_key, probs,
+                                               group == "whole-head", [tuple(sp) for sp in p["seg_spacings"]],
+                                               p["seg_fov_mm"], float(p["oblique_deg"]), pose)
+    return scanner_range(image, kind), _labels_from_maps(maps), grid.affine
+
+
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
     write_text_atomically(path, json.dumps(data, indent=2, default=float) + "\n")
@@ -796,13 +856,8 @@ def build_demo_cohort(
 
     def subject(folder: Path, img_dir: str, lbl_dir: str, name: str, template_key: str, probs: list[_Field],
                 rng: np.random.Generator, whole_head: bool = False) -> dict[str, Any]:
-        grid, drawn = whole_brain_grid(rng, spacing=seg_spacings[int(rng.integers(len(seg_spacings)))],
-                                       oblique_deg=oblique_deg if rng.random() < 0.5 else 0.0,
-                                       fov_mm=WHOLE_HEAD_FOV_MM if whole_head else seg_fov_mm,
-                                       centre=_HEAD_CENTRE if whole_head else _BRAIN_CENTRE)
-        kind = SCANNER_RANGES[int(rng.integers(len(SCANNER_RANGES)))]
-        anatomy = src.whole_head(template_key) if whole_head else src.template(template_key)
-        image, maps = _simulate(grid, anatomy, probs, rng, **pose)
+        grid, drawn, kind, image, maps = _draw_subject(rng, template_key, probs, whole_head, seg_spacings, seg_fov_mm,
+                                                       oblique_deg, pose)
         write_volume(folder / img_dir / f"{name}.nii.gz", scanner_range(image, kind), grid.affine)
         write_volume(folder / lbl_dir / f"{name}.nii.gz", _labels_from_maps(maps), grid.affine)
         return {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
@@ -810,17 +865,12 @@ def build_demo_cohort(
 
     # --- hippocampus task
     hippo_dir = out / "hippocampus"
-    hippo_prob = [src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX)]
+    hippo_prob = [src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX)]
     training, test = [], []
-    plans = ([("imagesTr", "labelsTr", f"hippo_{i:03d}", "mni152", None, 0, i) for i in range(n_train)]
-             + [("imagesTs", "labelsTs", f"hippo_test_{i:03d}", "mni152", "heldout", 1, i) for i in range(n_test)]
-             + [("imagesTs", "labelsTs", f"hippo_unseen_icbm2009c_{i:03d}", "icbm2009c", "unseen-template", 2, i)
-                for i in range(n_unseen)]
-             + [("imagesTs", "labelsTs", f"hippo_head_icbm2009c_{i:03d}", "icbm2009c", "whole-head", 4, i)
-                for i in range(n_whole_head)])
+    plans = _hippocampus_plans(n_train, n_test, n_unseen, n_whole_head)
     for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
         probs = hippo_prob if template_key == "mni152" else [
-            src.prob(["Left_Hippocampus", "Right_Hippocampus"], _LABEL_BOX, template_key)]
+            src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX, template_key)]
         entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index),
                         whole_head=group == "whole-head")
         files += 2
