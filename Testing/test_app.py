@@ -327,6 +327,21 @@ def test_curve_draws_loss_and_validation_points():
     assert curve_svg([], [], 10) == ""
 
 
+def test_ten_structures_get_ten_colours_none_green_and_the_status_line_names_them():
+    """FreeSurfer's five subcortical pairs (10 values): each structure and each side its own colour, none the
+    reference's green, and the names the status line gives follow the palette."""
+    from TensorPEFTLib.app.viewer import PREDICTION_COLOR, PREDICTION_PALETTE, prediction_colour_names
+
+    rgb = np.array([colour for _, colour in PREDICTION_PALETTE]) * 255
+    assert len(PREDICTION_PALETTE) == 10 and PREDICTION_PALETTE[0][1] == PREDICTION_COLOR
+    assert len({tuple(c) for c in rgb}) == 10 and len(set(prediction_colour_names(10))) == 10
+    distances = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(10) * 1e9
+    assert distances.min() > 60  # told apart on screen, not shades of one colour
+    r, g, b = rgb.T
+    assert not np.any((g > 90) & (g > 1.5 * r) & (g > 1.5 * b))  # test_app_browser's green: the reference alone
+    assert prediction_colour_names(12)[10:] == ["red", "magenta"]
+
+
 def test_the_app_process_stays_torch_free(tmp_path):
     """The app only draws and starts workers: torch loads in the worker processes, never in the server."""
     code = ("import sys; from TensorPEFTLib.app.data_root import DataRoot; from TensorPEFTLib.app.session import "

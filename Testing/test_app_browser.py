@@ -75,7 +75,7 @@ def _red(pixels: np.ndarray) -> float:
 
 
 def _magenta(pixels: np.ndarray) -> float:
-    """Fraction of a prediction's second structure (viewer.STRUCTURE_COLORS[0], magenta): red and blue, no green."""
+    """Fraction of a prediction's second structure (viewer.PREDICTION_PALETTE[1], magenta): red and blue, no green."""
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     return float(np.mean((r > 90) & (b > 90) & (r > 1.8 * g) & (b > 1.8 * g)))
 

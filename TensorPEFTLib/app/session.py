@@ -361,11 +361,11 @@ class AppSession:
         def done(result: JobResult) -> None:
             self.viewer.show_mask(mask, volume, what, result.done)
             self.state["segmented"] = volume.GetName()
-            from .viewer import STRUCTURE_COLOUR_NAMES
+            from .viewer import prediction_colour_names
 
             names = list(((result.done or {}).get("structures") or {}).values())
-            colours = (f"{len(names)} structures: " + ", ".join(f"{n} {c}" for n, c in zip(names, STRUCTURE_COLOUR_NAMES))
-                       if len(names) > 1 else "red")
+            named = ", ".join(f"{n} {c}" for n, c in zip(names, prediction_colour_names(len(names))))
+            colours = f"{len(names)} structures: {named}" if len(names) > 1 else "red"
             self.info(segmented_text(volume.GetName(), what, result.done) + f" ({colours}: slice overlay and 3D surface)")
 
         self._start_user_job(request, "segment", done)

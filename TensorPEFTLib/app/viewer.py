@@ -15,10 +15,18 @@ from typing import Any, List, Optional, Sequence
 PREDICTION_COLOR = (0.95, 0.15, 0.10)
 #: the reference label's colour (green, as in the demo's overlay PNGs)
 REFERENCE_COLOR = (0.15, 0.85, 0.25)
-#: further structures of a prediction with several (left and right hippocampus ...): magenta, orange, yellow, blue
-STRUCTURE_COLORS = ((0.90, 0.20, 0.85), (1.0, 0.55, 0.05), (0.95, 0.90, 0.10), (0.20, 0.45, 1.0))
-#: what the status line calls a prediction's colours, in order (the palette repeats after five structures)
-STRUCTURE_COLOUR_NAMES = ("red", "magenta", "orange", "yellow", "blue") * 51
+#: a prediction's structures in label-value order, (name, RGB 0–1): red first, then nine more, none green (the
+#: reference's), so ten structures (FreeSurfer's five subcortical pairs: 10–13, 17 left, 49–53 right) each get their
+#: own and a structure's left and right differ; the palette repeats after ten
+PREDICTION_PALETTE = (("red", PREDICTION_COLOR), ("magenta", (0.90, 0.20, 0.85)), ("orange", (1.0, 0.55, 0.05)),
+                      ("yellow", (0.95, 0.90, 0.10)), ("blue", (0.20, 0.45, 1.0)), ("violet", (0.55, 0.25, 0.95)),
+                      ("cyan", (0.0, 0.80, 0.95)), ("pink", (1.0, 0.60, 0.75)), ("brown", (0.60, 0.35, 0.10)),
+                      ("lavender", (0.75, 0.70, 1.0)))
+
+
+def prediction_colour_names(count: int) -> List[str]:
+    """What the status line calls the colours of a prediction's ``count`` structures, in label-value order."""
+    return [PREDICTION_PALETTE[index % len(PREDICTION_PALETTE)][0] for index in range(count)]
 
 
 def use_offscreen_egl() -> None:
@@ -125,7 +133,7 @@ class SceneViewer:
     def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float) -> None:
         """Every segment ``colour``; a prediction with several structures: each its own (``colour`` first)."""
         seg = segmentation.GetSegmentation()
-        palette = [colour, *STRUCTURE_COLORS] if colour == PREDICTION_COLOR else [colour]
+        palette = [rgb for _, rgb in PREDICTION_PALETTE] if colour == PREDICTION_COLOR else [colour]
         segments = sorted((seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())),
                           key=lambda segment: int(segment.GetLabelValue()))
         for index, segment in enumerate(segments):
