@@ -4,6 +4,8 @@ the flip rule, scoring per structure."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -14,10 +16,11 @@ import torch
 from TensorPEFTLib.adapters import AdapterConfig
 from TensorPEFTLib.cli import main
 from TensorPEFTLib.data import LabelMap, LabelSpecError, parse_label_specs, read_volume, write_volume
-from TensorPEFTLib.data.labels import lateral_classes, mirror_pairs, mirror_permutation
+from TensorPEFTLib.data.labels import LATERAL_OFFSET_MM, lateral_classes, mirror_pairs, mirror_permutation
 from TensorPEFTLib.engine import EngineError, Events, TrainSettings, evaluate, finetune, segment
 from TensorPEFTLib.engine.labels import flip_swaps, plan_labels, resolve_flip
 from TensorPEFTLib.engine.scoring import segmentation_scores
+from TensorPEFTLib.engine.trainer import structure_scores_text
 from TensorPEFTLib.models.heads import output_classes, set_output_classes
 
 import synthetic
@@ -132,15 +135,50 @@ def test_mirror_pairs_are_the_mirror_images_of_the_same_size():
     assert lateral == list(range(1, 13))
     # every left structure with its right one, though a pallidum and the other side's amygdala lie 18 mm apart
     # when mirrored and have the same size, and a hippocampus and a putamen are as close
-    assert mirror_pairs(labels, centroids, centres, lateral, volumes) == [(k, k + 6) for k in range(1, 7)]
+    assert mirror_pairs(labels, centroids, centres, volumes) == [(k, k + 6) for k in range(1, 7)]
     assert mirror_permutation([(1, 2), (3, 4)], 5) == [0, 2, 1, 4, 3]
     hippocampi_amygdalae = LabelMap(((14,), (24,), (15,), (25,)))
-    assert mirror_pairs(hippocampi_amygdalae, centroids, centres, None, volumes) == [(1, 2), (3, 4)]
+    assert mirror_pairs(hippocampi_amygdalae, centroids, centres, volumes) == [(1, 2), (3, 4)]
     # a left hippocampus and a right amygdala: opposite sides, 19 mm apart mirrored, but of a different size
-    assert mirror_pairs(LabelMap(((14,), (25,))), centroids, centres, None, volumes) is None
+    assert mirror_pairs(LabelMap(((14,), (25,))), centroids, centres, volumes) is None
     # a third lateral structure without its partner
-    assert mirror_pairs(LabelMap(((14,), (24,), (15,))), centroids, centres, None, volumes) is None
-    assert mirror_pairs(LabelMap(((14, 24),)), centroids, centres, None, volumes) == []  # nothing lateral
+    assert mirror_pairs(LabelMap(((14,), (24,), (15,))), centroids, centres, volumes) is None
+    assert mirror_pairs(LabelMap(((14, 24),)), centroids, centres, volumes) == []  # nothing lateral
+
+
+def test_a_turned_head_still_has_a_left_and_a_right_caudate():
+    """A head turned 17 degrees about its vertical axis moves the midline sideways front to back: the caudates (in
+    front) come within 5 mm of the image centre while the thalami (28 mm further back) lie 8-12 mm off it. Judged
+    from the image centre alone, a right caudate was not lateral and its left partner went unpaired, so a flip taught
+    "left caudate" on both sides (FreeSurfer labels of the demo's subjects: right caudate Dice 0)."""
+    from TensorPEFTLib.data.labels import _class_offsets, left_right_structures
+
+    structures = ["thalamus", "caudate", "putamen", "pallidum", "hippocampus"]
+    centre = np.array([0.0, -17, 8])
+    centroids, volumes, centres = [], [], []
+    for degrees, shift in ((0.0, (0.0, 0, 0)), (17.0, (0.0, 0, 0)), (-12.0, (3.0, -5, 2))):
+        yaw = np.deg2rad(degrees)
+        rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+        case, sizes = {}, {}
+        for i, name in enumerate(structures):
+            left, left_ml, right, right_ml = _ATLAS[name]
+            for value, point, ml in ((10 + i, left, left_ml), (20 + i, right, right_ml)):
+                case[value] = list(rz @ (np.asarray(point) - centre) + centre + np.asarray(shift))
+                sizes[value] = ml
+        centroids.append(case)
+        volumes.append(sizes)
+        centres.append(list(centre + np.asarray(shift)))
+    labels = LabelMap(tuple((10 + i,) for i in range(5)) + tuple((20 + i,) for i in range(5)))
+    right_caudate = labels.values.index((21,)) + 1
+    assert abs(_class_offsets(labels, centroids, centres)[1][right_caudate][0]) < LATERAL_OFFSET_MM  # the trap
+    lateral, pairs = left_right_structures(labels, centroids, centres, volumes)
+    assert lateral == list(range(1, 11))
+    assert pairs == [(k, k + 5) for k in range(1, 6)]
+    assert left_right_structures(labels, centroids, centres) == (lateral, pairs)  # without volumes too
+    # a midline structure stays one: both thalami as one label are on both sides, in any pose
+    merged = LabelMap(((10, 20),) + tuple((10 + i,) for i in range(1, 5)) + tuple((20 + i,) for i in range(1, 5)))
+    assert left_right_structures(merged, centroids, centres, volumes) == (list(range(2, 10)),
+                                                                         [(k, k + 4) for k in range(2, 6)])
 
 
 def test_a_flip_swaps_left_and_right_labels_with_the_same_draws():
@@ -254,10 +292,31 @@ def two_structures(tmp_path_factory):
             write_volume(root / "data" / f"labels{split}" / f"c{i}.nii.gz", values, like=affine)
     model = synthetic.save_tiny_model(str(root / "unetr.safetensors"))
     out = str(root / "adapter")
-    finetune(model, str(root / "data"), out, AdapterConfig(method="lora-pt", rank=2),
-             TrainSettings(steps=4, lr=3e-3, eval_every=2, checkpoint_every=2, seed=0), labels=["17", "53"],
-             device="cpu", events=QUIET, threads=1)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):  # what a user reads: the lines beside the progress bar
+        finetune(model, str(root / "data"), out, AdapterConfig(method="lora-pt", rank=2),
+                 TrainSettings(steps=4, lr=3e-3, eval_every=2, checkpoint_every=2, seed=0), labels=["17", "53"],
+                 device="cpu", events=Events(None), threads=1)
+    (root / "finetune-stderr.txt").write_text(said.getvalue())
     return root, model, out
+
+
+def test_validation_scores_each_structure_and_names_the_lowest(two_structures):
+    """A mean over ten structures hides one at 0: each eval has every structure's Dice, by the user's value or
+    name, and the line a user reads names them (the lowest, of many)."""
+    root, _, out = two_structures
+    evals = json.load(open(os.path.join(out, "history.json")))["evals"]
+    assert [e["step"] for e in evals] == [2, 4]
+    for row in evals:
+        assert set(row["structures"]) == {"17", "53"} and all(0 <= v <= 1 for v in row["structures"].values())
+        assert row["dice"] == pytest.approx(np.mean(list(row["structures"].values())), abs=1e-4)
+    said = (root / "finetune-stderr.txt").read_text()
+    last = evals[-1]["structures"]
+    assert f"step 4: validation dice {evals[-1]['dice']:.4f}" in said
+    assert f"; per structure: 17 {last['17']:.2f}, 53 {last['53']:.2f}" in said
+    ten = {f"s{k}": k / 10 for k in range(10, 0, -1)}
+    assert structure_scores_text(ten) == "; lowest of 10: s1 0.10, s2 0.20, s3 0.30"
+    assert structure_scores_text({"hippocampus": 0.8}) == ""
 
 
 def test_finetune_records_the_map_and_segment_writes_the_users_values(two_structures, tmp_path):
@@ -307,7 +366,8 @@ def test_fewer_labels_keep_the_model_head_and_bad_labels_stop_before_training(tw
 
 def test_a_freesurfer_subject_folder_trains_and_segments_in_its_own_format(two_structures, tmp_path, capsys):
     """T1.mgz-like images and aseg.mgz-like labels (LIA, FreeSurfer's conformed orientation; 17 and 53 among other
-    structures), straight from the command line: --labels picks the two, the mask comes back as .mgz in 17 / 53."""
+    structures), straight from the command line: --labels picks the two, named as FreeSurfer names them, the mask comes
+    back as .mgz in 17 / 53."""
     root, model, _ = two_structures
     lia = np.array([[-1.2, 0, 0, 20.0], [0, 0, 1.5, -30.0], [0, -1.0, 0, 25.0], [0, 0, 0, 1]])
     data = tmp_path / "subjects"
@@ -326,9 +386,13 @@ def test_a_freesurfer_subject_folder_trains_and_segments_in_its_own_format(two_s
                  "--steps", "2", "--threads", "1", "--quiet"]) == 0
     saved = json.load(open(os.path.join(out, "adapter_config.json")))
     assert saved["label_map"]["values"] == [[17], [53]] and saved["label_values_found"] == [2, 17, 53]
+    # named as FreeSurfer (and Freeview) names them: the label is in FreeSurfer's own format
+    assert saved["label_map"]["names"] == ["Left-Hippocampus", "Right-Hippocampus"]
     mask = str(tmp_path / "sub0_seg.mgz")
     assert main(["segment", "--adapter", out, "--image", str(data / "imagesTs" / "sub0.mgz"), "--out", mask,
-                 "--min-component", "0", "--quiet"]) == 0
+                 "--min-component", "0", "--events", str(tmp_path / "seg.jsonl"), "--quiet"]) == 0
+    done = [json.loads(line) for line in (tmp_path / "seg.jsonl").read_text().splitlines() if '"done"' in line][-1]
+    assert done["structures"] == {"17": "Left-Hippocampus", "53": "Right-Hippocampus"}
     written = read_volume(mask)
     np.testing.assert_allclose(written.affine, lia, atol=1e-5)
     assert set(np.unique(written.array)) <= {0, 17, 53}

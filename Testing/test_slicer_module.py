@@ -409,6 +409,9 @@ def test_progress_text_from_a_fine_tune_stream():
     state.update(json.loads(_ev("eval", step=12, dice=0.812, best=0.83)))
     assert state.fraction == pytest.approx(0.04)
     assert state.text() == "step 12/300 · loss 0.4123 · val Dice 0.812 (best 0.830) · ETA 3 min 20 s"
+    # several structures: the one validating worst is named (a mean over ten hides one at 0)
+    state.update(json.loads(_ev("eval", step=12, dice=0.5, best=0.5, structures={"17": 0.81, "53": 0.19})))
+    assert "val Dice 0.500 (lowest 53 0.19)" in state.text()
     segment = progress.Progress()
     segment.update(json.loads(_ev("start", kind="segment", images=4)), now=0.0)
     for step, now in ((1, 10.0), (2, 20.0)):

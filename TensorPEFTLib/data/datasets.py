@@ -24,6 +24,7 @@ import numpy as np
 
 from .dicom import is_dicom_series
 from .io import VOLUME_SUFFIXES, VolumeError, is_volume_file, read_volume
+from .labels import FREESURFER_ASEG_NAMES
 
 __all__ = ["DataError", "find_cases", "validate_cases", "case_name", "load_dataset_json", "label_centroids"]
 
@@ -226,6 +227,8 @@ def validate_cases(
         values = _check_label_values(label_path, label.array, num_classes, require_foreground, problems)
         info["label_values"] = values
         info["label_names"] = {int(k): str(v) for k, v in (label.meta.get("segments") or {}).items()}
+        if not info["label_names"] and label.meta.get("format") == "mgh":  # aseg.mgz: FreeSurfer's own names
+            info["label_names"] = {v: FREESURFER_ASEG_NAMES[v] for v in values or [] if v in FREESURFER_ASEG_NAMES}
         if values:
             info["label_centroids"] = label_centroids(label.array, label.affine, values)
             info["label_volumes_ml"] = label_volumes_ml(label.array, label.affine, values)

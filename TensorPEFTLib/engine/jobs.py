@@ -523,7 +523,9 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                                      flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
                                      centre_jitter=centre_jitter, shard=shard,
                                      label_map=None if plan is None or plan.plain else plan.label_map,
-                                     flip_swap=mirror_permutation(swaps, num_classes) if swaps else None)
+                                     flip_swap=mirror_permutation(swaps, num_classes) if swaps else None,
+                                     class_names=None if plan is None else [
+                                         plan.class_name(k) for k in range(1, plan.label_map.num_classes)])
     else:
         from .synthesis import SynthesisTask
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..data.labels import LabelMap, LabelSpecError, lateral_classes, mirror_pairs, parse_label_specs
+from ..data.labels import LabelMap, LabelSpecError, left_right_structures, parse_label_specs
 from .events import Events
 from .runtime import EngineError
 
@@ -83,9 +83,8 @@ def plan_labels(report: Sequence[dict[str, Any]], specs: Sequence[str] | None) -
     centroids = [{int(v): c for v, c in (case.get("label_centroids") or {}).items()} for case in report]
     centres = [case.get("image_centre") for case in report]
     volumes = [{int(v): ml for v, ml in (case.get("label_volumes_ml") or {}).items()} for case in report]
-    lateral = lateral_classes(label_map, centroids, centres)
-    return LabelPlan(label_map, found, ignored, lateral,
-                     mirror_pairs(label_map, centroids, centres, lateral, volumes if any(volumes) else None))
+    lateral, pairs = left_right_structures(label_map, centroids, centres, volumes if any(volumes) else None)
+    return LabelPlan(label_map, found, ignored, lateral, pairs)
 
 
 def apply_label_plan(model: nn.Module, plan: LabelPlan, events: Events) -> int:

@@ -93,7 +93,7 @@ class SegmentationTask:
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
                  centre_jitter: int = 16, shard: tuple[int, int] = (0, 1), label_map: Any = None,
-                 flip_swap: Sequence[int] | None = None) -> None:
+                 flip_swap: Sequence[int] | None = None, class_names: Sequence[str] | None = None) -> None:
         from monai.data import CacheDataset
 
         from ..data import train_transforms, val_transforms
@@ -122,6 +122,9 @@ class SegmentationTask:
                                  label_classes=label_classes, skull_strip=prep.skull_strip, label_map=label_map)
         self.val_data = CacheDataset(val_cases, val_pre, progress=False, num_workers=0) if val_cases else None
         self.val_names = [c.get("name", os.path.basename(str(c["image"]))) for c in val_cases]
+        #: what the validation calls classes 1..K (``class_names``: the label plan's names or values; else k)
+        self.class_names = list(class_names or [])[: num_classes - 1]
+        self.class_names += [str(k) for k in range(len(self.class_names) + 1, num_classes)]
 
     # ------------------------------------------------------------------ training
     def batch(self, step: int, micro: int, seed: int) -> dict[str, torch.Tensor]:
@@ -149,12 +152,17 @@ class SegmentationTask:
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         if self.val_data is None:
             return None
-        scores = []
+        per_class = []  # per case: Dice of classes 1..K
         for item in self.val_data:
             logits = self.predict_logits(model, torch.as_tensor(item["image"])[None].float())
             pred = logits.argmax(1)[0].cpu().numpy()
-            scores.append(mean_dice(pred, np.asarray(item["label"])[0], self.num_classes))
-        return {"dice": float(np.mean(scores)), "per_case": [round(float(s), 4) for s in scores]}
+            per_class.append(class_dice(pred, np.asarray(item["label"])[0], self.num_classes))
+        scores = [float(np.mean(case)) for case in per_class]
+        result: dict[str, Any] = {"dice": float(np.mean(scores)), "per_case": [round(s, 4) for s in scores]}
+        if self.num_classes > 2:  # which structure lags: a mean over ten hides one at 0
+            result["structures"] = {name: round(float(np.mean([case[k] for case in per_class])), 4)
+                                    for k, name in enumerate(self.class_names)}
+        return result
 
     def report(self, model: nn.Module, out: str, history: dict[str, Any]) -> list[str]:
         from .report import segmentation_report
@@ -244,14 +252,19 @@ def predict_probabilities(model: nn.Module, image: torch.Tensor, patch_size: Seq
     return total / len(flips)
 
 
-def mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over foreground classes 1..K-1 (a class absent from both counts as 1)."""
+def class_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class 1..K-1 (a class absent from both counts as 1)."""
     scores = []
     for k in range(1, num_classes):
         p, g = pred == k, label == k
         denom = p.sum() + g.sum()
-        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, g).sum() / denom)
-    return float(np.mean(scores))
+        scores.append(1.0 if denom == 0 else float(2.0 * np.logical_and(p, g).sum() / denom))
+    return scores
+
+
+def mean_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over foreground classes 1..K-1 (a class absent from both counts as 1)."""
+    return float(np.mean(class_dice(pred, label, num_classes)))
 
 
 def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volume_mm3: float) -> np.ndarray:

@@ -167,6 +167,17 @@ def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def structure_scores_text(structures: dict[str, float], shown: int = 4) -> str:
+    """"; per structure: 17 0.81, 53 0.79" (up to ``shown`` structures, in label order), or the lowest ``shown - 1`` of
+    more: a mean over ten structures hides one at 0, and a user should see which."""
+    if len(structures) < 2:
+        return ""
+    if len(structures) <= shown:
+        return "; per structure: " + ", ".join(f"{name} {score:.2f}" for name, score in structures.items())
+    lowest = sorted(structures.items(), key=lambda item: item[1])[: shown - 1]
+    return f"; lowest of {len(structures)}: " + ", ".join(f"{name} {score:.2f}" for name, score in lowest)
+
+
 def _atomic_text(path: str, text: str) -> None:
     """Write a text file whole or not at all."""
     write_text_atomically(path, text)
@@ -309,7 +320,8 @@ class Trainer:
         row = {"step": self.step, **scores, "best": self.best}
         self.history["evals"].append(row)
         self.events.emit("eval", **row)
-        self.events.message(f"step {self.step}: validation {self.task.metric} {value:.4f}" + (" (best)" if better else ""))
+        self.events.message(f"step {self.step}: validation {self.task.metric} {value:.4f}" + (" (best)" if better else "")
+                            + structure_scores_text(scores.get("structures") or {}))
 
     def _one_step(self) -> tuple[float, Any]:
         settings = self.settings

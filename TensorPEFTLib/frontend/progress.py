@@ -65,6 +65,7 @@ class Progress:
     first_step: int = 0
     image_index: int = 0  # segment: which image the window-batch steps belong to (1-based), of ``images``
     images: int = 0
+    lowest: tuple[str, float] | None = None  # several structures: the one validating worst (name, Dice)
 
     def update(self, event: dict[str, Any], now: float | None = None) -> None:
         kind = event.get("event")
@@ -100,6 +101,10 @@ class Progress:
                 self.metric = float(event[name])
             if event.get("best") is not None:
                 self.best = float(event["best"])
+            structures = event.get("structures") or {}
+            if len(structures) > 1:  # a mean over ten structures hides one at 0
+                name, score = min(structures.items(), key=lambda item: float(item[1]))
+                self.lowest = (str(name), float(score))
         elif kind == "checkpoint":
             self.checkpoint = event.get("path") or self.checkpoint
         elif kind == "done":
@@ -132,8 +137,10 @@ class Progress:
             parts.append(f"loss {self.loss:.4f}")
         if self.metric is not None:
             label = _METRIC_LABELS.get(self.metric_name or "", self.metric_name or "metric")
-            best = f" (best {self.best:.3f})" if self.best is not None and self.best != self.metric else ""
-            parts.append(f"{label} {self.metric:.3f}{best}")
+            notes = [f"best {self.best:.3f}"] if self.best is not None and self.best != self.metric else []
+            if self.lowest is not None:
+                notes.append(f"lowest {self.lowest[0]} {self.lowest[1]:.2f}")
+            parts.append(f"{label} {self.metric:.3f}" + (f" ({', '.join(notes)})" if notes else ""))
         if self.status == "running" and self.eta_seconds is not None and self.step < self.steps:
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         if self.status in ("completed", "cancelled", "failed"):
