@@ -20,7 +20,7 @@ from TensorPEFTLib.data.labels import LATERAL_OFFSET_MM, lateral_classes, mirror
 from TensorPEFTLib.engine import EngineError, Events, TrainSettings, evaluate, finetune, segment
 from TensorPEFTLib.engine.labels import flip_swaps, plan_labels, resolve_flip
 from TensorPEFTLib.engine.scoring import segmentation_scores
-from TensorPEFTLib.engine.trainer import structure_scores_text
+from TensorPEFTLib.engine.trainer import UNLEARNED_DICE, structure_scores_text, unlearned_structures_warning
 from TensorPEFTLib.models.heads import output_classes, set_output_classes
 
 import synthetic
@@ -317,6 +317,30 @@ def test_validation_scores_each_structure_and_names_the_lowest(two_structures):
     ten = {f"s{k}": k / 10 for k in range(10, 0, -1)}
     assert structure_scores_text(ten) == "; lowest of 10: s1 0.10, s2 0.20, s3 0.30"
     assert structure_scores_text({"hippocampus": 0.8}) == ""
+
+
+def test_a_structure_the_kept_adapter_does_not_find_is_named_at_the_end(two_structures):
+    """Ten structures at 1250 steps validated 0.61 on average with both hippocampi at 0.00: the run says which
+    structures the adapter it keeps (the best validation, not the last) does not find, and what to try."""
+    rows = [{"step": 500, "dice": 0.5, "best": 0.5, "structures": {"17": 0.0, "53": 0.02, "10": 0.9, "49": 0.88}},
+            {"step": 1000, "dice": 0.45, "best": 0.5, "structures": {"17": 0.3, "53": 0.3, "10": 0.6, "49": 0.6}}]
+    said = unlearned_structures_warning(rows, 1000)
+    assert said.startswith("the adapter kept (step 500) finds little of 17 (0.00), 53 (0.02) (2 of 4 structures)")
+    assert "--steps 2000 --overwrite" in said
+    rows[0]["structures"]["53"] = UNLEARNED_DICE  # at the line: found
+    assert "little of 17 (0.00) (1 of 4" in unlearned_structures_warning(rows, 1000)
+    assert unlearned_structures_warning([{"step": 4, "dice": 0.8, "best": 0.8}], 4) is None
+    assert "little of the structure (0.05) on the validation cases;" in unlearned_structures_warning([{"step": 4, "dice": 0.05, "best": 0.05}], 4)
+    assert unlearned_structures_warning([], 4) is None  # no validation cases: nothing to judge
+    many = {str(k): 0.0 for k in range(6)}
+    assert "0 (0.00), 1 (0.00), 2 (0.00), 3 (0.00) and 2 more (6 of 6 structures)" in unlearned_structures_warning(
+        [{"step": 2, "dice": 0.0, "best": 0.0, "structures": many}], 2)
+    # the fine-tune of the fixture says it exactly when its own history calls for it
+    root, _, out = two_structures
+    evals = json.load(open(os.path.join(out, "history.json")))["evals"]
+    expected = unlearned_structures_warning(evals, 4)
+    assert expected is not None  # four steps find the ellipsoid 17, not the dim rim 53
+    assert f"warning: {expected}" in (root / "finetune-stderr.txt").read_text()
 
 
 def test_finetune_records_the_map_and_segment_writes_the_users_values(two_structures, tmp_path):
