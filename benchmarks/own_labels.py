@@ -105,7 +105,7 @@ def build_dataset(cohort: str, work: str, structures: str = "hippocampus") -> tu
     source = os.path.join(cohort, "hippocampus")
     if not os.path.isdir(os.path.join(source, "imagesTr")):
         print(f"building the demo cohort in {cohort} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "TensorPEFTLib.cli", "demo-data", "--out", cohort], check=True)
+        subprocess.run([sys.executable, "-m", "TensorPEFTLib.cli", "demo-data", cohort], check=True)
     data = os.path.join(work, "data")
     tests = []
     for split in ("Tr", "Ts"):
