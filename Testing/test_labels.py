@@ -343,6 +343,32 @@ def test_a_structure_the_kept_adapter_does_not_find_is_named_at_the_end(two_stru
     assert f"warning: {expected}" in (root / "finetune-stderr.txt").read_text()
 
 
+def test_the_training_report_draws_each_structures_validation_curve(two_structures):
+    """report.png: with several structures, each one's validation Dice beside the mean (a structure stuck at 0 shows
+    as a line at 0); one structure: the mean alone, as before."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from TensorPEFTLib.engine.report import _curves
+
+    root, _, out = two_structures
+    history = json.load(open(os.path.join(out, "history.json")))
+    assert os.path.getsize(os.path.join(out, "report.png")) > 10_000
+    for structures, expected in (({"17", "53"}, {"17", "53", "validation dice (mean)"}), (set(), {"validation dice"})):
+        rows = [{k: v for k, v in e.items() if structures or k != "structures"} for e in history["evals"]]
+        fig, ax = plt.subplots()
+        _curves(ax, {**history, "evals": rows}, "dice")
+        twin = fig.axes[1]
+        lines = {line.get_label(): line for line in twin.get_lines()}
+        assert set(lines) == expected
+        for name in structures:
+            assert list(lines[name].get_ydata()) == [e["structures"][name] for e in history["evals"]]
+        assert twin.get_ylim()[0] < 0 if structures else twin.get_ylim()[0] == 0  # a line at 0 stays in view
+        plt.close(fig)
+
+
 def test_finetune_records_the_map_and_segment_writes_the_users_values(two_structures, tmp_path):
     root, _, out = two_structures
     saved = json.load(open(os.path.join(out, "adapter_config.json")))

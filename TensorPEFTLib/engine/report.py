@@ -71,6 +71,14 @@ def centre_of(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, 
     return tuple(int(c) for c in nearest_to_centroid(np.argwhere(parts == part)))  # type: ignore[return-value]
 
 
+def _structure_colours(count: int) -> list[Any]:
+    """``count`` colours for per-structure curves, none the mean's orange or the loss's blue (tab20 without them)."""
+    import matplotlib
+
+    table = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (0, 1, 2, 3)]
+    return [table[i % len(table)] for i in range(count)]
+
+
 def _curves(ax: Any, history: dict[str, Any], metric: str) -> None:
     steps = [r["step"] for r in history.get("steps", [])]
     losses = [r["loss"] for r in history.get("steps", [])]
@@ -84,12 +92,22 @@ def _curves(ax: Any, history: dict[str, Any], metric: str) -> None:
     evals = history.get("evals", [])
     if evals:
         twin = ax.twinx()
-        twin.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:orange",
-                  label=f"validation {metric}")
+        eval_steps = [e["step"] for e in evals]
+        # several structures: each one's curve under the mean, which hides one that stays at 0
+        names = list(dict.fromkeys(name for e in evals for name in (e.get("structures") or {})))
+        colours = _structure_colours(len(names))
+        for name, colour in zip(names, colours):
+            twin.plot(eval_steps, [(e.get("structures") or {}).get(name, np.nan) for e in evals], ".--", lw=0.9,
+                      color=colour, label=str(name))
+        twin.plot(eval_steps, [e[metric] for e in evals], "o-", color="tab:orange", lw=2.2,
+                  label=f"validation {metric}" + (" (mean)" if names else ""))
         twin.set_ylabel(f"validation {metric}")
         if metric == "dice":
-            twin.set_ylim(0, 1)
-        twin.legend(loc="upper right", fontsize=8)
+            twin.set_ylim(-0.03 if names else 0, 1)  # a structure at 0 stays visible above the axis
+        if names:  # beside the plot: ten names inside it would cover the curves
+            twin.legend(loc="upper left", bbox_to_anchor=(1.06, 1.0), fontsize=7, title="validation", title_fontsize=7)
+        else:
+            twin.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
 
