@@ -342,6 +342,28 @@ def test_ten_structures_get_ten_colours_none_green_and_the_status_line_names_the
     assert prediction_colour_names(12)[10:] == ["red", "magenta"]
 
 
+def test_a_structure_missing_from_the_mask_keeps_the_others_colours_and_is_named_not_found():
+    """Seen in chromium with a ten-structure adapter that found no hippocampus: colours were dealt to the segments the
+    mask had, so the right thalamus (49) was drawn blue while the status line called it violet. Each value keeps the
+    colour of its place among the adapter's structures, and the line says which it did not find."""
+    from TensorPEFTLib.app.session import structure_colours_text
+    from TensorPEFTLib.app.viewer import PREDICTION_PALETTE, prediction_colours
+
+    structures = [10, 11, 12, 13, 17, 49, 50, 51, 52, 53]
+    present = [10, 11, 12, 13, 49, 50, 51, 52]
+    colours = prediction_colours(present, structures)
+    palette = dict(PREDICTION_PALETTE)
+    assert set(colours) == set(present)
+    assert colours[49] == palette["violet"] and colours[52] == palette["brown"] and colours[10] == palette["red"]
+    assert prediction_colours([2, 1]) == {1: palette["red"], 2: palette["magenta"]}  # no list: value order
+    assert prediction_colours([7, 3], [3]) == {3: palette["red"], 7: palette["magenta"]}  # unlisted values follow
+    names = {str(v): f"label {v}" for v in structures}
+    text = structure_colours_text(names, present)
+    assert text.startswith("10 structures: label 10 red, label 11 magenta")
+    assert "label 17 blue (not found)" in text and "label 49 violet," in text and "label 53 lavender (not found)" in text
+    assert structure_colours_text({"1": "hippocampus"}, []) == "red"
+
+
 def test_the_app_process_stays_torch_free(tmp_path):
     """The app only draws and starts workers: torch loads in the worker processes, never in the server."""
     code = ("import sys; from TensorPEFTLib.app.data_root import DataRoot; from TensorPEFTLib.app.session import "

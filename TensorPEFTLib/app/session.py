@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 from functools import wraps
-from typing import Any, Callable, Dict, List, MutableMapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence
 
 from ..frontend import adapter_folders, requests
 from ..frontend.environment import worker_environment
@@ -58,6 +58,20 @@ def one_line_errors(action: Callable) -> Callable:
 # the page's input fields that a button's action reads (sent with the click: see AppSession.take_form)
 FORM_FIELDS = ("skull_strip", "model_kind", "model", "method", "rank", "steps", "eval_every", "labels", "synth_count",
                "synth_steps", "save_to", "adapter_to_load")
+
+
+def structure_colours_text(structures: Mapping[Any, str], present: Sequence[int]) -> str:
+    """The status line's colours: "red" for one structure; for several, each name with its colour and, where the mask
+    has none of it, "not found" (``structures``: ``segment``'s done event, value -> name; ``present``: the values in
+    the mask)."""
+    from .viewer import prediction_colour_names
+
+    if len(structures) < 2:
+        return "red"
+    found = {int(v) for v in present}
+    named = [f"{name} {colour}" + ("" if int(value) in found else " (not found)")
+             for (value, name), colour in zip(structures.items(), prediction_colour_names(len(structures)))]
+    return f"{len(structures)} structures: " + ", ".join(named)
 
 
 class AppSession:
@@ -359,14 +373,13 @@ class AppSession:
         self.state["segment_with"] = what
 
         def done(result: JobResult) -> None:
-            self.viewer.show_mask(mask, volume, what, result.done)
+            segmentation = self.viewer.show_mask(mask, volume, what, result.done)
             self.state["segmented"] = volume.GetName()
-            from .viewer import prediction_colour_names
+            from .viewer import segment_values
 
-            names = list(((result.done or {}).get("structures") or {}).values())
-            named = ", ".join(f"{n} {c}" for n, c in zip(names, prediction_colour_names(len(names))))
-            colours = f"{len(names)} structures: {named}" if len(names) > 1 else "red"
-            self.info(segmented_text(volume.GetName(), what, result.done) + f" ({colours}: slice overlay and 3D surface)")
+            self.info(segmented_text(volume.GetName(), what, result.done)
+                      + f" ({structure_colours_text((result.done or {}).get('structures') or {}, segment_values(segmentation))}"
+                      ": slice overlay and 3D surface)")
 
         self._start_user_job(request, "segment", done)
 

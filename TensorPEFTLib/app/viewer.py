@@ -9,7 +9,7 @@ segmentation's colour and its 3D surface, and the camera.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 #: the predicted mask's colour (RGB 0–1): a red no grey-value image has, so tests can find it in a screenshot
 PREDICTION_COLOR = (0.95, 0.15, 0.10)
@@ -27,6 +27,21 @@ PREDICTION_PALETTE = (("red", PREDICTION_COLOR), ("magenta", (0.90, 0.20, 0.85))
 def prediction_colour_names(count: int) -> List[str]:
     """What the status line calls the colours of a prediction's ``count`` structures, in label-value order."""
     return [PREDICTION_PALETTE[index % len(PREDICTION_PALETTE)][0] for index in range(count)]
+
+
+def prediction_colours(present: Sequence[int], structures: Sequence[int] = ()) -> Dict[int, Sequence[float]]:
+    """The colour of each label value ``present`` in a mask: the palette entry of its place among ``structures`` (all
+    the values the adapter predicts, the order the status line names them), so a structure the mask lacks does not
+    shift the others' colours; values not among them follow, in value order."""
+    order = [int(v) for v in structures]
+    order += sorted(int(v) for v in present if int(v) not in order)
+    return {int(v): PREDICTION_PALETTE[order.index(int(v)) % len(PREDICTION_PALETTE)][1] for v in present}
+
+
+def segment_values(segmentation: Any) -> List[int]:
+    """The label values of a segmentation node's segments (a mask's structures that are in it)."""
+    seg = segmentation.GetSegmentation()
+    return sorted(int(seg.GetNthSegment(i).GetLabelValue()) for i in range(seg.GetNumberOfSegments()))
 
 
 def use_offscreen_egl() -> None:
@@ -99,7 +114,8 @@ class SceneViewer:
         self._remove(earlier)
         segmentation = load_mask_file(self.scene, mask, volume, name=f"{volume.GetName()} {name}",
                                       segment_names=mask_segment_names(done, name), closed_surface=True)
-        self._colour(segmentation, PREDICTION_COLOR, opacity_2d=0.6)
+        self._colour(segmentation, PREDICTION_COLOR, opacity_2d=0.6,
+                     structures=[int(v) for v in ((done or {}).get("structures") or {})])
         self.result_nodes.append(segmentation)
         for node in self.case_nodes[1:]:  # the reference would hide the prediction's surface in 3D
             display = node.GetDisplayNode()
@@ -130,14 +146,15 @@ class SceneViewer:
             self.show_volume(self.synthesized[index])
 
     # ------------------------------------------------------------------------------------------------ display
-    def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float) -> None:
-        """Every segment ``colour``; a prediction with several structures: each its own (``colour`` first)."""
+    def _colour(self, segmentation: Any, colour: Sequence[float], opacity_2d: float,
+                structures: Sequence[int] = ()) -> None:
+        """Every segment ``colour``; a prediction: each structure its own (:func:`prediction_colours`, ``colour``
+        first; ``structures``: every value the adapter predicts, found or not)."""
         seg = segmentation.GetSegmentation()
-        palette = [rgb for _, rgb in PREDICTION_PALETTE] if colour == PREDICTION_COLOR else [colour]
-        segments = sorted((seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())),
-                          key=lambda segment: int(segment.GetLabelValue()))
-        for index, segment in enumerate(segments):
-            segment.SetColor(*palette[index % len(palette)])
+        segments = [seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())]
+        colours = prediction_colours([int(s.GetLabelValue()) for s in segments], structures)
+        for segment in segments:
+            segment.SetColor(*(colours[int(segment.GetLabelValue())] if colour == PREDICTION_COLOR else colour))
         display = segmentation.GetDisplayNode()
         if display is not None:
             display.SetVisibility(True)
