@@ -68,3 +68,23 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> str:
 
 def copy_atomically(source: str | os.PathLike, target: str | os.PathLike) -> str:
     return write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_folder_atomically(final: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """Write a folder next to ``final`` (``final.new``) and swap it in: a crash, a full disk or Ctrl-C never leaves a
+    half-written folder, and nothing of the folder it replaces stays behind. Returns ``final``."""
+    final = os.fspath(final)
+    new, old = final + ".new", final + ".old"
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    try:
+        write(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # a disk-full or interrupted write leaves nothing behind
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

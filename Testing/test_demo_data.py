@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,32 @@ def test_multiclass_source_and_refusing_foreign_folders(tmp_path):
     (foreign / "thesis.tex").write_text("keep me")
     with pytest.raises(DemoDataError, match="not empty"):
         build_demo_cohort(foreign, n_train=1)
+
+
+def test_a_rebuilt_cohort_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    """`demo --quick` after a full demo rebuilt the cohort in place and left the full build's other subjects in
+    imagesTs, so the quick demo segmented six scans instead of its three. A rebuild now replaces the folder whole; one
+    that fails leaves the old cohort as it was."""
+    from TensorPEFTLib.data import build_demo_cohort, demo
+
+    tiny = dict(n_unseen=0, n_whole_head=0, n_source=0, n_synthesis=0, n_synthesis_target=0, n_synthesis_ventricles=0,
+                seg_spacings=((4.0, 4.0, 4.0),))
+    out = tmp_path / "cohort"
+    build_demo_cohort(out, seed=0, n_train=2, n_test=1, **tiny)
+    (out / "hippocampus" / "imagesTr" / "stray.nii.gz").write_bytes(b"from an older build")
+    summary = build_demo_cohort(out, seed=0, n_train=1, n_test=1, **tiny)
+    assert sorted(os.listdir(out / "hippocampus" / "imagesTr")) == ["hippo_000.nii.gz"]
+    assert summary["out_dir"] == str(out) and summary["tasks"]["hippocampus"]["path"] == str(out / "hippocampus")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(demo, "_draw_subject", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_demo_cohort(out, seed=0, n_train=3, n_test=1, **tiny)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["cohort"]  # no half-written cohort.new beside it
 
 
 def test_translation_search_recovers_a_known_shift():

@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..atomic import write_text_atomically
+from ..atomic import write_folder_atomically, write_text_atomically
 from .io import write_volume
 
 __all__ = ["build_demo_cohort", "build_whole_brain_eval", "DemoDataError", "SOURCES", "sources_markdown",
@@ -779,7 +779,9 @@ def build_demo_cohort(
     elastic_mm: float = 2.0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Build the demo cohort into ``out_dir`` (created; an existing demo cohort there is rebuilt in place).
+    """Build the demo cohort into ``out_dir`` (created; an existing demo cohort there is replaced whole: the new one is
+    written beside it and swapped in, so no subject of an earlier, larger build stays behind, and a build that fails
+    leaves the old one as it was).
 
     The segmentation subjects (hippocampus task and source task) are whole-brain T1s as a clinic has them: each at
     a voxel size drawn from ``seg_spacings`` (0.9-1.5 mm, some anisotropic), a field of view of ``seg_fov_mm``
@@ -813,7 +815,6 @@ def build_demo_cohort(
     Returns a summary: ``{"out_dir", "seed", "tasks": {name: {"path", "num_training", "num_test", ...}},
     "files", "seconds", "sources"}``.
     """
-    start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DemoDataError(f"{out}: exists and is not a folder")
@@ -825,6 +826,52 @@ def build_demo_cohort(
             ours = False
         if not ours:
             raise DemoDataError(f"{out}: folder is not empty and is not a TensorPEFT demo cohort; choose a new folder")
+    summary: dict[str, Any] = {}
+
+    def write(staging: str) -> None:
+        summary.update(_write_demo_cohort(
+            staging, seed, n_train, n_test, n_unseen=n_unseen, n_whole_head=n_whole_head, n_source=n_source,
+            n_synthesis=n_synthesis,
+            n_synthesis_target=n_synthesis_target, n_synthesis_ventricles=n_synthesis_ventricles,
+            source_multiclass=source_multiclass, seg_spacings=seg_spacings, seg_fov_mm=seg_fov_mm,
+            synth_shape=synth_shape, synth_spacing=synth_spacing, rotate_deg=rotate_deg, scale=scale,
+            shift_mm=shift_mm, oblique_deg=oblique_deg, elastic_mm=elastic_mm, progress=progress))
+
+    write_folder_atomically(out, write)
+    staged = str(out) + ".new"  # the summary's paths, as they are now
+    for task in summary["tasks"].values():
+        task["path"] = str(out / os.path.relpath(task["path"], staged))
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def _write_demo_cohort(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    n_train: int = 10,
+    n_test: int = 4,
+    *,
+    n_unseen: int = 1,
+    n_whole_head: int = 1,
+    n_source: int = 10,
+    n_synthesis: int = 64,
+    n_synthesis_target: int = 6,
+    n_synthesis_ventricles: int = 8,
+    source_multiclass: bool = False,
+    seg_spacings: Sequence[Sequence[float]] = WHOLE_BRAIN_SPACINGS,
+    seg_fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM,
+    synth_shape: Sequence[int] = SYNTH_SHAPE,
+    synth_spacing: float = SYNTH_SPACING_MM,
+    rotate_deg: float = 15.0,
+    scale: float = 0.1,
+    shift_mm: float = 12.0,
+    oblique_deg: float = 10.0,
+    elastic_mm: float = 2.0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`build_demo_cohort`'s work, into the empty folder ``out_dir``."""
+    start = time.perf_counter()
+    out = Path(out_dir)
     for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_whole_head, "n_whole_head"),
                     (n_source, "n_source"),
                     (n_synthesis, "n_synthesis"), (n_synthesis_target, "n_synthesis_target"),

@@ -30,7 +30,6 @@ import contextlib
 import csv
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from ..adapters import save_adapter, trainable_parameters
-from ..atomic import copy_atomically, write_text_atomically
+from ..atomic import copy_atomically, write_folder_atomically, write_text_atomically
 from .distributed import SINGLE, Distributed, data_parallel, is_lost_peer, unused_parameters
 from .events import Events
 from .outputs import disk_full_message, folder_bytes, is_disk_full, torch_bytes, write_bytes
@@ -150,23 +149,6 @@ def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch
     return cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def _atomic_dir(final: str, write: Callable[[str], None]) -> None:
-    """Write a folder next to ``final`` and swap it in, so a crash never leaves a half-written folder."""
-    new, old = final + ".new", final + ".old"
-    shutil.rmtree(new, ignore_errors=True)
-    os.makedirs(new)
-    try:
-        write(new)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # a disk-full or interrupted write leaves nothing behind
-        raise
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def structure_scores_text(structures: dict[str, float], shown: int = 4) -> str:
     """"; per structure: 17 0.81, 53 0.79" (up to ``shown`` structures, in label order), or the lowest ``shown - 1`` of
     more: a mean over ten structures hides one at 0, and a user should see which."""
@@ -258,7 +240,7 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler else {}}
             write_bytes(os.path.join(folder, STATE_FILE), torch_bytes(state))
 
-        _atomic_dir(path, write)
+        write_folder_atomically(path, write)
         self.events.emit("checkpoint", step=self.step, path=path)
         return path
 
@@ -300,7 +282,7 @@ class Trainer:
             self.best = float(saved)
 
     def _save_outputs(self, finished: bool) -> None:
-        _atomic_dir(os.path.join(self.out, LAST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
+        write_folder_atomically(os.path.join(self.out, LAST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
         if finished:
             self.publish()
         self.write_history()
@@ -342,7 +324,7 @@ class Trainer:
         better = self.best is None or (value > self.best if self.task.higher_is_better else value < self.best)
         if better:
             self.best = value
-            _atomic_dir(os.path.join(self.out, BEST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
+            write_folder_atomically(os.path.join(self.out, BEST_DIR), lambda folder: save_adapter(self.model, folder, extra=self._meta()))
         row = {"step": self.step, **scores, "best": self.best}
         self.history["evals"].append(row)
         self.events.emit("eval", **row)
