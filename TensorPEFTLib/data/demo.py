@@ -826,52 +826,7 @@ def build_demo_cohort(
             ours = False
         if not ours:
             raise DemoDataError(f"{out}: folder is not empty and is not a TensorPEFT demo cohort; choose a new folder")
-    summary: dict[str, Any] = {}
-
-    def write(staging: str) -> None:
-        summary.update(_write_demo_cohort(
-            staging, seed, n_train, n_test, n_unseen=n_unseen, n_whole_head=n_whole_head, n_source=n_source,
-            n_synthesis=n_synthesis,
-            n_synthesis_target=n_synthesis_target, n_synthesis_ventricles=n_synthesis_ventricles,
-            source_multiclass=source_multiclass, seg_spacings=seg_spacings, seg_fov_mm=seg_fov_mm,
-            synth_shape=synth_shape, synth_spacing=synth_spacing, rotate_deg=rotate_deg, scale=scale,
-            shift_mm=shift_mm, oblique_deg=oblique_deg, elastic_mm=elastic_mm, progress=progress))
-
-    write_folder_atomically(out, write)
-    staged = str(out) + ".new"  # the summary's paths, as they are now
-    for task in summary["tasks"].values():
-        task["path"] = str(out / os.path.relpath(task["path"], staged))
-    summary["out_dir"] = str(out)
-    return summary
-
-
-def _write_demo_cohort(
-    out_dir: str | os.PathLike,
-    seed: int = 0,
-    n_train: int = 10,
-    n_test: int = 4,
-    *,
-    n_unseen: int = 1,
-    n_whole_head: int = 1,
-    n_source: int = 10,
-    n_synthesis: int = 64,
-    n_synthesis_target: int = 6,
-    n_synthesis_ventricles: int = 8,
-    source_multiclass: bool = False,
-    seg_spacings: Sequence[Sequence[float]] = WHOLE_BRAIN_SPACINGS,
-    seg_fov_mm: Sequence[float] = WHOLE_BRAIN_FOV_MM,
-    synth_shape: Sequence[int] = SYNTH_SHAPE,
-    synth_spacing: float = SYNTH_SPACING_MM,
-    rotate_deg: float = 15.0,
-    scale: float = 0.1,
-    shift_mm: float = 12.0,
-    oblique_deg: float = 10.0,
-    elastic_mm: float = 2.0,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """:func:`build_demo_cohort`'s work, into the empty folder ``out_dir``."""
     start = time.perf_counter()
-    out = Path(out_dir)
     for n, what in ((n_train, "n_train"), (n_test, "n_test"), (n_unseen, "n_unseen"), (n_whole_head, "n_whole_head"),
                     (n_source, "n_source"),
                     (n_synthesis, "n_synthesis"), (n_synthesis_target, "n_synthesis_target"),
@@ -886,170 +841,181 @@ def _write_demo_cohort(
     seg_spacings = tuple(tuple(float(v) for v in np.broadcast_to(np.asarray(sp, dtype=float), (3,))) for sp in seg_spacings)
     synth_shape = tuple(int(s) for s in synth_shape)
     synth_grid = _Grid(synth_shape, float(synth_spacing), _BRAIN_CENTRE)
-    src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
-    total = (n_train + n_test + n_unseen + n_whole_head + n_source + n_synthesis + n_synthesis_target
-             + n_synthesis_ventricles)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="demo cohort", unit="subject")
-    pose = dict(rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm, shift_mm=shift_mm)
-    files = 0
+    def build(staging: str) -> dict[str, Any]:  # the whole cohort, into the new folder beside ``out``
+        out = Path(staging)
+        src = _SOURCE_CACHE  # source volumes are read-only inputs: reuse them across builds in one process
+        total = (n_train + n_test + n_unseen + n_whole_head + n_source + n_synthesis + n_synthesis_target
+                 + n_synthesis_ventricles)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    def tick() -> None:
-        if bar is not None:
-            bar.update(1)
+            bar = tqdm(total=total, desc="demo cohort", unit="subject")
+        pose = dict(rotate_deg=rotate_deg, scale=scale, elastic_mm=elastic_mm, shift_mm=shift_mm)
+        files = 0
 
-    def subject(folder: Path, img_dir: str, lbl_dir: str, name: str, template_key: str, probs: list[_Field],
-                rng: np.random.Generator, whole_head: bool = False) -> dict[str, Any]:
-        grid, drawn, kind, image, maps = _draw_subject(rng, template_key, probs, whole_head, seg_spacings, seg_fov_mm,
-                                                       oblique_deg, pose)
-        write_volume(folder / img_dir / f"{name}.nii.gz", scanner_range(image, kind), grid.affine)
-        write_volume(folder / lbl_dir / f"{name}.nii.gz", _labels_from_maps(maps), grid.affine)
-        return {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
-                "template": template_key, "range": kind, **drawn}
+        def tick() -> None:
+            if bar is not None:
+                bar.update(1)
 
-    # --- hippocampus task
-    hippo_dir = out / "hippocampus"
-    hippo_prob = [src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX)]
-    training, test = [], []
-    plans = _hippocampus_plans(n_train, n_test, n_unseen, n_whole_head)
-    for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
-        probs = hippo_prob if template_key == "mni152" else [
-            src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX, template_key)]
-        entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index),
-                        whole_head=group == "whole-head")
-        files += 2
-        if group is None:
-            training.append(entry)
-        else:
-            test.append({**entry, "group": group})
-        tick()
-    hippo_json = {
-        "name": "TensorPEFT demo: hippocampus",
-        "description": "Hippocampus (left and right, one label) on simulated whole-brain T1 subjects at 0.9-1.5 mm in "
-                       "any storage orientation and intensity range: random head pose, affine + elastic deformations, "
-                       "gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford labels at "
-                       "50 % probability. Test 'group': heldout = new deformations of the training template; "
-                       "unseen-template = ICBM 2009c template, used by no training subject; whole-head = an ICBM "
-                       "2009c brain inside a whole head (scalp, skull, face, neck), not skull-stripped.",
-        "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
-        "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
-        "groups": {"heldout": n_test, "unseen-template": n_unseen, "whole-head": n_whole_head},
-        "spacings_mm": [list(sp) for sp in seg_spacings], "fov_mm": list(seg_fov_mm), "seed": seed,
-        "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
-        "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")
-                    + (("head",) if n_whole_head else ())],
-    }
-    hippo_dir.mkdir(parents=True, exist_ok=True)
-    write_json(hippo_dir / "dataset.json", hippo_json)
-    tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
-                                             "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen,
-                                             "num_whole_head": n_whole_head}}
+        def subject(folder: Path, img_dir: str, lbl_dir: str, name: str, template_key: str, probs: list[_Field],
+                    rng: np.random.Generator, whole_head: bool = False) -> dict[str, Any]:
+            grid, drawn, kind, image, maps = _draw_subject(rng, template_key, probs, whole_head, seg_spacings, seg_fov_mm,
+                                                           oblique_deg, pose)
+            write_volume(folder / img_dir / f"{name}.nii.gz", scanner_range(image, kind), grid.affine)
+            write_volume(folder / lbl_dir / f"{name}.nii.gz", _labels_from_maps(maps), grid.affine)
+            return {"image": f"./{img_dir}/{name}.nii.gz", "label": f"./{lbl_dir}/{name}.nii.gz", "name": name,
+                    "template": template_key, "range": kind, **drawn}
 
-    # --- source task (subcortical nuclei, no hippocampus), whole brains: pre-training patches come from anywhere
-    if n_source:
-        source_dir = out / "subcortical"
-        if source_multiclass:
-            probs = [src.prob([f"Left_{s}", f"Right_{s}"], _LABEL_BOX) for s in _SOURCE_STRUCTURES]
-            labels = {"0": "background", **{str(i + 1): s.lower() for i, s in enumerate(_SOURCE_STRUCTURES)}}
-        else:
-            probs = [src.prob([f"{side}_{s}" for s in _SOURCE_STRUCTURES for side in ("Left", "Right")], _LABEL_BOX)]
-            labels = {"0": "background", "1": "deep grey nuclei (thalamus, caudate, putamen, pallidum)"}
-        s_training = []
-        for i in range(n_source):
-            s_training.append(subject(source_dir, "imagesTr", "labelsTr", f"subcortical_{i:03d}", "mni152", probs,
-                                      _rng(seed, 3, i)))
+        # --- hippocampus task
+        hippo_dir = out / "hippocampus"
+        hippo_prob = [src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX)]
+        training, test = [], []
+        plans = _hippocampus_plans(n_train, n_test, n_unseen, n_whole_head)
+        for img_dir, lbl_dir, name, template_key, group, task_code, index in plans:
+            probs = hippo_prob if template_key == "mni152" else [
+                src.prob(list(HIPPOCAMPUS_STRUCTURES), _LABEL_BOX, template_key)]
+            entry = subject(hippo_dir, img_dir, lbl_dir, name, template_key, probs, _rng(seed, task_code, index),
+                            whole_head=group == "whole-head")
             files += 2
+            if group is None:
+                training.append(entry)
+            else:
+                test.append({**entry, "group": group})
             tick()
-        write_json(source_dir / "dataset.json", {
-            "name": "TensorPEFT demo: subcortical source task",
-            "description": "Pre-training task: deep grey nuclei (Harvard-Oxford thalamus, caudate, putamen, pallidum, "
-                           "left+right) on simulated whole-brain T1 subjects; hippocampus and amygdala are never "
-                           "labelled, so fine-tuning to the hippocampus is a transfer to a new structure.",
-            "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": labels,
-            "numTraining": n_source, "numTest": 0, "training": s_training, "test": [],
-            "out_channels": len(labels), "spacings_mm": [list(sp) for sp in seg_spacings],
-            "fov_mm": list(seg_fov_mm), "seed": seed,
+        hippo_json = {
+            "name": "TensorPEFT demo: hippocampus",
+            "description": "Hippocampus (left and right, one label) on simulated whole-brain T1 subjects at 0.9-1.5 mm in "
+                           "any storage orientation and intensity range: random head pose, affine + elastic deformations, "
+                           "gamma contrast, bias field and Rician noise of real T1 templates; Harvard-Oxford labels at "
+                           "50 % probability. Test 'group': heldout = new deformations of the training template; "
+                           "unseen-template = ICBM 2009c template, used by no training subject; whole-head = an ICBM "
+                           "2009c brain inside a whole head (scalp, skull, face, neck), not skull-stripped.",
+            "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {"0": "background", "1": "hippocampus"},
+            "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
+            "groups": {"heldout": n_test, "unseen-template": n_unseen, "whole-head": n_whole_head},
+            "spacings_mm": [list(sp) for sp in seg_spacings], "fov_mm": list(seg_fov_mm), "seed": seed,
             "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
-        })
-        tasks["subcortical"] = {"path": str(source_dir), "num_training": n_source, "num_test": 0,
-                                "num_classes": len(labels)}
+            "sources": [os.path.basename(SOURCES[k].relpath) for k in ("mni152", "icbm2009c", "harvard_oxford")
+                        + (("head",) if n_whole_head else ())],
+        }
+        hippo_dir.mkdir(parents=True, exist_ok=True)
+        write_json(hippo_dir / "dataset.json", hippo_json)
+        tasks: dict[str, Any] = {"hippocampus": {"path": str(hippo_dir), "num_training": len(training),
+                                                 "num_test": len(test), "num_heldout": n_test, "num_unseen": n_unseen,
+                                                 "num_whole_head": n_whole_head}}
 
-    # --- synthesis sets (whole brains, images only): the DDPM's pre-training set on the MNI152 template, and a small
-    # set on the ICBM 2009c template standing in for a clinic's own scans to fine-tune the DDPM towards
-    synth_sets = [("synthesis", "mni152", n_synthesis, 4, "brain", False,
-                   "3D DDPM training: mild random deformations and intensity changes of the MNI152 template."),
-                  ("synthesis-icbm", "icbm2009c", n_synthesis_target, 5, "icbm_brain", False,
-                   "3D DDPM fine-tuning (a shifted domain): the same simulation on the ICBM 2009c template, which the "
-                   "synthesis set does not use."),
-                  ("synthesis-ventricles", "mni152", n_synthesis_ventricles, 6, "ventricles_brain", True,
-                   "3D DDPM fine-tuning towards a target a person can see: the synthesis set's simulation with the "
-                   "lateral ventricles enlarged (each dilated by %g-%g mm, the tissue there replaced by CSF, as atrophy "
-                   "ex vacuo shows)." % VENTRICLE_DILATION_MM)]
-    for folder, template_key, count, task_code, prefix, enlarged, purpose in synth_sets:
-        if not count:
-            continue
-        synth_dir = out / folder
-        template = src.template(template_key, None, blur=0.4 * synth_spacing)  # anti-aliasing before downsampling
-        s_training = []
-        for i in range(count):
-            name = f"{prefix}_{i:03d}"
-            rng = _rng(seed, task_code, i)
-            dilation = float(rng.uniform(*VENTRICLE_DILATION_MM)) if enlarged else 0.0
-            image, _ = _simulate(synth_grid, template, [], rng, rotate_deg=3.0, scale=0.05, elastic_mm=2.0,
-                                 strength=0.5, ventricles_mm=dilation)
-            write_volume(synth_dir / "imagesTr" / f"{name}.nii.gz", image, synth_grid.affine)
-            files += 1
-            entry = {"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": template_key}
-            if enlarged:
-                entry["ventricle_dilation_mm"] = round(dilation, 3)
-            s_training.append(entry)
-            tick()
-        write_json(synth_dir / "dataset.json", {
-            "name": f"TensorPEFT demo: brain synthesis ({template_key}{', enlarged ventricles' if enlarged else ''})",
-            "description": f"Whole-brain T1 volumes at {synth_spacing:g} mm ({'x'.join(map(str, synth_shape))}) for "
-                           + purpose,
-            "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {},
-            "numTraining": count, "numTest": 0, "training": s_training, "test": [],
-            "spacing_mm": [float(synth_spacing)] * 3, "shape": list(synth_shape), "seed": seed,
-            "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
-        })
-        tasks[folder] = {"path": str(synth_dir), "num_training": count, "num_test": 0}
-    if bar is not None:
-        bar.close()
-    src.release_atlas()
+        # --- source task (subcortical nuclei, no hippocampus), whole brains: pre-training patches come from anywhere
+        if n_source:
+            source_dir = out / "subcortical"
+            if source_multiclass:
+                probs = [src.prob([f"Left_{s}", f"Right_{s}"], _LABEL_BOX) for s in _SOURCE_STRUCTURES]
+                labels = {"0": "background", **{str(i + 1): s.lower() for i, s in enumerate(_SOURCE_STRUCTURES)}}
+            else:
+                probs = [src.prob([f"{side}_{s}" for s in _SOURCE_STRUCTURES for side in ("Left", "Right")], _LABEL_BOX)]
+                labels = {"0": "background", "1": "deep grey nuclei (thalamus, caudate, putamen, pallidum)"}
+            s_training = []
+            for i in range(n_source):
+                s_training.append(subject(source_dir, "imagesTr", "labelsTr", f"subcortical_{i:03d}", "mni152", probs,
+                                          _rng(seed, 3, i)))
+                files += 2
+                tick()
+            write_json(source_dir / "dataset.json", {
+                "name": "TensorPEFT demo: subcortical source task",
+                "description": "Pre-training task: deep grey nuclei (Harvard-Oxford thalamus, caudate, putamen, pallidum, "
+                               "left+right) on simulated whole-brain T1 subjects; hippocampus and amygdala are never "
+                               "labelled, so fine-tuning to the hippocampus is a transfer to a new structure.",
+                "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": labels,
+                "numTraining": n_source, "numTest": 0, "training": s_training, "test": [],
+                "out_channels": len(labels), "spacings_mm": [list(sp) for sp in seg_spacings],
+                "fov_mm": list(seg_fov_mm), "seed": seed,
+                "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+            })
+            tasks["subcortical"] = {"path": str(source_dir), "num_training": n_source, "num_test": 0,
+                                    "num_classes": len(labels)}
 
-    sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
-                "title": s.title, "licence": s.licence, "used_for": s.used_for}
-               for key, s in SOURCES.items() if key in _COHORT_SOURCES or (key == "head" and n_whole_head)]
-    parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_whole_head=n_whole_head,
-                      n_source=n_source,
-                      n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target,
-                      n_synthesis_ventricles=n_synthesis_ventricles,
-                      source_multiclass=source_multiclass, seg_spacings=[list(sp) for sp in seg_spacings],
-                      seg_fov_mm=[float(v) for v in seg_fov_mm], synth_shape=list(synth_shape),
-                      synth_spacing=synth_spacing, rotate_deg=rotate_deg, scale=scale, shift_mm=shift_mm,
-                      oblique_deg=oblique_deg, elastic_mm=elastic_mm)
-    write_json(out / "dataset.json", {
-        "name": "TensorPEFT demo cohort", "tensorpeft_demo": True,
-        "tasks": {k: os.path.basename(v["path"]) for k, v in tasks.items()},
-        "parameters": parameters, "sources": sources,
-        "licence": "derived data; the most restrictive source licence (FSL: non-commercial) applies",
-    })
-    readme = ["# TensorPEFT demo cohort", "",
-              f"Built by `tensorpeft demo-data` (seed {seed}). Tasks (Decathlon layout, each with a dataset.json):", ""]
-    readme += [f"- `{os.path.basename(v['path'])}/`: {v['num_training']} training, {v['num_test']} test subjects"
-               for v in tasks.values()]
-    readme += ["", "Hippocampus test subjects: `group` in hippocampus/dataset.json tells held-out deformations of the "
-               "training template (`heldout`) from subjects on a template no training subject uses "
-               "(`unseen-template`) and from whole heads not skull-stripped (`whole-head`); report them separately.",
-               "", sources_markdown()]
-    (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
-    seconds = time.perf_counter() - start
-    return {"out_dir": str(out), "seed": seed, "tasks": tasks, "files": files + 2 + len(tasks),
-            "seconds": round(seconds, 2), "sources": sources}
+        # --- synthesis sets (whole brains, images only): the DDPM's pre-training set on the MNI152 template, and a small
+        # set on the ICBM 2009c template standing in for a clinic's own scans to fine-tune the DDPM towards
+        synth_sets = [("synthesis", "mni152", n_synthesis, 4, "brain", False,
+                       "3D DDPM training: mild random deformations and intensity changes of the MNI152 template."),
+                      ("synthesis-icbm", "icbm2009c", n_synthesis_target, 5, "icbm_brain", False,
+                       "3D DDPM fine-tuning (a shifted domain): the same simulation on the ICBM 2009c template, which the "
+                       "synthesis set does not use."),
+                      ("synthesis-ventricles", "mni152", n_synthesis_ventricles, 6, "ventricles_brain", True,
+                       "3D DDPM fine-tuning towards a target a person can see: the synthesis set's simulation with the "
+                       "lateral ventricles enlarged (each dilated by %g-%g mm, the tissue there replaced by CSF, as atrophy "
+                       "ex vacuo shows)." % VENTRICLE_DILATION_MM)]
+        for folder, template_key, count, task_code, prefix, enlarged, purpose in synth_sets:
+            if not count:
+                continue
+            synth_dir = out / folder
+            template = src.template(template_key, None, blur=0.4 * synth_spacing)  # anti-aliasing before downsampling
+            s_training = []
+            for i in range(count):
+                name = f"{prefix}_{i:03d}"
+                rng = _rng(seed, task_code, i)
+                dilation = float(rng.uniform(*VENTRICLE_DILATION_MM)) if enlarged else 0.0
+                image, _ = _simulate(synth_grid, template, [], rng, rotate_deg=3.0, scale=0.05, elastic_mm=2.0,
+                                     strength=0.5, ventricles_mm=dilation)
+                write_volume(synth_dir / "imagesTr" / f"{name}.nii.gz", image, synth_grid.affine)
+                files += 1
+                entry = {"image": f"./imagesTr/{name}.nii.gz", "name": name, "template": template_key}
+                if enlarged:
+                    entry["ventricle_dilation_mm"] = round(dilation, 3)
+                s_training.append(entry)
+                tick()
+            write_json(synth_dir / "dataset.json", {
+                "name": f"TensorPEFT demo: brain synthesis ({template_key}{', enlarged ventricles' if enlarged else ''})",
+                "description": f"Whole-brain T1 volumes at {synth_spacing:g} mm ({'x'.join(map(str, synth_shape))}) for "
+                               + purpose,
+                "tensorImageSize": "3D", "modality": {"0": "T1"}, "labels": {},
+                "numTraining": count, "numTest": 0, "training": s_training, "test": [],
+                "spacing_mm": [float(synth_spacing)] * 3, "shape": list(synth_shape), "seed": seed,
+                "licence": "derived from FSL-licensed data: non-commercial use; see ../README.md",
+            })
+            tasks[folder] = {"path": str(synth_dir), "num_training": count, "num_test": 0}
+        if bar is not None:
+            bar.close()
+        src.release_atlas()
+
+        sources = [{"file": os.path.basename(s.relpath), "package": s.package, "path_in_package": s.relpath,
+                    "title": s.title, "licence": s.licence, "used_for": s.used_for}
+                   for key, s in SOURCES.items() if key in _COHORT_SOURCES or (key == "head" and n_whole_head)]
+        parameters = dict(seed=seed, n_train=n_train, n_test=n_test, n_unseen=n_unseen, n_whole_head=n_whole_head,
+                          n_source=n_source,
+                          n_synthesis=n_synthesis, n_synthesis_target=n_synthesis_target,
+                          n_synthesis_ventricles=n_synthesis_ventricles,
+                          source_multiclass=source_multiclass, seg_spacings=[list(sp) for sp in seg_spacings],
+                          seg_fov_mm=[float(v) for v in seg_fov_mm], synth_shape=list(synth_shape),
+                          synth_spacing=synth_spacing, rotate_deg=rotate_deg, scale=scale, shift_mm=shift_mm,
+                          oblique_deg=oblique_deg, elastic_mm=elastic_mm)
+        write_json(out / "dataset.json", {
+            "name": "TensorPEFT demo cohort", "tensorpeft_demo": True,
+            "tasks": {k: os.path.basename(v["path"]) for k, v in tasks.items()},
+            "parameters": parameters, "sources": sources,
+            "licence": "derived data; the most restrictive source licence (FSL: non-commercial) applies",
+        })
+        readme = ["# TensorPEFT demo cohort", "",
+                  f"Built by `tensorpeft demo-data` (seed {seed}). Tasks (Decathlon layout, each with a dataset.json):", ""]
+        readme += [f"- `{os.path.basename(v['path'])}/`: {v['num_training']} training, {v['num_test']} test subjects"
+                   for v in tasks.values()]
+        readme += ["", "Hippocampus test subjects: `group` in hippocampus/dataset.json tells held-out deformations of the "
+                   "training template (`heldout`) from subjects on a template no training subject uses "
+                   "(`unseen-template`) and from whole heads not skull-stripped (`whole-head`); report them separately.",
+                   "", sources_markdown()]
+        (out / "README.md").write_text("\n".join(readme), encoding="utf-8")
+        seconds = time.perf_counter() - start
+        return {"out_dir": str(out), "seed": seed, "tasks": tasks, "files": files + 2 + len(tasks),
+                "seconds": round(seconds, 2), "sources": sources}
+
+    summary: dict[str, Any] = {}
+    write_folder_atomically(out, lambda staging: summary.update(build(staging)))
+    staged = str(out) + ".new"  # the summary's paths, as they are now
+    for task in summary["tasks"].values():
+        task["path"] = str(out / os.path.relpath(task["path"], staged))
+    summary["out_dir"] = str(out)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ whole-brain evaluation
