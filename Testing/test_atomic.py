@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from TensorPEFTLib.atomic import copy_atomically, write_atomically, write_bytes_atomically, write_text_atomically
+from TensorPEFTLib.atomic import (copy_atomically, write_atomically, write_bytes_atomically, write_folder_atomically,
+                                  write_text_atomically)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,14 +41,37 @@ def test_text_bytes_and_copies_replace_the_target_whole(tmp_path):
 
 
 def test_no_other_temp_then_rename_copies():
-    """Only the trainer's folder swap (whole checkpoint folders) renames by hand in models/, data/ and engine/."""
+    """models/, data/ and engine/ rename nothing by hand: files and whole folders (the trainer's checkpoints, the demo
+    cohort) go through atomic.py."""
     found = {}
     for folder in ("models", "data", "engine"):
         for path in (ROOT / "TensorPEFTLib" / folder).rglob("*.py"):
             count = len(re.findall(r"os\.replace\(", path.read_text(encoding="utf-8")))
             if count:
                 found[f"{folder}/{path.name}"] = count
-    assert found == {"engine/trainer.py": 2}
+    assert found == {}
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """write_folder_atomically: nothing of the old folder stays behind; a failed write leaves the old one as it was
+    and no half-written folder beside it."""
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "stale.txt").write_text("old")
+
+    def write(folder: str) -> None:
+        (Path(folder) / "new.txt").write_text("new")
+
+    assert write_folder_atomically(final, write) == str(final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+    def fail(folder: str) -> None:
+        (Path(folder) / "half.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(final, fail)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def test_written_files_get_the_permissions_a_plain_write_gives(tmp_path):
