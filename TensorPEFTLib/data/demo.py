@@ -47,6 +47,7 @@ import numpy as np
 
 from ..atomic import write_folder_atomically, write_text_atomically
 from .io import write_volume
+from .labels import FREESURFER_ASEG_NAMES
 
 __all__ = ["build_demo_cohort", "build_whole_brain_eval", "DemoDataError", "SOURCES", "sources_markdown",
            "source_path", "EVAL_VARIANTS", "SYNTHESIS_SPACES", "synthesis_ventricle_roi", "VENTRICLE_DILATION_MM"]
@@ -692,10 +693,10 @@ def _rng(seed: int, task: int, index: int) -> np.random.Generator:
 
 #: the hippocampus task's label: both hippocampi as one structure
 HIPPOCAMPUS_STRUCTURES = ("Left_Hippocampus", "Right_Hippocampus")
-#: FreeSurfer's colour-table values (aseg) of the Harvard-Oxford structures the cohort can label
-FREESURFER_VALUES = {"Left_Lateral_Ventricle": 4, "Left_Thalamus": 10, "Left_Caudate": 11, "Left_Putamen": 12,
-                     "Left_Pallidum": 13, "Left_Hippocampus": 17, "Right_Lateral_Ventricle": 43, "Right_Thalamus": 49,
-                     "Right_Caudate": 50, "Right_Putamen": 51, "Right_Pallidum": 52, "Right_Hippocampus": 53}
+#: FreeSurfer's colour-table values (aseg) of the Harvard-Oxford structures the cohort can label (Left_Caudate: 11),
+#: read from the aseg names (Left-Caudate) the label reader names .mgz files by
+FREESURFER_VALUES = {name.replace("-", "_"): value for value, name in FREESURFER_ASEG_NAMES.items()
+                     if name.replace("-", "_") in _HO}
 
 
 def _hippocampus_plans(n_train: int, n_test: int, n_unseen: int,
