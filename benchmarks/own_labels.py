@@ -6,6 +6,7 @@ defaults, segment held-out scans, score each structure and each side.
     python benchmarks/own_labels.py                       # the defaults (--flip auto: flips that swap 17 and 53)
     python benchmarks/own_labels.py --flips auto,none     # and without left-right flips, side by side
     python benchmarks/own_labels.py --structures subcortical   # 10 structures, 5 left-right pairs
+    python benchmarks/own_labels.py --structures Thalamus,Caudate,Hippocampus   # any pairs: 6 structures
 
 1. Relabels the demo cohort's hippocampus subjects (``tensorpeft-demo/cohort``; built with ``tensorpeft demo-data`` if
    missing): each label's two hippocampi are told apart by their centre in world coordinates (the one further to
@@ -48,11 +49,28 @@ STRUCTURE_SETS = {
 }
 
 
+def structure_pairs(structures: str) -> tuple[tuple[str, str], ...]:
+    """The (left, right) Harvard-Oxford names of a set in :data:`STRUCTURE_SETS`, or of a comma-separated list of
+    structures (``Thalamus,Hippocampus``: a left and a right one each)."""
+    from TensorPEFTLib.data.demo import FREESURFER_VALUES
+
+    if structures in STRUCTURE_SETS:
+        return STRUCTURE_SETS[structures]
+    stems = [s.strip() for s in structures.split(",") if s.strip()]
+    pairs = tuple((f"Left_{s}", f"Right_{s}") for s in stems)
+    unknown = [s for s, pair in zip(stems, pairs) if not all(n in FREESURFER_VALUES for n in pair)]
+    if not stems or unknown:
+        known = sorted({n.split("_", 1)[1] for n in FREESURFER_VALUES if n.startswith("Left_")})
+        raise SystemExit(f"--structures {structures!r}: give {' or '.join(sorted(STRUCTURE_SETS))}, or structures "
+                         f"from {', '.join(known)} separated by commas")
+    return pairs
+
+
 def value_pairs(structures: str) -> list[tuple[int, int]]:
     """FreeSurfer's (left, right) label values of each pair in the set."""
     from TensorPEFTLib.data.demo import FREESURFER_VALUES
 
-    return [(FREESURFER_VALUES[a], FREESURFER_VALUES[b]) for a, b in STRUCTURE_SETS[structures]]
+    return [(FREESURFER_VALUES[a], FREESURFER_VALUES[b]) for a, b in structure_pairs(structures)]
 
 
 def redraw_labels(cohort: str, name: str, structures: str, stored_image: str, out_path: str) -> dict:
@@ -61,7 +79,7 @@ def redraw_labels(cohort: str, name: str, structures: str, stored_image: str, ou
     from TensorPEFTLib.data import read_volume, write_volume
     from TensorPEFTLib.data.demo import FREESURFER_VALUES, redraw_hippocampus_subject
 
-    names = [n for pair in STRUCTURE_SETS[structures] for n in pair]
+    names = [n for pair in structure_pairs(structures) for n in pair]
     parameters = json.load(open(os.path.join(cohort, "dataset.json"), encoding="utf-8"))["parameters"]
     image, classes, affine = redraw_hippocampus_subject(name, names, parameters)
     stored = read_volume(stored_image)
@@ -262,8 +280,9 @@ def validation_table(run: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort", default=os.path.join("tensorpeft-demo", "cohort"), help="demo cohort folder")
-    parser.add_argument("--structures", default="hippocampus", choices=sorted(STRUCTURE_SETS),
-                        help="the labels: a left and a right hippocampus (default), or five structures a side")
+    parser.add_argument("--structures", default="hippocampus",
+                        help="the labels: a left and a right hippocampus (default), subcortical (five structures a "
+                             "side), or a comma-separated list of structures (Thalamus,Caudate,Hippocampus)")
     parser.add_argument("--work", default=None,
                         help="work folder (default tensorpeft-demo/own-labels, or own-labels-<structures>)")
     parser.add_argument("--flips", default="auto", help="--flip values to run, comma-separated (default auto)")
@@ -273,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="results file stem (default own_labels[_subcortical]_cpu_<date>)")
     args = parser.parse_args(argv)
 
-    work = args.work or os.path.join("tensorpeft-demo", "own-labels" + (
-        "" if args.structures == "hippocampus" else f"-{args.structures}"))
     pairs = value_pairs(args.structures)
+    set_name = args.structures.lower().replace(",", "-").replace(" ", "")
+    work = args.work or os.path.join("tensorpeft-demo", "own-labels" + (
+        "" if args.structures == "hippocampus" else f"-{set_name}"))
     data, tests = build_dataset(args.cohort, work, args.structures)
     load_before = load_average()
     runs = [run_flip(flip.strip(), data, tests, work, args.threads, args.seed, pairs, args.steps)
             for flip in args.flips.split(",") if flip.strip()]
     load_after = load_average()
 
-    suffix = "" if args.structures == "hippocampus" else f"_{args.structures}"
+    suffix = "" if args.structures == "hippocampus" else f"_{set_name}"
     stem = args.name or f"own_labels{suffix}_cpu_{today()}"
     os.makedirs(RESULTS, exist_ok=True)
     figure_path = os.path.join(RESULTS, stem + ".png")
@@ -294,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     several = len(pairs) > 1
     left_head = "Dice left (mean of %d)" % len(pairs) if several else f"Dice left ({LEFT})"
     right_head = "Dice right (mean of %d)" % len(pairs) if several else f"Dice right ({RIGHT})"
-    title = ("five structures a side, FreeSurfer's values " + values if several
+    title = (f"{len(pairs)} structures a side, FreeSurfer's values " + values if several
              else "a left and a right hippocampus (FreeSurfer 17 / 53)")
     lines = [f"# Own labels: {title} on a one-structure model ({today()})", "",
              machine_line("cpu"), "", f"`python benchmarks/own_labels.py --flips {args.flips}"
