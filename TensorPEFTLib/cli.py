@@ -503,7 +503,8 @@ def _rate(value: float) -> str:
 
 
 def _add_job_commands(sub: Any) -> None:
-    from .adapters.catalog import SEGMENTATION_STEPS, SYNTHESIS_STEPS, default_lr, default_steps
+    from .adapters.catalog import (SEGMENTATION_STEPS, SEGMENTATION_STEPS_PER_STRUCTURE, SYNTHESIS_STEPS, default_lr,
+                                   default_steps)
 
     p = sub.add_parser("finetune", help="fine-tune a model with an adapter on labelled cases",
                        description="Fine-tune a pretrained UNETR (segmentation) or DDPM (synthesis) with an adapter. "
@@ -530,7 +531,8 @@ def _add_job_commands(sub: Any) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=positive_int, default=None,
                    help=f"optimiser steps (default: {SEGMENTATION_STEPS} for up to {SEGMENTATION_STEPS // 100} segmentation "
-                        f"cases, 100 per case beyond; {SYNTHESIS_STEPS} synthesis)")
+                        f"cases, 100 per case beyond; for more than two structures at least {2 * SEGMENTATION_STEPS} and "
+                        f"{SEGMENTATION_STEPS_PER_STRUCTURE} per structure; {SYNTHESIS_STEPS} synthesis)")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate, decayed polynomially (default: the method's own for the model family, recorded in "
                         f"adapter_config.json: {_rate(default_lr('lora', 'unetr'))} on a UNETR; on a DDPM {_ddpm_lr_help()}; "

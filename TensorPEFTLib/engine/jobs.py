@@ -407,6 +407,17 @@ def unfinished_run_message(folder: str) -> str | None:
             f"--out {folder} --resume`{alternative}")
 
 
+def finetune_steps(task_kind: str, num_train: int, num_classes: int | None, events: Events) -> int:
+    """``finetune``'s steps without ``--steps`` (:func:`default_steps` for the cases and the classes besides
+    background); says so when the structures' count, not the cases', set it."""
+    structures = (num_classes or 2) - 1
+    steps = default_steps(task_kind, num_train, structures)
+    if steps > default_steps(task_kind, num_train):
+        events.message(f"{steps} steps: finetune's default for {structures} structures (structures new to the model are "
+                       "learned one after another; --steps to choose)")
+    return steps
+
+
 def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: int | None,
               train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None,
               settings: TrainSettings, *, ctx: Any, **options: Any) -> TrainResult:
@@ -480,8 +491,7 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     report = summary(model)
     lr_given = settings.lr is not None
     settings = dataclasses.replace(
-        settings,
-        steps=settings.steps or default_steps(task_kind, len(train_cases)),
+        settings, steps=settings.steps or finetune_steps(task_kind, len(train_cases), num_classes, events),
         lr=settings.lr or default_lr(model_family(model), cfg.method))
     if not lr_given:
         events.message(f"learning rate {settings.lr:g}: {cfg.method}'s default on a {model_family(model)} model "
