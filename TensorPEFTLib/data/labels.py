@@ -223,6 +223,35 @@ def _pair_up(cases: Sequence[Mapping[int, np.ndarray]], lateral: Sequence[int],
     return sorted(pairs)
 
 
+def _across_pairs(cases: Sequence[Mapping[int, np.ndarray]], sizes: Sequence[Mapping[int, float]],
+                  offset_mm: float, volume_ratio: float, max_angle_deg: float = 30.0) -> list[tuple[int, int]]:
+    """Mirror-image pairs found without a midline, to place the first one: two classes that lie across the head from
+    each other in every case labelling both (the line between their centres within ``max_angle_deg`` of left-right,
+    at least ``2 * offset_mm`` apart, the same one always on the left) and of like volume. A turned head turns that
+    line with it (up to ~20 degrees in the demo's subjects), while an image centre can be 20 mm off the head's
+    midline; a pair found here gives the midline where it crosses the head, and several give its turn."""
+    classes = sorted({k for case in cases for k in case})
+    limit = np.cos(np.deg2rad(max_angle_deg))
+    candidates = []
+    for i, a in enumerate(classes):
+        for b in classes[i + 1:]:
+            gaps = [case[b] - case[a] for case in cases if a in case and b in case]
+            if not gaps or len({bool(g[0] > 0) for g in gaps}) != 1:
+                continue
+            if any(abs(g[0]) < 2 * offset_mm or abs(g[0]) < limit * np.linalg.norm(g) for g in gaps):
+                continue
+            ratios = [max(size[a], size[b]) / min(size[a], size[b]) for size in sizes if min(size[a], size[b]) > 0]
+            if ratios and float(np.mean(ratios)) > volume_ratio:
+                continue
+            candidates.append((float(np.mean([np.linalg.norm(g[1:]) for g in gaps])), a, b))
+    pairs, used = [], set()
+    for _, a, b in sorted(candidates):  # the pair most nearly left-right first
+        if a not in used and b not in used:
+            pairs.append((a, b))
+            used.update((a, b))
+    return sorted(pairs)
+
+
 def _from_midline(cases: Sequence[Mapping[int, np.ndarray]],
                   pairs: Sequence[tuple[int, int]]) -> list[dict[int, np.ndarray]]:
     """Each case's offsets measured from its midsagittal plane, where the pairs' midpoints lie, instead of from the
@@ -265,7 +294,8 @@ def left_right_structures(label_map: LabelMap, centroids: Sequence[Mapping[int, 
     mL) their volumes differ by at most ``volume_ratio``, each the mean over the cases that label both; the closest
     pairs are taken first.
 
-    The midline is first the case's image centre (its head; without one, the centre of the case's labelled
+    The midline is first the plane through the pairs that lie across the head from each other (:func:`_across_pairs`,
+    found without a midline), else the case's image centre (its head; without one, the centre of the case's labelled
     structures together, which needs two structures), then the plane through the pairs found (:func:`_from_midline`:
     a turned head moves the midline sideways front to back), and the classes are judged again from it until the
     answer holds (at most three rounds). ``centroids``: per case, label value → its centre in RAS world mm (x =
@@ -275,7 +305,8 @@ def left_right_structures(label_map: LabelMap, centroids: Sequence[Mapping[int, 
     measured = _class_offsets(label_map, centroids, image_centres)
     sizes = [{k: sum(float(case.get(v, 0.0)) for v in group) for k, group in enumerate(label_map.values, start=1)}
              for case in volumes] if volumes is not None else []
-    cases: list[dict[int, np.ndarray]] = measured
+    across = _across_pairs(measured, sizes, offset_mm, volume_ratio)
+    cases: list[dict[int, np.ndarray]] = _from_midline(measured, across) if across else measured
     answer: tuple[list[int], list[tuple[int, int]]] = ([], [])
     for _ in range(3):
         lateral = _sides(cases, offset_mm)
