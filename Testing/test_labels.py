@@ -106,6 +106,27 @@ _ATLAS = {"thalamus": ((-10.1, -18.9, 6.7), 9.23, (11.1, -18.0, 7.0), 9.11),
           "amygdala": ((-23.0, -4.7, -18.1), 1.98, (23.5, -3.5, -18.2), 2.27)}
 
 
+def _turned_heads(structures, poses, head_off_centre=False):
+    """Per pose (degrees turned about the vertical axis, shift in mm): each structure's left (value 10 + i) and right
+    (20 + i) centre, their volumes in mL, and the image's centre. The shift moves the head with its image, or with
+    ``head_off_centre`` the image's centre alone (a head lying off its image's centre)."""
+    centre = np.array([0.0, -17, 8])
+    centroids, volumes, centres = [], [], []
+    for degrees, shift in poses:
+        yaw = np.deg2rad(degrees)
+        rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+        moved = np.zeros(3) if head_off_centre else np.asarray(shift)
+        points, sizes = {}, {}
+        for i, name in enumerate(structures):
+            left, left_ml, right, right_ml = _ATLAS[name]
+            for value, point, ml in ((10 + i, left, left_ml), (20 + i, right, right_ml)):
+                points[value], sizes[value] = list(rz @ (np.asarray(point) - centre) + centre + moved), ml
+        centroids.append(points)
+        volumes.append(sizes)
+        centres.append(list(centre + np.asarray(shift)))
+    return centroids, volumes, centres
+
+
 def _atlas_cases(structures):
     """Each structure's left (value 10 + i) and right (20 + i) centre and volume in two heads: as in MNI space, and
     tilted 12 degrees about two axes and moved, with the right side 20 % larger."""
@@ -153,21 +174,8 @@ def test_a_turned_head_still_has_a_left_and_a_right_caudate():
     "left caudate" on both sides (FreeSurfer labels of the demo's subjects: right caudate Dice 0)."""
     from TensorPEFTLib.data.labels import _class_offsets, left_right_structures
 
-    structures = ["thalamus", "caudate", "putamen", "pallidum", "hippocampus"]
-    centre = np.array([0.0, -17, 8])
-    centroids, volumes, centres = [], [], []
-    for degrees, shift in ((0.0, (0.0, 0, 0)), (17.0, (0.0, 0, 0)), (-12.0, (3.0, -5, 2))):
-        yaw = np.deg2rad(degrees)
-        rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-        case, sizes = {}, {}
-        for i, name in enumerate(structures):
-            left, left_ml, right, right_ml = _ATLAS[name]
-            for value, point, ml in ((10 + i, left, left_ml), (20 + i, right, right_ml)):
-                case[value] = list(rz @ (np.asarray(point) - centre) + centre + np.asarray(shift))
-                sizes[value] = ml
-        centroids.append(case)
-        volumes.append(sizes)
-        centres.append(list(centre + np.asarray(shift)))
+    centroids, volumes, centres = _turned_heads(["thalamus", "caudate", "putamen", "pallidum", "hippocampus"],
+                                                ((0.0, (0.0, 0, 0)), (17.0, (0.0, 0, 0)), (-12.0, (3.0, -5, 2))))
     labels = LabelMap(tuple((10 + i,) for i in range(5)) + tuple((20 + i,) for i in range(5)))
     right_caudate = labels.values.index((21,)) + 1
     assert abs(_class_offsets(labels, centroids, centres)[1][right_caudate][0]) < LATERAL_OFFSET_MM  # the trap
@@ -188,23 +196,8 @@ def test_three_pairs_in_turned_heads_off_the_image_centre_are_all_paired():
     flips mixed them up (held-out Dice 0.27 / 0.49). Pairs that lie across the head place the first midline."""
     from TensorPEFTLib.data.labels import _across_pairs, _class_offsets, left_right_structures
 
-    centre = np.array([0.0, -17, 8])
     poses = ((0.0, (-15.0, 0, 0)), (20.0, (10.0, 4, 0)), (-18.0, (-18.0, -5, 2)), (12.0, (5.0, 0, 0)))
-
-    def heads(structures):  # per pose: value -> centre (left 10 + i, right 20 + i), value -> mL, image centre
-        cases = []
-        for degrees, shift in poses:
-            yaw = np.deg2rad(degrees)
-            rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-            points, sizes = {}, {}
-            for i, name in enumerate(structures):
-                left, left_ml, right, right_ml = _ATLAS[name]
-                for value, point, ml in ((10 + i, left, left_ml), (20 + i, right, right_ml)):
-                    points[value], sizes[value] = list(rz @ (np.asarray(point) - centre) + centre), ml
-            cases.append((points, sizes, list(centre + np.asarray(shift))))  # the head is off its image's centre
-        return [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases]
-
-    centroids, volumes, centres = heads(["thalamus", "caudate", "hippocampus"])
+    centroids, volumes, centres = _turned_heads(["thalamus", "caudate", "hippocampus"], poses, head_off_centre=True)
     labels = LabelMap(tuple((10 + i,) for i in range(3)) + tuple((20 + i,) for i in range(3)))
     offsets = _class_offsets(labels, centroids, centres)
     assert any(abs(case[k][0]) < LATERAL_OFFSET_MM for case in offsets for k in (1, 2, 4, 5))  # the trap
@@ -215,7 +208,7 @@ def test_three_pairs_in_turned_heads_off_the_image_centre_are_all_paired():
     assert left_right_structures(labels, centroids, centres) == everything  # without volumes too
     # not pairs, however alike in size: two structures on one side (a left caudate and a left putamen), or one in
     # front of the other across the midline (a left caudate and a right thalamus)
-    centroids, _, centres = heads(["caudate", "putamen", "thalamus"])
+    centroids, _, centres = _turned_heads(["caudate", "putamen", "thalamus"], poses, head_off_centre=True)
     for a, b in ((10, 11), (10, 22)):
         two = LabelMap(((a,), (b,)))
         assert _across_pairs(_class_offsets(two, centroids, centres), [], LATERAL_OFFSET_MM, 1.6) == []
