@@ -212,9 +212,19 @@ def _pair_up(cases: Sequence[Mapping[int, np.ndarray]], lateral: Sequence[int],
             if not both or any(np.sign(case[a][0]) == np.sign(case[b][0]) for case in both):
                 continue
             gap = float(np.mean([np.linalg.norm(case[a] * (-1.0, 1.0, 1.0) - case[b]) for case in both]))
-            ratios = [max(size[a], size[b]) / min(size[a], size[b]) for size in sizes if min(size[a], size[b]) > 0]
-            if gap <= tolerance_mm and (not ratios or float(np.mean(ratios)) <= volume_ratio):
+            if gap <= tolerance_mm and _alike_in_volume(sizes, a, b, volume_ratio):
                 candidates.append((gap, a, b))
+    return _best_pairs(candidates)
+
+
+def _alike_in_volume(sizes: Sequence[Mapping[int, float]], a: int, b: int, volume_ratio: float) -> bool:
+    """Classes ``a`` and ``b`` differ in volume by at most ``volume_ratio`` on average (True without volumes)."""
+    ratios = [max(size[a], size[b]) / min(size[a], size[b]) for size in sizes if min(size[a], size[b]) > 0]
+    return not ratios or float(np.mean(ratios)) <= volume_ratio
+
+
+def _best_pairs(candidates: Sequence[tuple[float, int, int]]) -> list[tuple[int, int]]:
+    """Pairs from (score, a, b) candidates, the lowest score first, each class in one pair at most."""
     pairs, used = [], set()
     for _, a, b in sorted(candidates):
         if a not in used and b not in used:
@@ -240,16 +250,9 @@ def _across_pairs(cases: Sequence[Mapping[int, np.ndarray]], sizes: Sequence[Map
                 continue
             if any(abs(g[0]) < 2 * offset_mm or abs(g[0]) < limit * np.linalg.norm(g) for g in gaps):
                 continue
-            ratios = [max(size[a], size[b]) / min(size[a], size[b]) for size in sizes if min(size[a], size[b]) > 0]
-            if ratios and float(np.mean(ratios)) > volume_ratio:
-                continue
-            candidates.append((float(np.mean([np.linalg.norm(g[1:]) for g in gaps])), a, b))
-    pairs, used = [], set()
-    for _, a, b in sorted(candidates):  # the pair most nearly left-right first
-        if a not in used and b not in used:
-            pairs.append((a, b))
-            used.update((a, b))
-    return sorted(pairs)
+            if _alike_in_volume(sizes, a, b, volume_ratio):  # scored by how far off left-right: the least first
+                candidates.append((float(np.mean([np.linalg.norm(g[1:]) for g in gaps])), a, b))
+    return _best_pairs(candidates)
 
 
 def _from_midline(cases: Sequence[Mapping[int, np.ndarray]],
