@@ -115,9 +115,10 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.removePairButton, lambda: self.pairsTable.removeCurrentRow()),
                              (self.ui.addPairButton, lambda: self.pairsTable.addRow())):
             button.connect("clicked(bool)", slot)
-        self.pairsTable = slicer_widgets.TrainingPairsTable(self.ui.pairsTable, self.ui.pairsStatusLabel, slicer.mrmlScene)
         self.pollTimer = slicer_widgets.timer(POLL_MS, self.onPoll)
         self.refreshTimer = slicer_widgets.timer(600, self.refreshEstimates, singleShot=True)  # once the user stops typing
+        self.pairsTable = slicer_widgets.TrainingPairsTable(self.ui.pairsTable, self.ui.pairsStatusLabel, slicer.mrmlScene,
+                                                            onChanged=self._scheduleRefresh)  # structures: estimates
         self.initializeParameterNode()
         self.refreshDependencyStatus()
 
@@ -201,14 +202,14 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.methodDescriptionLabel.text = METHODS.get(p.method, "")
         self.ui.learningRateSpinBox.specialValueText = _("auto ({lr:g})").format(lr=requests.default_learning_rate(p.modelKind, p.method))
-        self.ui.dataCollapsibleButton.text = (_("Training data") if p.modelKind == "UNETR"
-                                              else _("Training data (volumes; labels unused)"))
+        self.ui.dataCollapsibleButton.text = _("Training data") if p.modelKind == "UNETR" else _("Training data (volumes; labels unused)")
         self.pairsTable.labels = p.modelKind == "UNETR"  # DDPM: volumes only
         self.pairsTable.updateStatus()
         if self.logic.missingDependencies():
             self.ui.parameterCountLabel.text = _("install the dependencies to count parameters")
             return
-        self.probes.describe(requests.ModelChoice.fromParameters(p), p.device, p.steps, p.patchSize)
+        self.probes.describe(requests.ModelChoice.fromParameters(p), p.device, p.steps, p.patchSize,
+                             self.pairsTable.structureCount() if p.dataSource == DATA_SOURCES[0] else 1)
         self.probes.count(requests.ParameterCountRequest.fromParameters(p))
         self.pollTimer.start()
 

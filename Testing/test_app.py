@@ -291,16 +291,42 @@ def test_the_buttons_send_the_fields_with_the_click_and_the_server_acts_on_those
 
 
 def test_a_label_with_other_values_names_them(tmp_path):
-    from TensorPEFTLib.app.session import _label_values_text
+    from TensorPEFTLib.app.session import _label_values, _label_values_text, _read_label
 
-    assert _label_values_text(str(tmp_path / "nowhere.nii.gz")) == ""
+    def text(path) -> str:
+        return _label_values_text(_label_values(_read_label(str(path))))
+
+    assert text(tmp_path / "nowhere.nii.gz") == ""
     plain = np.zeros((4, 4, 4), np.uint8)
     plain[1, 1, 1] = 1
     _write(tmp_path / "plain.nii.gz", plain)
-    assert _label_values_text(str(tmp_path / "plain.nii.gz")) == ""
+    assert text(tmp_path / "plain.nii.gz") == ""
     plain[2, 2, 2], plain[3, 3, 3] = 17, 53
     _write(tmp_path / "aseg.nii.gz", plain)
-    assert _label_values_text(str(tmp_path / "aseg.nii.gz")) == ": label values 1, 17, 53"
+    assert text(tmp_path / "aseg.nii.gz") == ": label values 1, 17, 53"
+
+
+def test_the_cpu_time_estimate_counts_the_structures_of_the_labels_on_show(tmp_path):
+    """finetune takes 2500 steps by default for more than two structures: the page's CPU estimate says so once a
+    case labelled with ten is shown, and counts the *Structures* field's entries when they choose fewer."""
+    from TensorPEFTLib.app.session import AppSession
+
+    aseg = np.zeros((4, 4, 4), np.uint8)
+    aseg.flat[:10] = (10, 11, 12, 13, 17, 49, 50, 51, 52, 53)
+    _write(tmp_path / "task" / "s1.nii.gz")
+    _write(tmp_path / "task" / "s1_label.nii.gz", aseg)
+    state: dict = {}
+    session = AppSession(DataRoot(str(tmp_path)), state, viewer=None)
+    session.start_job = _Recorder()
+    session.refresh_estimates()  # the page asks at start-up (the device probe is the recorder's)
+    session.probes.device_report = {"torch": "2.5.1", "gpus": [], "cpu_cores": 2}  # its answer: no GPU
+    session.refresh_estimates()
+    assert "1250 steps will take roughly" in state["cpu_warning"]  # no data yet: one structure
+    session.open_folder("task")
+    assert "2500 steps will take roughly" in state["cpu_warning"] and "label values 10, 11" in state["case_text"]
+    state["labels"] = "left=17 right=53"
+    session.refresh_estimates()
+    assert "1250 steps will take roughly" in state["cpu_warning"]
 
 
 def test_loose_labelled_files_train_through_a_datalist(tmp_path):

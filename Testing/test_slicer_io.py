@@ -130,6 +130,10 @@ def test_segments_named_alike_export_as_one_structure_each_whatever_their_order(
     odd = segmentations.labels_to_segmentation(scene, labels, node, name="odd", segment_names={1: "left", 2: "middle"})
     with pytest.raises(scene_io.SceneError, match="odd has the segments left, middle where seg 0 has left, right"):
         segmentations.export_training_folder(scene, pairs + [(node, odd)], str(tmp_path / "t2"))
+    # the panel's pairs table counts the structures for its CPU time estimate (finetune's default steps use them)
+    assert segmentations.structure_count(pairs) == 2
+    assert segmentations.structure_count(pairs + [(node, odd)]) == 1  # they disagree: the fine-tune will say so
+    assert segmentations.structure_count([(node, None)]) == 1
 
 
 def test_no_scratch_nodes_are_left_in_the_scene(scene):

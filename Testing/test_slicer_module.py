@@ -385,6 +385,8 @@ def test_device_lines_and_cpu_estimate():
     assert device.estimate_cpu_seconds("unetr-small", 1000, patch_size=128) == pytest.approx(2640.0)  # 8× the voxels
     # without --steps the estimate is for finetune's own default (1250 on a UNETR, 300 on a DDPM)
     assert device.auto_steps("unetr-small") == 1250 and device.auto_steps("ddpm-latent-small") == 300
+    assert device.auto_steps("unetr-small", 2) == 1250 and device.auto_steps("unetr-small", 6) == 2500
+    assert device.auto_steps("ddpm-latent-small", 6) == 300
     assert "impractically slow" in device.cpu_warning("ddpm-paper", 300)
 
 
@@ -683,9 +685,10 @@ def test_background_probes_ask_once_per_question_and_replace_older_counts():
     while probes.poll():
         pass
     assert shown["count"][-1] == "10 of 1,000 parameters (1.00%) on demo-unetr; adapter 8"
-    probes.describe(count, "CPU", 300, 0)  # no report yet: the device probe starts, the answer shows the estimate
+    probes.describe(count, "CPU", 0, 0)  # no report yet: the device probe starts, the answer shows the estimate ...
+    probes.describe(count, "CPU", 300, 0)  # ... for the latest question asked meanwhile (one probe for both)
     device_process = started[-1][1]
-    assert started[-1][0] == ["-m", "TensorPEFTLib.frontend.device"]
+    assert started[-1][0] == ["-m", "TensorPEFTLib.frontend.device"] and started[-2][0] != started[-1][0]
     device_process.out.append(json.dumps({"torch": "2.5.1", "gpus": [], "cpu_cores": 2}) + "\n")
     device_process.code = 0
     while probes.poll():
@@ -694,6 +697,8 @@ def test_background_probes_ask_once_per_question_and_replace_older_counts():
     assert text == "CPU (2 cores), chosen" and "300 steps will take roughly 1 min 39 s" in warning
     probes.describe(count, "CPU", 0, 0)  # steps on auto: the estimate is for finetune's own default
     assert "1250 steps will take roughly" in shown["device"][-1][1]
+    probes.describe(count, "CPU", 0, 0, 10)  # ... which is longer for labels of ten structures
+    assert "2500 steps will take roughly" in shown["device"][-1][1]
 
 
 def test_module_file_is_thin_and_front_end_files_small():

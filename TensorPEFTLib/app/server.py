@@ -81,7 +81,7 @@ def build_app(data_root: str, *, host: str = "127.0.0.1", port: int = 8080, toke
     build_page(server, viewer, session)
 
     # a state listener, not the fields' change events: those reach the server before the new value does
-    @server.state.change("model", "method", "rank", "steps", "device")
+    @server.state.change("model", "method", "rank", "steps", "device", "labels")
     def _estimates(**_: Any) -> None:
         session.refresh_estimates()
 

@@ -85,6 +85,7 @@ class AppSession:
         self.scores: List[tuple] = []
         self.log_lines: List[str] = []
         self.last_run: Optional[str] = None  # the adapter folder of the latest fine-tune (Resume continues it)
+        self.case_structures = 0  # the label values of the case on show (0: no label)
         self.probes = BackgroundProbes(self.start_job, self._show_device, self._show_count)
         self.state.update(self.defaults())
 
@@ -181,7 +182,8 @@ class AppSession:
         A problem with the choice shows in place of the count: the page's error line stays the last action's."""
         try:
             choice = self.model_choice()
-            self.probes.describe(choice, str(self.state["device"]), int(self.state["steps"] or 0), 0)
+            self.probes.describe(choice, str(self.state["device"]), int(self.state["steps"] or 0), 0,
+                                 self.structures() if self.state["model_kind"] == "UNETR" else 1)
             self.probes.count(self.model_choice(requests.ParameterCountRequest))
         except (requests.RequestError, PathRefused, ValueError, TypeError) as err:
             self.state["param_count"] = str(err).splitlines()[0]
@@ -221,11 +223,22 @@ class AppSession:
             raise ValueError("choose a volume from the list")
         case = self.cases.cases[int(index)]
         self.state["case_index"] = int(index)
+        label = _read_label(case["label"]) if case.get("label") else None  # once: the views and the text share it
         if self.viewer is not None:
-            self.viewer.load_case(case["image"], case.get("label"), case["name"])
-        self.state["case_text"] = f"{case['name']}" + (f" (with its label, green{_label_values_text(case['label'])})"
+            self.viewer.load_case(case["image"], case.get("label"), case["name"], label_volume=label)
+        values = _label_values(label)
+        self.case_structures = len(values)
+        self.state["case_text"] = f"{case['name']}" + (f" (with its label, green{_label_values_text(values)})"
                                                        if case.get("label") else "")
         self.state["segmented"] = ""
+        if self.probes.question is not None:  # the page asked for its device line (a page-less session never does)
+            self.refresh_estimates()  # finetune's default steps depend on how many structures the labels hold
+
+    def structures(self) -> int:
+        """How many structures a fine-tune would learn, for its time estimate: the *Structures* field's entries, else
+        the label values of the case on show (1 without a label)."""
+        specs = requests.FinetuneRequest(labels=str(self.state["labels"] or "")).label_specs()
+        return len(specs) or max(1, self.case_structures)
 
     def _training_data(self) -> str:
         """The loaded folder as ``finetune --data`` takes it: a Decathlon folder as it is; loose files through a
@@ -452,17 +465,28 @@ class AppSession:
         self.probes.stop()
 
 
-def _label_values_text(path: str) -> str:
-    """": label values 17, 53" for a label that holds other values than 1 (what --labels / the Structures field
-    take); "" for a plain one-structure label or one that cannot be read here (the fine-tune checks it anyway)."""
-    import numpy as np
-
+def _read_label(path: str) -> Any:
+    """The label file as a :class:`~TensorPEFTLib.data.Volume`, None if it cannot be read here (the views and the
+    fine-tune say why)."""
     from ..data import read_volume
 
     try:
-        values = [int(v) for v in np.unique(np.asarray(read_volume(path).array)) if v != 0]
+        return read_volume(path)
     except Exception:  # noqa: BLE001 - a hint only
-        return ""
+        return None
+
+
+def _label_values(label: Any) -> List[int]:
+    """The values of a label volume other than 0 (none for None)."""
+    import numpy as np
+
+    return [] if label is None else [int(v) for v in np.unique(np.asarray(label.array)) if v != 0]
+
+
+def _label_values_text(values: Sequence[int]) -> str:
+    """": label values 17, 53" for a label that holds other values than 1 (what --labels / the Structures field
+    take); "" for a plain one-structure label or one that could not be read here (the fine-tune checks it anyway)."""
+    values = list(values)
     if values == [1] or not values:
         return ""
     shown = ", ".join(map(str, values[:12])) + (f" and {len(values) - 12} more" if len(values) > 12 else "")

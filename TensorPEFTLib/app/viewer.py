@@ -84,11 +84,11 @@ class SceneViewer:
                 self.scene.RemoveNode(node)
         nodes.clear()
 
-    def load_case(self, image: str, label: Optional[str], name: str) -> Any:
-        """Show ``image`` in the slice views (and ``label`` as a green reference segmentation); the case shown before
-        and its results leave the scene."""
+    def load_case(self, image: str, label: Optional[str], name: str, label_volume: Any = None) -> Any:
+        """Show ``image`` in the slice views (and ``label`` as a green reference segmentation; ``label_volume``: its
+        contents when the caller has read them already); the case shown before and its results leave the scene."""
         from ..frontend.scene import load_volume_file
-        from ..frontend.segmentations import load_mask_file
+        from ..frontend.segmentations import labels_to_segmentation, load_mask_file
 
         self._remove(self.case_nodes)
         self._remove(self.result_nodes)
@@ -96,8 +96,9 @@ class SceneViewer:
         volume = load_volume_file(self.scene, image, name=name)
         self.case_nodes.append(volume)
         if label:
-            reference = load_mask_file(self.scene, label, volume, name=f"{name} reference",
-                                       segment_names={1: "reference"}, closed_surface=True)
+            options = dict(name=f"{name} reference", segment_names={1: "reference"}, closed_surface=True)
+            reference = (labels_to_segmentation(self.scene, label_volume, volume, source=label, **options)
+                         if label_volume is not None else load_mask_file(self.scene, label, volume, **options))
             self._colour(reference, REFERENCE_COLOR, opacity_2d=0.35)
             self.case_nodes.append(reference)
         self.show_volume(volume)

@@ -45,12 +45,13 @@ def estimate_cpu_seconds(preset: str, steps: int, patch_size: Optional[int] = No
     return seconds * (patch / voxels) * _TRAINING_BATCH[preset.split("-")[0]] / batch * steps
 
 
-def auto_steps(preset: str) -> int:
-    """The steps ``finetune`` runs on a model of ``preset`` without ``--steps`` (a handful of cases)."""
+def auto_steps(preset: str, structures: int = 1) -> int:
+    """The steps ``finetune`` runs on a model of ``preset`` without ``--steps`` (a handful of cases whose labels
+    hold ``structures`` structures: more than two take more steps)."""
     from ..adapters.catalog import default_steps
     from ..models.presets import PRESETS
 
-    return default_steps(PRESETS[preset].task if preset in PRESETS else "segmentation")
+    return default_steps(PRESETS[preset].task if preset in PRESETS else "segmentation", structures=max(1, structures))
 
 
 def cpu_warning(preset: str, steps: int, patch_size: Optional[int] = None) -> str:

@@ -22,6 +22,7 @@ class BackgroundProbes:
         self.count_job: Optional[WorkerJob] = None
         self.device_report: Optional[Dict[str, Any]] = None
         self.counted_args: Optional[list] = None  # the question the count on show (or on its way) answers
+        self.question: Optional[tuple] = None  # the latest describe() arguments (None: the device line never asked)
 
     @property
     def jobs(self) -> list:
@@ -39,24 +40,25 @@ class BackgroundProbes:
         """After an install: the next :meth:`describe` asks again (another torch may see a GPU now)."""
         self.device_report = None
 
-    def describe(self, request: ModelChoice, device: str, steps: int, patch_size: int) -> None:
-        """Show the device line and, when training would run on the CPU, how long ``steps`` steps take there."""
+    def describe(self, request: ModelChoice, device: str, steps: int, patch_size: int, structures: int = 1) -> None:
+        """Show the device line and, when training would run on the CPU, how long ``steps`` steps take there
+        (``steps`` 0: finetune's default for labels of ``structures`` structures)."""
+        self.question = (request, device, steps, patch_size, structures)  # the answer shows the latest question
         if self.device_report is None:
             if self.device_job is None or not self.device_job.running:
                 self.device_job = self.start_job(DEVICE_PROBE, name="device check", raw=True,
-                                                 on_finished=lambda result: self._device_answer(result, request, device,
-                                                                                                steps, patch_size))
+                                                 on_finished=self._device_answer)
             return
         text, on_cpu = describe_device(self.device_report, device)
-        self.show_device(text, cpu_warning(request.preset, steps or auto_steps(request.preset), patch_size or None)
-                         if on_cpu else "")
+        self.show_device(text, cpu_warning(request.preset, steps or auto_steps(request.preset, structures),
+                                           patch_size or None) if on_cpu else "")
 
-    def _device_answer(self, result: JobResult, request: ModelChoice, device: str, steps: int, patch_size: int) -> None:
+    def _device_answer(self, result: JobResult) -> None:
         try:
             self.device_report = json.loads(self.device_job.stdout_lines[-1]) if result.ok else {"error": result.message}
         except (AttributeError, IndexError, ValueError):
             self.device_report = {"error": "could not read the device report; see the log"}
-        self.describe(request, device, steps, patch_size)
+        self.describe(*self.question)
 
     def count(self, request: ParameterCountRequest) -> None:
         """Count the trainable parameters of ``request`` in a worker (it builds the model: torch). The same question

@@ -147,6 +147,15 @@ def segmentation_to_labels(scene: Any, segmentation: Any, reference: Any, *, bin
     return Volume(array=labels, affine=reference_volume.affine, meta={"node_name": segmentation.GetName()})
 
 
+def structure_count(pairs: list[tuple[Any, Any]]) -> int:
+    """How many structures a fine-tune on ``pairs`` learns, for a panel's time estimate and status line: the segment
+    names of :func:`training_structures`, else 1; 1 too while the segmentations disagree (the fine-tune says why)."""
+    try:
+        return len(training_structures(pairs) or [None])
+    except SceneError:
+        return 1
+
+
 def training_structures(pairs: list[tuple[Any, Any]]) -> list[str] | None:
     """The structures several-segment segmentations label, by segment name (None: one segment each, one structure).
     Every segmentation must then name the same segments: a structure is known by its name across the cases."""

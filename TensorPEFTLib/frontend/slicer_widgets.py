@@ -42,10 +42,12 @@ class PathLineEditToTextConnector(GuiConnector):
 
 class TrainingPairsTable:
     """The panel's table of (volume, segmentation) node pairs: one ``qMRMLNodeComboBox`` per cell, a status line
-    counting the complete pairs. ``labels=False`` (synthesis) counts volumes alone."""
+    counting the complete pairs and the structures their segments name. ``labels=False`` (synthesis) counts volumes
+    alone. ``onChanged`` is called when a cell changes (the panel's estimates depend on the structures)."""
 
-    def __init__(self, table, statusLabel, scene) -> None:
+    def __init__(self, table, statusLabel, scene, onChanged=None) -> None:
         self.table, self.statusLabel, self.scene = table, statusLabel, scene
+        self.onChanged = onChanged
         self.labels = True
         table.setHorizontalHeaderLabels(["Volume", "Segmentation"])
 
@@ -63,14 +65,14 @@ class TrainingPairsTable:
             combo.noneEnabled = True
             combo.setMRMLScene(self.scene)
             combo.setCurrentNode(node)
-            combo.connect("currentNodeChanged(vtkMRMLNode*)", lambda *args: self.updateStatus())
+            combo.connect("currentNodeChanged(vtkMRMLNode*)", lambda *args: self._changed())
             self.table.setCellWidget(row, column, combo)
-        self.updateStatus()
+        self._changed()
 
     def removeCurrentRow(self) -> None:
         row = self.table.currentRow()
         self.table.removeRow(row if row >= 0 else self.table.rowCount - 1)
-        self.updateStatus()
+        self._changed()
 
     def fillFromScene(self) -> int:
         """One row per segmentation paired with its volume (:func:`scene.find_training_pairs`); the rows made."""
@@ -86,10 +88,23 @@ class TrainingPairsTable:
                  for row in range(self.table.rowCount)]
         return [(volume, segmentation) for volume, segmentation in cells if volume is not None or segmentation is not None]
 
+    def structureCount(self) -> int:
+        """How many structures a fine-tune on these pairs learns (:func:`segmentations.structure_count`; 1 without
+        labels: synthesis)."""
+        from .segmentations import structure_count
+
+        return structure_count(self.pairs()) if self.labels else 1
+
     def updateStatus(self) -> None:
         n = len([v for v, s in self.pairs() if v is not None and (s is not None or not self.labels)])
         advice = " (5–10 are recommended)" if n < 5 else ""
-        self.statusLabel.text = f"{n} complete pair(s){advice}"
+        structures = self.structureCount() if n else 1
+        self.statusLabel.text = f"{n} complete pair(s){advice}" + (f", {structures} structures" if structures > 1 else "")
+
+    def _changed(self) -> None:
+        self.updateStatus()
+        if self.onChanged is not None:
+            self.onChanged()
 
 
 def timer(milliseconds: int, slot, singleShot: bool = False):
