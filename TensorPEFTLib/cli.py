@@ -386,7 +386,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       patch_size=_size(args.patch_size), spacing=_spacing(args.spacing), affine=args.affine,
                       elastic=args.elastic, flip=args.flip, auto_val=not args.no_val, threads=args.threads,
                       checkpointing=args.checkpointing, autoencoder=args.autoencoder, align=args.align,
-                      skull_strip=args.skull_strip, labels=args.labels)
+                      skull_strip=args.skull_strip, labels=args.labels, head_init=args.head_init,
+                      patch_centres=args.patch_centres)
     events.close()
     if result.status == "cancelled":
         if _env_rank() == 0:
@@ -554,6 +555,16 @@ def _add_job_commands(sub: Any) -> None:
                         "all axes (the LoRA-PT recipe) or none; auto (default): lr. When your labels tell a left from "
                         "a right structure (17 and 53), a left-right flip also swaps each left label with its "
                         "mirror-image partner; without a partner for each (a left structure alone) auto is none")
+    t.add_argument("--head-init", choices=["copy", "probe"], default="copy",
+                   help="segmentation labels with more structures than the model predicts get a wider output layer; "
+                        "copy (default): every new structure starts as the model's old one and training tells them "
+                        "apart; probe: it starts fitted to what the base model's features already tell apart (a "
+                        "linear probe over 16 training patches, seconds): the structures the base model segments come "
+                        "sooner, one it calls background later")
+    t.add_argument("--patch-centres", choices=["voxels", "classes"], default="voxels",
+                   help="with several structures, where the labelled half of the training patches is centred: any "
+                        "labelled voxel (default: a structure in proportion to its size) or a structure first, each "
+                        "as often (nnU-Net's way)")
     t.add_argument("--align", choices=["auto", "off"], default="auto",
                    help="synthesis: register each training volume (12-parameter affine) to the brain the base model "
                         "was pre-trained on, and sample it on the model's grid, so the model learns how your brains "

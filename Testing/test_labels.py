@@ -329,7 +329,7 @@ def two_structures(tmp_path_factory):
     with contextlib.redirect_stderr(said):  # what a user reads: the lines beside the progress bar
         finetune(model, str(root / "data"), out, AdapterConfig(method="lora-pt", rank=2),
                  TrainSettings(steps=4, lr=3e-3, eval_every=2, checkpoint_every=2, seed=0), labels=["17", "53"],
-                 device="cpu", events=Events(None), threads=1)
+                 device="cpu", events=Events(None), threads=1, head_init="probe", patch_centres="classes")
     (root / "finetune-stderr.txt").write_text(said.getvalue())
     return root, model, out
 
@@ -427,6 +427,11 @@ def test_finetune_records_the_map_and_segment_writes_the_users_values(two_struct
     saved = json.load(open(os.path.join(out, "adapter_config.json")))
     assert saved["label_map"] == {"values": [[17], [53]], "names": [None, None]}
     assert saved["num_classes"] == 3 and saved["label_values_found"] == [0, 4, 17, 53]
+    # the wider layer started from a linear probe of the base model's features; patches centred class by class
+    assert saved["head_init"] == "probe" and saved["patch_centres"] == "classes"
+    assert len(saved["head_probe_accuracy"]) == 3 and all(0 <= a <= 1 for a in saved["head_probe_accuracy"])
+    assert "the new output layer starts from a linear probe of the base model's features" in (
+        root / "finetune-stderr.txt").read_text()
     image = str(root / "data" / "imagesTs" / "c0.nii.gz")
     events_file = tmp_path / "events.jsonl"
     events = Events(str(events_file), quiet=True)
@@ -531,6 +536,8 @@ def test_left_and_right_labels_train_flipped_and_segment_mirrored(tmp_path, caps
     assert "left-right flips swap your left and right labels (17 <-> 53)" in capsys.readouterr().err
     saved = json.load(open(os.path.join(out, "adapter_config.json")))
     assert saved["flip"] == "lr" and saved["mirror_pairs"] == [[1, 2]] and saved["num_classes"] == 3
+    assert saved["head_init"] == "copy" and "head_probe_accuracy" not in saved  # the defaults
+    assert saved["patch_centres"] == "voxels"
     code = main(["segment", "--adapter", out, "--image", str(tmp_path / "data" / "imagesTs" / "c0.nii.gz"),
                  "--out", str(tmp_path / "m.nii.gz"), "--min-component", "0", "--threads", "1"])
     assert code == 0 and "mirroring: lr (the mirrored pass swaps 17 <-> 53)" in capsys.readouterr().err

@@ -517,3 +517,41 @@ def test_training_patches_come_from_cached_voxel_lists_and_are_the_patches_a_vol
         a, b = (a[0] if isinstance(a, list) else a), (b[0] if isinstance(b, list) else b)
         assert np.array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+def test_several_structures_are_patch_centres_equally_often_whatever_their_size(tmp_path):
+    """With more than one structure (``crop_classes`` K > 2) a patch's label centre is drawn class first, as nnU-Net
+    does: a structure of 8 voxels is centred as often as one of 512, where drawing from all label voxels at once
+    centres it in ~1 % of patches. A structure absent from the case is never drawn there (no error); the voxel lists
+    are made in the cached part of the pipeline."""
+    from monai.transforms import ClassesToIndicesd, Randomizable
+
+    from TensorPEFTLib.data import train_transforms
+
+    image = np.random.default_rng(0).uniform(0.5, 1.0, (48, 48, 48)).astype(np.float32)  # a head everywhere
+    label = np.zeros((48, 48, 48), np.uint8)
+    label[4:12, 4:12, 4:12] = 1  # 512 voxels
+    label[30:32, 30:32, 30:32] = 2  # 8 voxels; class 3 is absent from this case
+    write_volume(tmp_path / "img.nii.gz", image, np.eye(4))
+    write_volume(tmp_path / "lab.nii.gz", label, np.eye(4))
+    case = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+    def centre_classes(crop_classes) -> np.ndarray:
+        pipeline = train_transforms((16, 16, 16), pos=1.0, neg=0.0, flip_prob=0.0, shift=0.0, scale=0.0,
+                                    crop_foreground=False, centre_jitter=0, seed=0, crop_classes=crop_classes)
+        if crop_classes:
+            steps = list(pipeline.transforms)
+            first_random = next(i for i, t in enumerate(steps) if isinstance(t, Randomizable))
+            assert any(isinstance(t, ClassesToIndicesd) for t in steps[:first_random])
+        found = []
+        for _ in range(80):
+            sample = pipeline(case)
+            sample = sample[0] if isinstance(sample, list) else sample
+            assert tuple(sample["image"].shape[1:]) == (16, 16, 16)
+            found.append(int(np.asarray(sample["label"])[0][8, 8, 8]))
+        return np.bincount(found, minlength=4)
+
+    by_voxel, by_class = centre_classes(None), centre_classes(4)
+    assert by_voxel[0] == 0 and by_class[0] == 0 and by_class[3] == 0  # pos only; class 3 is not in the case
+    assert by_voxel[2] <= 4  # 8 of 520 label voxels: ~1 in 65 patches
+    assert 25 <= by_class[2] <= 55 and 25 <= by_class[1] <= 55  # half each

@@ -203,14 +203,16 @@ def figure(path: str, tests: list[dict], masks: dict[str, str], title: str, pair
 
 
 def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | None, seed: int = 0,
-             pairs=((LEFT, RIGHT),), steps: int | None = None) -> dict:
+             pairs=((LEFT, RIGHT),), steps: int | None = None, head_init: str | None = None,
+             patch_centres: str | None = None) -> dict:
     from TensorPEFTLib.engine.jobs import evaluate
 
     run = os.path.join(work, f"run-flip-{flip}")
     command = [sys.executable, "-m", "TensorPEFTLib.cli", "finetune", "--model", "demo-unetr", "--data", data,
                "--out", run, "--overwrite", "--flip", flip, "--events", os.path.join(work, f"events-{flip}.jsonl"),
                "--quiet", "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + (
-                   ["--steps", str(steps)] if steps else [])
+                   ["--steps", str(steps)] if steps else []) + (["--head-init", head_init] if head_init else []) + (
+                   ["--patch-centres", patch_centres] if patch_centres else [])
     print(" ".join(command), file=sys.stderr)
     events_file = os.path.join(work, f"events-{flip}.jsonl")
     if os.path.exists(events_file):  # --events appends: this run's events alone
@@ -241,7 +243,8 @@ def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | 
     if saved.get("mirror_pairs"):
         used += " + swap " + ", ".join("<->".join(map(str, pair)) for pair in saved["mirror_pairs"])
     return {"flip": flip, "seed": seed, "flip_used": used, "mirror_pairs": saved.get("mirror_pairs"),
-            "label_map": saved.get("label_map"),
+            "label_map": saved.get("label_map"), "head_init": saved.get("head_init", "copy"),
+            "patch_centres": saved.get("patch_centres", "voxels"),
             "num_classes": saved.get("num_classes"), "trainable": saved.get("trainable"),
             "train_s": round(train_s, 1), "segment_s": round(segment_s, 1), "val_dice": val_dice,
             "val_structures": val_structures,
@@ -289,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the fine-tune")
     parser.add_argument("--seed", type=int, default=0, help="finetune --seed (another draw of the same recipe)")
     parser.add_argument("--steps", type=int, default=None, help="finetune --steps (default: finetune's default)")
+    parser.add_argument("--head-init", choices=["copy", "probe"], default=None,
+                        help="finetune --head-init (default: finetune's default)")
+    parser.add_argument("--patch-centres", choices=["voxels", "classes"], default=None,
+                        help="finetune --patch-centres (default: finetune's default)")
     parser.add_argument("--name", default=None, help="results file stem (default own_labels[_subcortical]_cpu_<date>)")
     args = parser.parse_args(argv)
 
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.structures == "hippocampus" else f"-{set_name}"))
     data, tests = build_dataset(args.cohort, work, args.structures)
     load_before = load_average()
-    runs = [run_flip(flip.strip(), data, tests, work, args.threads, args.seed, pairs, args.steps)
+    runs = [run_flip(flip.strip(), data, tests, work, args.threads, args.seed, pairs, args.steps, args.head_init,
+                     args.patch_centres)
             for flip in args.flips.split(",") if flip.strip()]
     load_after = load_average()
 
@@ -319,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Own labels: {title} on a one-structure model ({today()})", "",
              machine_line("cpu"), "", f"`python benchmarks/own_labels.py --flips {args.flips}"
              f"{f' --structures {args.structures}' if several else ''}{f' --seed {args.seed}' if args.seed else ''}"
-             f"{f' --steps {args.steps}' if args.steps else ''}`; "
+             f"{f' --steps {args.steps}' if args.steps else ''}"
+             f"{f' --head-init {args.head_init}' if args.head_init else ''}"
+             f"{f' --patch-centres {args.patch_centres}' if args.patch_centres else ''}`; "
              f"{versions()}", "",
              f"Load average before / after: {fmt_load(load_before)} / {fmt_load(load_after)}.", "",
              f"| --flip | used | classes | train s | case | Dice mean | {left_head} | {right_head} | HD95 mm | "
@@ -339,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += structure_table(runs, pairs)
         for run in runs:
             lines += validation_table(run)
-    lines += ["", f"Figure: `{os.path.basename(figure_path)}`.", ""]
+    lines += ["", "New output layer: " + ", ".join(f"--flip {r['flip']}: {r['head_init']}" for r in runs)
+              + "; patch centres: " + ", ".join(f"--flip {r['flip']}: {r['patch_centres']}" for r in runs) + ".",
+              "", f"Figure: `{os.path.basename(figure_path)}`.", ""]
     write_text_atomically(os.path.join(RESULTS, stem + ".md"), "\n".join(lines) + "\n")
     write_text_atomically(os.path.join(RESULTS, stem + ".json"),
                           json.dumps({"structures": args.structures, "pairs": pairs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ from ..data.labels import mirror_permutation
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
+from .head_probe import choose_head_init
 from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, check_label_specs, flip_swaps,
                      plan_labels, prepare_adapter_model, resolve_flip)
 from .outputs import RunLock, check_output_file, check_output_folder
@@ -233,7 +235,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
              elastic: bool = False, flip: str = "auto", auto_val: bool = True,
              threads: int | None = None, loss: str = "dice-ce", label_resampling: str = "linear",
              centre_jitter: int = 16, checkpointing: bool | None = None, autoencoder: str | None = None,
-             align: str = "auto", skull_strip: str | None = None, labels: Sequence[str] | None = None) -> TrainResult:
+             align: str = "auto", skull_strip: str | None = None, labels: Sequence[str] | None = None,
+             head_init: str = "copy", patch_centres: str = "voxels") -> TrainResult:
     """Fine-tune ``model_source`` on the cases in ``data`` and write the adapter folder ``out``.
 
     Every data problem is reported before training starts. ``resume`` continues from ``out/checkpoint``.
@@ -257,6 +260,11 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
     :data:`~.segmentation.LABEL_RESAMPLING`; ``centre_jitter``: how far (voxels) a foreground-centred training patch is
     moved off its centre voxel (:func:`~TensorPEFTLib.data.train_transforms`); a resumed run keeps the ones it
     started with.
+    ``head_init`` (segmentation labels with more structures than the model predicts): how the wider output layer
+    starts: ``copy`` (default: every new class a copy of the old foreground,
+    :func:`~TensorPEFTLib.models.heads.set_output_classes`) or ``probe`` (fitted to the base model's features over a
+    few training patches, :mod:`.head_probe`). ``patch_centres``: how a patch's label centre is drawn with several
+    structures (:data:`~.segmentation.PATCH_CENTRES`: ``voxels``, the default, or ``classes``).
     ``checkpointing``: activation checkpointing of the UNETR's ViT blocks or the DDPM's resnet blocks
     (:mod:`.checkpointing`): less activation memory for recomputing those blocks in backward, the same gradients.
     ``None``: off for a new run, the run's own setting on ``resume``.
@@ -293,11 +301,14 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
             model, task_kind, num_classes, train_cases, val_cases, plan = _prepare_finetune(
                 model_source, data, val, patch_size, auto_val, settings.seed, events, ctx.is_main, autoencoder,
                 labels)
+            new_head = False
             if task_kind == "segmentation":
                 plan = ctx.broadcast(plan)  # rank 0 alone read the labels
                 if not plan.plain or len(plan.label_map.values) > 1:  # one structure labelled 1: nothing to say
                     events.message(plan.describe())
+                classes_before = num_classes_of(model)
                 num_classes = apply_label_plan(model, plan, events)
+                new_head = num_classes > classes_before
             elif labels:
                 raise EngineError("--labels is for segmentation; a DDPM learns from the images alone")
             flip = resolve_flip(flip, plan, events) if task_kind == "segmentation" else "lr"
@@ -312,7 +323,8 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                          patch_size=patch_size, spacing=spacing, affine=affine, elastic=elastic, flip=flip,
                          swaps=swaps, threads=threads, loss=loss, label_resampling=label_resampling,
                          centre_jitter=centre_jitter, checkpointing=checkpointing, align=align,
-                         skull_strip=skull_strip, ctx=ctx)
+                         skull_strip=skull_strip, ctx=ctx, patch_centres=patch_centres,
+                         head_init=choose_head_init(head_init) if new_head else None)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
@@ -418,6 +430,18 @@ def finetune_steps(task_kind: str, num_train: int, num_classes: int | None, even
     return steps
 
 
+def _probe_new_head(model: nn.Module, task: Any, seed: int, ctx: Any, events: Events) -> Any:
+    """The wider output layer fitted to the base model's features (:mod:`.head_probe`); says what the fit found."""
+    from .head_probe import probe_output_layer
+
+    started = time.perf_counter()
+    probed = probe_output_layer(model, task, seed=seed, ctx=ctx)
+    if probed is not None:
+        events.message(f"the new output layer starts from a linear probe of the base model's features "
+                       f"({time.perf_counter() - started:.0f} s): {probed.describe(['background'] + task.class_names)}")
+    return probed
+
+
 def _finetune(model: nn.Module, model_source: str, task_kind: str, num_classes: int | None,
               train_cases: list[dict], val_cases: list[dict], out: str, cfg: AdapterConfig | None,
               settings: TrainSettings, *, ctx: Any, **options: Any) -> TrainResult:
@@ -435,10 +459,12 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
                    affine: bool, elastic: bool, flip: str, threads: int | None, loss: str, label_resampling: str,
                    centre_jitter: int, checkpointing: bool | None, ctx: Any, align: str = "auto",
                    skull_strip: str | None = None, plan: LabelPlan | None = None,
-                   swaps: Sequence[tuple[int, int]] = ()) -> tuple[Trainer, str | None]:
+                   swaps: Sequence[tuple[int, int]] = (), head_init: str | None = None,
+                   patch_centres: str = "voxels") -> tuple[Trainer, str | None]:
     from ..data import case_name
 
     ckpt = checkpoint_path(out) if resume else None
+    probe_accuracy = None
 
     if resume:
         saved = read_adapter_config(ckpt)
@@ -461,6 +487,9 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         loss = saved.get("loss", "dice-ce-all")
         label_resampling = saved.get("label_resampling", "nearest")
         centre_jitter = int(saved.get("centre_jitter", 0))
+        patch_centres = saved.get("patch_centres", "voxels")
+        head_init = saved.get("head_init")  # recorded again; the checkpoint holds the layer
+        probe_accuracy = saved.get("head_probe_accuracy")
         if task_kind == "segmentation" and saved.get("flip"):  # the flips (and label swaps) it started with
             flip = saved["flip"]
             swaps = [(int(a), int(b)) for a, b in saved.get("mirror_pairs") or []]
@@ -531,11 +560,14 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
         task: Any = SegmentationTask(train_cases, own_val, patch_size=size, num_classes=num_classes, runtime=runtime,
                                      batch_size=per_rank, preprocessing=prep, affine=affine, elastic=elastic,
                                      flip_axes=FLIP_AXES[flip], loss=loss, label_resampling=label_resampling,
-                                     centre_jitter=centre_jitter, shard=shard,
+                                     centre_jitter=centre_jitter, shard=shard, patch_centres=patch_centres,
                                      label_map=None if plan is None or plan.plain else plan.label_map,
                                      flip_swap=mirror_permutation(swaps, num_classes) if swaps else None,
                                      class_names=None if plan is None else [
                                          plan.class_name(k) for k in range(1, plan.label_map.num_classes)])
+        if head_init == "probe" and not resume:
+            probed = _probe_new_head(model, task, settings.seed, ctx, events)
+            probe_accuracy = None if probed is None else [None if a != a else round(a, 3) for a in probed.accuracy]
     else:
         from .synthesis import SynthesisTask
 
@@ -578,7 +610,11 @@ def _build_trainer(model: nn.Module, model_source: str, task_kind: str, num_clas
     if task_kind == "segmentation":
         # segment --mirror auto mirrors along the same axes; --resume trains on with the same loss and labels
         meta.update(flip=flip, affine=affine, elastic=elastic, loss=loss, label_resampling=label_resampling,
-                    centre_jitter=centre_jitter)
+                    centre_jitter=centre_jitter, patch_centres=patch_centres)
+        if head_init is not None:  # how a wider output layer started (runs from before this: copy)
+            meta["head_init"] = head_init
+        if probe_accuracy is not None:  # the probe's accuracy per class on the base features (background first)
+            meta["head_probe_accuracy"] = probe_accuracy
         if swaps:  # the classes a left-right flip exchanged; segment's mirroring exchanges them too
             meta["mirror_pairs"] = [list(pair) for pair in swaps]
         if plan is not None:  # segment writes masks in the user's values; --resume checks the labels still agree

@@ -31,6 +31,11 @@ SEGMENTATION_LOSSES = ("dice-ce", "dice-ce-all")
 #: how labels reach the working grid: ``linear`` (one-hot, each class linearly, most likely class: nnU-Net's way) or
 #: ``nearest`` (how labels were resampled before; kept so older recipes reproduce)
 LABEL_RESAMPLING = ("linear", "nearest")
+#: how a patch's label centre is drawn when the labels hold several structures: ``voxels`` (any label voxel, so a
+#: structure in proportion to its size; the default) or ``classes`` (a structure first, each as often, then one of its
+#: voxels: nnU-Net's way; on ten FreeSurfer structures, 1250 steps, seed 0: mean Dice 0.626 against 0.612, the
+#: pallidi a little better, the hippocampi found no sooner; docs/measurements.md)
+PATCH_CENTRES = ("classes", "voxels")
 
 
 def segmentation_loss(name: str, sharded: bool = False) -> nn.Module:
@@ -93,7 +98,8 @@ class SegmentationTask:
                  sw_batch_size: int = 2, overlap: float = 0.25, affine: bool = False, elastic: bool = False,
                  flip_axes: Sequence[int] = (0, 1, 2), loss: str = "dice-ce", label_resampling: str = "linear",
                  centre_jitter: int = 16, shard: tuple[int, int] = (0, 1), label_map: Any = None,
-                 flip_swap: Sequence[int] | None = None, class_names: Sequence[str] | None = None) -> None:
+                 flip_swap: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                 patch_centres: str = "voxels") -> None:
         from monai.data import CacheDataset
 
         from ..data import train_transforms, val_transforms
@@ -101,6 +107,8 @@ class SegmentationTask:
 
         if label_resampling not in LABEL_RESAMPLING:
             raise EngineError(f"label resampling {label_resampling!r}: choose one of {', '.join(LABEL_RESAMPLING)}")
+        if patch_centres not in PATCH_CENTRES:
+            raise EngineError(f"patch centres {patch_centres!r}: choose one of {', '.join(PATCH_CENTRES)}")
         #: (rank, ranks): this process trains on patches rank·b .. rank·b + b − 1 of each step's global batch
         self.shard = (int(shard[0]), int(shard[1]))
         self.loss_fn = segmentation_loss(loss, sharded=self.shard[1] > 1)
@@ -114,7 +122,8 @@ class SegmentationTask:
                                                 crop_foreground=prep.crop_foreground, affine=affine, elastic=elastic,
                                                 flip_axes=flip_axes, label_classes=label_classes,
                                                 centre_jitter=centre_jitter, skull_strip=prep.skull_strip,
-                                                label_map=label_map, flip_swap=flip_swap)
+                                                label_map=label_map, flip_swap=flip_swap,
+                                                crop_classes=num_classes if patch_centres == "classes" else None)
         # CacheDataset keeps the deterministic prefix (load, resample, normalise, crop, pad) in memory; only the random
         # crop and augmentations run per step.
         self.train_data = CacheDataset(train_cases, self.train_transform, progress=False, num_workers=0)
