@@ -559,7 +559,7 @@ def _add_job_commands(sub: Any) -> None:
                    help="segmentation labels with more structures than the model predicts get a wider output layer; "
                         "copy (default): every new structure starts as the model's old one and training tells them "
                         "apart; probe: it starts fitted to what the base model's features already tell apart (a "
-                        "linear probe over 16 training patches, seconds): the structures the base model segments come "
+                        "linear probe over 16 training patches): the structures the base model segments come "
                         "sooner, one it calls background later")
     t.add_argument("--patch-centres", choices=["voxels", "classes"], default="voxels",
                    help="with several structures, where the labelled half of the training patches is centred: any "

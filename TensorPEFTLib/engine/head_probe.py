@@ -10,7 +10,7 @@ receives from the frozen base model over a few training patches: the classes sta
 already separate them, and fine-tuning refines from there ("linear probing, then fine-tuning", Kumar et al., ICLR
 2022: fine-tuning from a fitted head distorts pretrained features less than from an unfitted one). The voxels are
 drawn evenly per class and the probe's bias then gets each class's share of the patches back, so it predicts as often
-as the classes occur. Deterministic for a seed; about a second per patch on a CPU.
+as the classes occur. Deterministic for a seed; one forward pass per patch (the run says how long it took).
 """
 
 from __future__ import annotations
