@@ -8,13 +8,13 @@ from torch import nn
 
 import pytest
 
-from TensorPEFTLib.engine.head_probe import choose_head_init, fit_linear_probe, probe_output_layer
+from TensorPEFTLib.engine.head_probe import check_head_init, fit_linear_probe, probe_output_layer
 
 
 def test_head_init_choices():
-    assert choose_head_init("probe") == "probe" and choose_head_init("copy") == "copy"
+    assert check_head_init("probe") == "probe" and check_head_init("copy") == "copy"
     with pytest.raises(ValueError, match="choose one of copy, probe"):
-        choose_head_init("fit")
+        check_head_init("fit")
 
 
 def test_probe_separates_classes_and_predicts_them_as_often_as_they_occur():
@@ -87,3 +87,5 @@ def test_a_new_output_layer_starts_from_what_the_features_tell_apart():
     assert torch.equal(again.out.conv.weight, model.out.conv.weight) and torch.equal(again.out.conv.bias, model.out.conv.bias)
     assert probe_output_layer(nn.Sequential(nn.Conv3d(1, 2, 1)), task, seed=0) is None
     assert "lowest" in probed.describe(["background", "a", "b"])
+    absent = type(probed)(voxels=[10, 10, 0], accuracy=[0.9, 0.5, float("nan")]).describe(["background", "a", "b"])
+    assert "(lowest: a 0.50)" in absent and "mean accuracy per class 0.70" in absent

@@ -11,6 +11,7 @@ already separate them, and fine-tuning refines from there ("linear probing, then
 2022: fine-tuning from a fitted head distorts pretrained features less than from an unfitted one). The voxels are
 drawn evenly per class and the probe's bias then gets each class's share of the patches back, so it predicts as often
 as the classes occur. Deterministic for a seed; one forward pass per patch (the run says how long it took).
+``finetune --head-init probe``; not the default (:func:`check_head_init` says why).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["HEAD_INITS", "ProbeResult", "choose_head_init", "collect_head_features", "fit_linear_probe",
+__all__ = ["HEAD_INITS", "ProbeResult", "check_head_init", "collect_head_features", "fit_linear_probe",
            "probe_output_layer"]
 
 #: how a wider output layer starts: ``copy`` (:func:`~TensorPEFTLib.models.heads.set_output_classes` alone, the
@@ -30,7 +31,7 @@ __all__ = ["HEAD_INITS", "ProbeResult", "choose_head_init", "collect_head_featur
 HEAD_INITS = ("copy", "probe")
 
 
-def choose_head_init(choice: str) -> str:
+def check_head_init(choice: str) -> str:
     """``choice`` checked against :data:`HEAD_INITS`.
 
     Why ``copy`` stays the default, measured on the demo model (benchmarks/own_labels.py, 2026-12-04, one draw each):
@@ -53,8 +54,9 @@ class ProbeResult:
     accuracy: list[float]
 
     def describe(self, names: list[str]) -> str:
-        lowest = int(np.argmin(self.accuracy[1:])) + 1 if len(self.accuracy) > 1 else 0
-        mean = float(np.mean(self.accuracy))
+        scores = np.array(self.accuracy, dtype=float)  # NaN: a class absent from the patches
+        lowest = int(np.nanargmin(scores[1:])) + 1 if np.isfinite(scores[1:]).any() else 0
+        mean = float(np.nanmean(scores))
         return (f"mean accuracy per class {mean:.2f} on {sum(self.voxels):,} voxels of the base model's features "
                 f"(lowest: {names[lowest]} {self.accuracy[lowest]:.2f})")
 

@@ -18,7 +18,7 @@ from ..data.labels import mirror_permutation
 from ..models import PRESETS, is_shipped
 from ..models.presets import TASK_OF_FAMILY
 from .events import Events
-from .head_probe import choose_head_init
+from .head_probe import check_head_init
 from .labels import (FLIP_CHOICES, LabelPlan, adapter_label_map, apply_label_plan, check_label_specs, flip_swaps,
                      plan_labels, prepare_adapter_model, resolve_flip)
 from .outputs import RunLock, check_output_file, check_output_folder
@@ -324,7 +324,7 @@ def finetune(model_source: str, data: str, out: str, cfg: AdapterConfig | None, 
                          swaps=swaps, threads=threads, loss=loss, label_resampling=label_resampling,
                          centre_jitter=centre_jitter, checkpointing=checkpointing, align=align,
                          skull_strip=skull_strip, ctx=ctx, patch_centres=patch_centres,
-                         head_init=choose_head_init(head_init) if new_head else None)
+                         head_init=check_head_init(head_init) if new_head else None)
     except KeyboardInterrupt:
         kept = checkpoint_path(out)
         if kept:
