@@ -204,12 +204,12 @@ class TensorPEFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.learningRateSpinBox.specialValueText = _("auto ({lr:g})").format(lr=requests.default_learning_rate(p.modelKind, p.method))
         self.ui.dataCollapsibleButton.text = _("Training data") if p.modelKind == "UNETR" else _("Training data (volumes; labels unused)")
         self.pairsTable.labels = p.modelKind == "UNETR"  # DDPM: volumes only
-        self.pairsTable.updateStatus()
+        structures = self.pairsTable.updateStatus()  # the status line and the time estimate count the same ones
         if self.logic.missingDependencies():
             self.ui.parameterCountLabel.text = _("install the dependencies to count parameters")
             return
         self.probes.describe(requests.ModelChoice.fromParameters(p), p.device, p.steps, p.patchSize,
-                             self.pairsTable.structureCount() if p.dataSource == DATA_SOURCES[0] else 1)
+                             structures if p.dataSource == DATA_SOURCES[0] else 1)
         self.probes.count(requests.ParameterCountRequest.fromParameters(p))
         self.pollTimer.start()
 

@@ -203,16 +203,14 @@ def figure(path: str, tests: list[dict], masks: dict[str, str], title: str, pair
 
 
 def run_flip(flip: str, data: str, tests: list[dict], work: str, threads: int | None, seed: int = 0,
-             pairs=((LEFT, RIGHT),), steps: int | None = None, head_init: str | None = None,
-             patch_centres: str | None = None) -> dict:
+             pairs=((LEFT, RIGHT),), options: list[str] | None = None) -> dict:
+    """One fine-tune with ``--flip flip`` and finetune's defaults but ``options`` (finetune flags), scored on ``tests``."""
     from TensorPEFTLib.engine.jobs import evaluate
 
     run = os.path.join(work, f"run-flip-{flip}")
     command = [sys.executable, "-m", "TensorPEFTLib.cli", "finetune", "--model", "demo-unetr", "--data", data,
                "--out", run, "--overwrite", "--flip", flip, "--events", os.path.join(work, f"events-{flip}.jsonl"),
-               "--quiet", "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + (
-                   ["--steps", str(steps)] if steps else []) + (["--head-init", head_init] if head_init else []) + (
-                   ["--patch-centres", patch_centres] if patch_centres else [])
+               "--quiet", "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + list(options or [])
     print(" ".join(command), file=sys.stderr)
     events_file = os.path.join(work, f"events-{flip}.jsonl")
     if os.path.exists(events_file):  # --events appends: this run's events alone
@@ -305,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.structures == "hippocampus" else f"-{set_name}"))
     data, tests = build_dataset(args.cohort, work, args.structures)
     load_before = load_average()
-    runs = [run_flip(flip.strip(), data, tests, work, args.threads, args.seed, pairs, args.steps, args.head_init,
-                     args.patch_centres)
+    options = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("steps", "head_init", "patch_centres")
+               if getattr(args, name)]
+    runs = [run_flip(flip.strip(), data, tests, work, args.threads, args.seed, pairs, options)
             for flip in args.flips.split(",") if flip.strip()]
     load_after = load_average()
 

@@ -95,11 +95,13 @@ class TrainingPairsTable:
 
         return structure_count(self.pairs()) if self.labels else 1
 
-    def updateStatus(self) -> None:
+    def updateStatus(self) -> int:
+        """Show the complete pairs (and their structures, when more than one); returns the structure count."""
         n = len([v for v, s in self.pairs() if v is not None and (s is not None or not self.labels)])
         advice = " (5–10 are recommended)" if n < 5 else ""
-        structures = self.structureCount() if n else 1
-        self.statusLabel.text = f"{n} complete pair(s){advice}" + (f", {structures} structures" if structures > 1 else "")
+        structures = self.structureCount()
+        self.statusLabel.text = f"{n} complete pair(s){advice}" + (f", {structures} structures" if n and structures > 1 else "")
+        return structures
 
     def _changed(self) -> None:
         self.updateStatus()
