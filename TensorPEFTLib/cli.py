@@ -709,11 +709,11 @@ def _add_job_commands(sub: Any) -> None:
                    help="compare several adapters on the same split in one table, each NAME or NAME:RANK "
                         "(e.g. lora:4,lora-pt:1,tcurlora:8; overrides --method)")
     p.add_argument("--rank", type=int, default=1, help="adapter rank (default 1)")
-    p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5; 2 with --quick)")
+    p.add_argument("--subjects", type=positive_int, default=None, help="labelled training subjects (default 5, plus 2 more that pick the best adapter; 2 with --quick)")
     p.add_argument("--steps", type=positive_int, default=None, help=f"UNETR fine-tuning steps (default: finetune's, {default_steps('segmentation', 5)} for 5 subjects; 4 with --quick)")
     p.add_argument("--lr", type=float, default=None, help="UNETR fine-tuning learning rate (default 1e-3)")
     p.add_argument("--no-synthesis", action="store_true", help="skip the DDPM part")
-    p.add_argument("--quick", action="store_true", help="one-minute smoke version (tiny cohort, a few steps)")
+    p.add_argument("--quick", action="store_true", help="smoke version, about 2 minutes on a 2-core CPU (small cohort, a few steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort and the training (default 0)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     add_runtime_arguments(p)

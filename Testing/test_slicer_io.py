@@ -250,3 +250,39 @@ def test_real_segment_command_keeps_oblique_geometry(scene, tmp_path):
     assert np.array_equal(read_volume(mask).affine, scene_io.ijk_to_ras(volume))
     segmentation, problems = synthetic_scene.check_segmentation_result(scene, volume, mask)
     assert problems == []
+
+
+def test_an_imported_prediction_has_the_apps_colours_a_left_and_right_apart(scene, tmp_path):
+    """Slicer's import colours segments from its generic anatomy table: FreeSurfer's left and right hippocampus (17,
+    53) came in as two greens, the colour of a reference. The Slicer module's import gives them the browser app's
+    palette (red, magenta ...) in the adapter's order, so a structure the mask lacks does not shift the others'."""
+    from types import SimpleNamespace
+
+    from TensorPEFTLib.frontend import slicer_app
+
+    node, array = _volume(scene)
+    labels = np.zeros(array.shape, dtype=np.uint8)
+    labels[3:9, 4:9, 2:6], labels[13:19, 10:15, 5:9] = 17, 53
+    image = read_volume(scene_io.write_volume_node(node, tmp_path / "image.nrrd"))
+    warnings, jumps = [], []
+    host = SimpleNamespace(  # the parts of Slicer's application import_mask touches, besides the scene
+        mrmlScene=scene,
+        util=SimpleNamespace(warningDisplay=warnings.append, setSliceViewerLayers=lambda **_: None),
+        app=SimpleNamespace(layoutManager=lambda: None),
+        modules=SimpleNamespace(markups=SimpleNamespace(logic=lambda: SimpleNamespace(
+            JumpSlicesToLocation=lambda *centre: jumps.append(centre)))))
+    done = {"structures": {"17": "Left-Hippocampus", "53": "Right-Hippocampus"}}
+
+    def colours(mask_labels, done):
+        path = write_volume(tmp_path / "mask.nrrd", mask_labels, like=image)
+        seg = slicer_app.import_mask(host, path, node, "hippocampus", done).GetSegmentation()
+        return {seg.GetNthSegment(i).GetName(): tuple(seg.GetNthSegment(i).GetColor())
+                for i in range(seg.GetNumberOfSegments())}
+
+    palette = {name: pytest.approx(rgb) for name, rgb in segmentations.PREDICTION_PALETTE}
+    assert colours(labels, done) == {"Left-Hippocampus": palette["red"], "Right-Hippocampus": palette["magenta"]}
+    right_only = np.where(labels == 53, labels, 0).astype(np.uint8)
+    assert colours(right_only, done) == {"Right-Hippocampus": palette["magenta"]}  # its colour, though 17 is missing
+    one = (labels == 17).astype(np.uint8)
+    assert colours(one, None) == {"hippocampus": palette["red"]}  # one structure: red, as in the app
+    assert warnings == [] and len(jumps) == 3

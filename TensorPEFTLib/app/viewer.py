@@ -9,33 +9,14 @@ segmentation's colour and its 3D surface, and the camera.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
-#: the predicted mask's colour (RGB 0–1): a red no grey-value image has, so tests can find it in a screenshot
-PREDICTION_COLOR = (0.95, 0.15, 0.10)
+# the palette is the front end's, so a prediction has the same colours here as in the Slicer module
+from ..frontend.segmentations import (PREDICTION_COLOR, PREDICTION_PALETTE, colour_segments,  # noqa: F401
+                                      prediction_colour_names, prediction_colours)
+
 #: the reference label's colour (green, as in the demo's overlay PNGs)
 REFERENCE_COLOR = (0.15, 0.85, 0.25)
-#: a prediction's structures in label-value order, (name, RGB 0–1): red first, then nine more, none green (the
-#: reference's), so ten structures (FreeSurfer's five subcortical pairs: 10–13, 17 left, 49–53 right) each get their
-#: own and a structure's left and right differ; the palette repeats after ten
-PREDICTION_PALETTE = (("red", PREDICTION_COLOR), ("magenta", (0.90, 0.20, 0.85)), ("orange", (1.0, 0.55, 0.05)),
-                      ("yellow", (0.95, 0.90, 0.10)), ("blue", (0.20, 0.45, 1.0)), ("violet", (0.55, 0.25, 0.95)),
-                      ("cyan", (0.0, 0.80, 0.95)), ("pink", (1.0, 0.60, 0.75)), ("brown", (0.60, 0.35, 0.10)),
-                      ("lavender", (0.75, 0.70, 1.0)))
-
-
-def prediction_colour_names(count: int) -> List[str]:
-    """What the status line calls the colours of a prediction's ``count`` structures, in label-value order."""
-    return [PREDICTION_PALETTE[index % len(PREDICTION_PALETTE)][0] for index in range(count)]
-
-
-def prediction_colours(present: Sequence[int], structures: Sequence[int] = ()) -> Dict[int, Sequence[float]]:
-    """The colour of each label value ``present`` in a mask: the palette entry of its place among ``structures`` (all
-    the values the adapter predicts, the order the status line names them), so a structure the mask lacks does not
-    shift the others' colours; values not among them follow, in value order."""
-    order = [int(v) for v in structures]
-    order += sorted(int(v) for v in present if int(v) not in order)
-    return {int(v): PREDICTION_PALETTE[order.index(int(v)) % len(PREDICTION_PALETTE)][1] for v in present}
 
 
 def segment_values(segmentation: Any) -> List[int]:
@@ -151,11 +132,12 @@ class SceneViewer:
                 structures: Sequence[int] = ()) -> None:
         """Every segment ``colour``; a prediction: each structure its own (:func:`prediction_colours`, ``colour``
         first; ``structures``: every value the adapter predicts, found or not)."""
-        seg = segmentation.GetSegmentation()
-        segments = [seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())]
-        colours = prediction_colours([int(s.GetLabelValue()) for s in segments], structures)
-        for segment in segments:
-            segment.SetColor(*(colours[int(segment.GetLabelValue())] if colour == PREDICTION_COLOR else colour))
+        if colour == PREDICTION_COLOR:
+            colour_segments(segmentation, structures)
+        else:
+            seg = segmentation.GetSegmentation()
+            for index in range(seg.GetNumberOfSegments()):
+                seg.GetNthSegment(index).SetColor(*colour)
         display = segmentation.GetDisplayNode()
         if display is not None:
             display.SetVisibility(True)

@@ -41,7 +41,7 @@ SYN_SLICES = {"axial": 36, "coronal": 44}
 
 @dataclass
 class DemoSettings:
-    """What the demo runs. The defaults are the README's main job; ``quick()`` is the one-minute smoke version."""
+    """What the demo runs. The defaults are the README's main job; ``quick()`` is the smoke version (about 2 minutes on a 2-core CPU)."""
 
     method: str = "lora-pt"
     rank: int = 1

@@ -4,7 +4,7 @@ and volume/segmentation pairs → a Decathlon folder the worker trains on. Torch
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -13,6 +13,40 @@ from .scene import (EXCHANGE_SUFFIX, GEOMETRY_TOLERANCE_MM, SceneError, _check_t
                     _referenced_ids, _remove_new_nodes, _slicer, _vtk, add_volume_node, ensure_segmentation_support,
                     ijk_to_ras, safe_name, volume_from_node)
 
+#: the predicted mask's colour (RGB 0–1): a red no grey-value image has, so tests can find it in a screenshot
+PREDICTION_COLOR = (0.95, 0.15, 0.10)
+#: a prediction's structures in label-value order, (name, RGB 0–1): red first, then nine more, none green (the
+#: reference's), so ten structures (FreeSurfer's five subcortical pairs: 10–13, 17 left, 49–53 right) each get their
+#: own and a structure's left and right differ; the palette repeats after ten
+PREDICTION_PALETTE = (("red", PREDICTION_COLOR), ("magenta", (0.90, 0.20, 0.85)), ("orange", (1.0, 0.55, 0.05)),
+                      ("yellow", (0.95, 0.90, 0.10)), ("blue", (0.20, 0.45, 1.0)), ("violet", (0.55, 0.25, 0.95)),
+                      ("cyan", (0.0, 0.80, 0.95)), ("pink", (1.0, 0.60, 0.75)), ("brown", (0.60, 0.35, 0.10)),
+                      ("lavender", (0.75, 0.70, 1.0)))
+
+
+def prediction_colour_names(count: int) -> list[str]:
+    """What the status line calls the colours of a prediction's ``count`` structures, in label-value order."""
+    return [PREDICTION_PALETTE[index % len(PREDICTION_PALETTE)][0] for index in range(count)]
+
+
+def prediction_colours(present: Sequence[int], structures: Sequence[int] = ()) -> dict[int, Sequence[float]]:
+    """The colour of each label value ``present`` in a mask: the palette entry of its place among ``structures`` (all
+    the values the adapter predicts, the order the status line names them), so a structure the mask lacks does not
+    shift the others' colours; values not among them follow, in value order."""
+    order = [int(v) for v in structures]
+    order += sorted(int(v) for v in present if int(v) not in order)
+    return {int(v): PREDICTION_PALETTE[order.index(int(v)) % len(PREDICTION_PALETTE)][1] for v in present}
+
+
+def colour_segments(segmentation: Any, structures: Sequence[int] = ()) -> None:
+    """A prediction's segments in :data:`PREDICTION_PALETTE`'s colours (:func:`prediction_colours`; ``structures``:
+    every value the adapter predicts, found or not), the same in the Slicer module and the browser app. Slicer's own
+    import colours them from its generic anatomy table, where a left and a right hippocampus (17, 53) are two greens."""
+    seg = segmentation.GetSegmentation()
+    segments = [seg.GetNthSegment(i) for i in range(seg.GetNumberOfSegments())]
+    colours = prediction_colours([int(s.GetLabelValue()) for s in segments], structures)
+    for segment in segments:
+        segment.SetColor(*colours[int(segment.GetLabelValue())])
 
 
 def _check_on_grid(labels: Volume, reference: Any, source: str) -> None:

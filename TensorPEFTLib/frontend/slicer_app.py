@@ -99,10 +99,11 @@ def mask_segment_names(done: Any, segment_name: str) -> dict:
 def import_mask(slicer: Any, mask: str, volume: Any, segment_name: str, done: Any = None) -> Any:
     """A worker's mask → a segmentation named after ``volume``, shown; a warning when the model found nothing.
     ``done``: the ``segment`` job's done event (names of several structures, :func:`mask_segment_names`)."""
-    from .segmentations import load_mask_file
+    from .segmentations import colour_segments, load_mask_file
 
     segmentation = load_mask_file(slicer.mrmlScene, mask, volume, name=f"{volume.GetName()} segmentation",
                                   segment_names=mask_segment_names(done, segment_name))
+    colour_segments(segmentation, [int(value) for value in ((done or {}).get("structures") or {})])
     if segmentation.GetSegmentation().GetNumberOfSegments() == 0:
         slicer.util.warningDisplay(f"The model found nothing in {volume.GetName()}: the segmentation is empty. Check "
                                    "that the image resembles the training scans (modality, orientation, field of view).")
