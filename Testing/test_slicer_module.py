@@ -89,6 +89,28 @@ def test_ui_parses_and_declares_its_custom_widgets():
     assert len(names) == len(set(names)), "duplicate widget names"
 
 
+def test_every_layout_item_has_a_cell_of_its_own_inside_the_layout():
+    """A QFormLayout has two columns: an item in a third is left out of the layout and drawn at the panel's corner
+    (the "Bundle folder..." button lay over the Model section's title, seen in docs/render_slicer_panel.py's render);
+    Qt only warns ("Cell (2, 1) already occupied"). Two items in one grid cell overlap the same way."""
+    problems = []
+    for layout in ET.parse(UI).getroot().iter("layout"):
+        taken: dict[tuple[int, int], str] = {}
+        for item in layout.findall("item"):
+            if item.get("row") is None:  # a box layout: items in a row, no cells
+                continue
+            child = next(iter(item))
+            what = f"{layout.get('name')}: {child.get('name')}"
+            row, column, span = int(item.get("row")), int(item.get("column")), int(item.get("colspan", 1))
+            if layout.get("class") == "QFormLayout" and column + span > 2:
+                problems.append(f"{what} in column {column + span - 1} of a two-column form")
+            for cell in ((row, c) for c in range(column, column + span)):
+                if cell in taken:
+                    problems.append(f"{what} in the cell of {taken[cell]}")
+                taken[cell] = str(child.get("name"))
+    assert problems == []
+
+
 def test_every_parameter_has_one_widget_of_a_bindable_class():
     fields, widgets = _parameter_fields(), _widgets()
     bound: dict[str, list[ET.Element]] = {}

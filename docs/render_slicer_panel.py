@@ -21,7 +21,8 @@ from PySide6.QtWidgets import QApplication, QComboBox, QTableWidgetItem, QWidget
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from TensorPEFTLib.frontend.requests import DEVICE_CHOICES, MODEL_KINDS, method_summaries  # noqa: E402
+from TensorPEFTLib.frontend.progress import Progress  # noqa: E402
+from TensorPEFTLib.frontend.requests import DEVICE_CHOICES, MODEL_KINDS, SKULL_STRIP_CHOICES, method_summaries  # noqa: E402
 
 METHODS = method_summaries()
 
@@ -70,10 +71,11 @@ def main() -> None:
     find("dataSourceComboBox").addItems(["Volumes and segmentations in the scene", "Decathlon folder"])
     table = find("pairsTable")
     table.setRowCount(6)
-    for row in range(6):
+    for row in range(6):  # FreeSurfer subjects: each segmentation has a left and a right hippocampus segment
         table.setItem(row, 0, QTableWidgetItem(f"sub-{row + 1:02d} T1"))
-        table.setItem(row, 1, QTableWidgetItem(f"sub-{row + 1:02d} T1 hippocampus"))
-    find("pairsStatusLabel").setText("6 complete pair(s)")
+        table.setItem(row, 1, QTableWidgetItem(f"sub-{row + 1:02d} aseg hippocampi"))
+    find("pairsStatusLabel").setText("6 complete pair(s), 2 structures")  # the pairs table's own wording
+    find("skullStripComboBox").addItems(list(SKULL_STRIP_CHOICES))  # Slicer fills it from the parameter's Choice
     for name in ("dataFolderLabel", "dataFolderPathLineEdit"):
         find(name).setVisible(False)
     find("deviceComboBox").addItems(list(DEVICE_CHOICES))
@@ -81,8 +83,14 @@ def main() -> None:
     find("cpuWarningLabel").setVisible(False)
     find("adapterFolderPathLineEdit").setText("~/TensorPEFT/hippocampus-lora-pt-r1")
     find("finetuneButton").setText("Cancel")
-    find("progressBar").setValue(400)
-    find("statusLabel").setText("step 120/300 · loss 0.2314 · val Dice 0.842 (best 0.851) · ETA 3 min 20 s")
+    progress = Progress()  # the status line as the module writes it, from the worker's events (illustrative numbers)
+    for event in ({"event": "start", "kind": "finetune", "steps": 1250, "metric": "dice"},
+                  {"event": "eval", "dice": 0.781, "best": 0.781,
+                   "structures": {"Left-Hippocampus": 0.768, "Right-Hippocampus": 0.794}},
+                  {"event": "step", "step": 500, "loss": 0.4123, "eta_seconds": 70}):
+        progress.update(event)
+    find("progressBar").setValue(round(1000 * progress.fraction))
+    find("statusLabel").setText(progress.text())
     find("inputVolumeSelector", QComboBox).addItem("sub-07 T1")
     for name in ("segmentButton", "saveAdapterButton", "loadAdapterButton"):  # disabled while a job runs
         find(name).setEnabled(False)
