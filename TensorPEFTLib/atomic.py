@@ -3,7 +3,7 @@ the target at the end (``os.replace`` is atomic on one file system), so a reader
 never leaves half a file. The temporary name ends like the target (``.tmp-XXXX-name.png``), so writers that choose
 their format by the extension (matplotlib, nibabel, pynrrd) behave as for the target.
 
-One helper for models/, data/ and engine/; ``adapters`` keeps its own few lines (it imports nothing of ours).
+One helper for adapters/, models/, data/ and engine/ (it imports nothing of ours, so any layer may use it).
 """
 
 from __future__ import annotations

@@ -302,18 +302,22 @@ _EXTENSIONS: list[Callable[[Any], None]] = []
 # ------------------------------------------------------------------------------------------------ jobs
 
 
+def _three(text: str, kind: type) -> tuple:
+    """``"64"`` → (64, 64, 64); ``"128x128x96"`` (or commas) → three values of ``kind``; () when it is not that."""
+    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        return ()
+    return values * 3 if len(values) == 1 else values
+
+
 def _size(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 3
     from .engine import EngineError
 
+    values = _three(text, int)
     if len(values) != 3:
         raise EngineError(f"size {text!r}: give one number (e.g. 64) or three (e.g. 128x128x96)")
     if min(values) < 1:
@@ -324,14 +328,8 @@ def _size(text: str | None) -> tuple[int, int, int] | None:
 def _spacing(text: str | None) -> tuple[float, float, float] | None:
     if text is None:
         return None
-    parts = [p for p in text.lower().replace(",", "x").split("x") if p]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or min(values) <= 0:
+    values = _three(text, float)
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):  # nan and inf too
         from .engine import EngineError
 
         raise EngineError(f"--spacing {text!r}: give one voxel size in mm (e.g. 1.5) or three (e.g. 1x1x2)")

@@ -272,6 +272,16 @@ def test_spacing_far_from_the_models_is_a_warning(rig, tmp_path, capsys):
     assert "warning: voxel size more than 3x off the working grid" in err and "c0.nii.gz (1.2x1.2x6 mm)" in err
 
 
+@pytest.mark.parametrize("spacing", ["nan", "inf", "0", "1x1", "1.5xmm", "-1"])
+def test_a_spacing_that_is_not_a_voxel_size_is_refused_in_one_line(rig, tmp_path, capsys, spacing):
+    """``nan`` and ``inf`` parse as floats and passed the "> 0" check (a nan working grid would fail far later)."""
+    code, err = run([*FT, "--model", rig["model"], "--data", rig["data"], "--out", tmp_path / "o", "--spacing",
+                     spacing, "--steps", "1", "--no-val"], capsys)
+    assert code == 2
+    assert_one_line(err, f"--spacing {spacing!r}", "give one voxel size in mm")
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_ddpm_with_labelled_data_says_the_labels_are_unused(rig, tmp_path, capsys):
     code, err = run([*FT, "--model", rig["ddpm"], "--data", rig["data"], "--out", tmp_path / "o", "--steps", "1",
                      "--no-val", "--patch-size", "16"], capsys)

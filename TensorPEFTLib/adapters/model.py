@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from ..atomic import write_bytes_atomically, write_text_atomically
 from .base import ADAPTABLE_TYPES, TRANSPOSED_CONV_TYPES, AdapterGroup, AdapterLayer, GroupMemberLayer
 from . import methods  # noqa: F401  (registers the built-in methods before any lookup)
 from .config import ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, AdapterError, read_json
@@ -356,36 +356,6 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return chosen
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:  # the permissions a plain write would give (mkstemp's 0600 hid adapters from a shared folder's other users)
-        mode = os.stat(path).st_mode & 0o7777
-    except OSError:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        mode = 0o666 & ~mask
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-
-
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> str:
     """Write ``adapter.safetensors`` (adapter tensors and extra trainable parameters only) and
     ``adapter_config.json`` (config, base architecture fingerprint, per-layer metadata) into ``folder``.
@@ -419,8 +389,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     # Serialise in memory and write the bytes with Python's own file API: a full disk then raises OSError(ENOSPC),
     # which callers can tell apart and answer (safetensors' and torch's writers raise their own error types).
     blob = save_tensors(tensors, metadata={"format": "pt"})
-    _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda tmp: _write_bytes(tmp, blob))
-    _atomic_write(os.path.join(folder, CONFIG_FILE), lambda tmp: _write_text(tmp, json.dumps(config, indent=2) + "\n"))
+    write_bytes_atomically(os.path.join(folder, WEIGHTS_FILE), blob)
+    write_text_atomically(os.path.join(folder, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
     return folder
 
 
