@@ -105,18 +105,21 @@ def test_a_subject_redrawn_with_other_structures_is_the_same_scan(cohort):
 
     out, _ = cohort
     parameters = json.loads((out / "dataset.json").read_text())["parameters"]
-    structures = ("Left_Hippocampus", "Right_Hippocampus", "Left_Thalamus", "Right_Thalamus", "Left_Putamen")
+    structures = ("Left_Hippocampus", "Right_Hippocampus", "Left_Thalamus", "Right_Thalamus", "Left_Putamen",
+                  "Left_Amygdala", "Right_Accumbens")  # the amygdala touches the hippocampus; the accumbens is 0.6 mL
     for name, split in (("hippo_001", "Tr"), ("hippo_unseen_icbm2009c_000", "Ts"), ("hippo_head_icbm2009c_000", "Ts")):
         image, labels, affine = demo.redraw_hippocampus_subject(name, structures, parameters)
         stored = read_volume(out / "hippocampus" / f"images{split}" / f"{name}.nii.gz")
         hippocampus = np.asarray(read_volume(out / "hippocampus" / f"labels{split}" / f"{name}.nii.gz").squeezed)
         assert np.array_equal(image, np.asarray(stored.squeezed)) and np.allclose(affine, stored.affine), name
         assert np.array_equal(np.isin(labels, (1, 2)), hippocampus > 0), name
-        assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}, name
+        assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5, 6, 7}, name
         world_x = {k: (affine[:3, :3] @ np.argwhere(labels == k).T + affine[:3, 3:4])[0].mean() for k in (1, 2, 3, 4)}
         assert world_x[1] < 0 < world_x[2] and world_x[3] < 0 < world_x[4], (name, world_x)  # RAS: left is -x
-    with pytest.raises(demo.DemoDataError, match="Left_Amygdala"):
-        demo.redraw_hippocampus_subject("hippo_001", ("Left_Amygdala",), parameters)
+        accumbens_ml = np.count_nonzero(labels == 7) * abs(np.linalg.det(affine[:3, :3])) / 1000
+        assert 0.2 < accumbens_ml < 1.2, (name, accumbens_ml)  # the atlas's 0.58 mL at 50 %, deformed and resampled
+    with pytest.raises(demo.DemoDataError, match="Left_Insula"):
+        demo.redraw_hippocampus_subject("hippo_001", ("Left_Insula",), parameters)
     with pytest.raises(demo.DemoDataError, match="hippo_099"):
         demo.redraw_hippocampus_subject("hippo_099", structures, parameters)
 

@@ -7,6 +7,7 @@ defaults, segment held-out scans, score each structure and each side.
     python benchmarks/own_labels.py --flips auto,none     # and without left-right flips, side by side
     python benchmarks/own_labels.py --structures subcortical   # 10 structures, 5 left-right pairs
     python benchmarks/own_labels.py --structures Thalamus,Caudate,Hippocampus   # any pairs: 6 structures
+    python benchmarks/own_labels.py --structures aseg     # 16: aseg.stats' pairs, amygdala and accumbens too
 
 1. Relabels the demo cohort's hippocampus subjects (``tensorpeft-demo/cohort``; built with ``tensorpeft demo-data`` if
    missing): each label's two hippocampi are told apart by their centre in world coordinates (the one further to
@@ -46,6 +47,11 @@ STRUCTURE_SETS = {
     "hippocampus": (("Left_Hippocampus", "Right_Hippocampus"),),
     "subcortical": tuple((f"Left_{s}", f"Right_{s}") for s in ("Thalamus", "Caudate", "Putamen", "Pallidum",
                                                                "Hippocampus")),
+    # the paired structures of FreeSurfer's aseg.stats, as a user's aseg.mgz holds them (brain stem left out: it is
+    # one midline structure, and the demo's label box cuts it); the base model knows four of the eight, and the
+    # accumbens is 0.6 mL (170 voxels of 1.5 mm). The hippocampi stay last: the figure cuts through the last pair
+    "aseg": tuple((f"Left_{s}", f"Right_{s}") for s in ("Lateral_Ventricle", "Thalamus", "Caudate", "Putamen",
+                                                        "Pallidum", "Amygdala", "Accumbens", "Hippocampus")),
 }
 
 
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cohort", default=os.path.join("tensorpeft-demo", "cohort"), help="demo cohort folder")
     parser.add_argument("--structures", default="hippocampus",
                         help="the labels: a left and a right hippocampus (default), subcortical (five structures a "
-                             "side), or a comma-separated list of structures (Thalamus,Caudate,Hippocampus)")
+                             "side), aseg (eight a side: aseg.stats' paired structures), or a comma-separated list "
+                             "of structures (Thalamus,Caudate,Hippocampus)")
     parser.add_argument("--work", default=None,
                         help="work folder (default tensorpeft-demo/own-labels, or own-labels-<structures>)")
     parser.add_argument("--flips", default="auto", help="--flip values to run, comma-separated (default auto)")

