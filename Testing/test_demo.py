@@ -105,3 +105,14 @@ def test_tables_show_a_rank_only_for_methods_that_have_one():
             for m, r in (("full", 1), ("lora-pt", 1), ("ssf", 1))]
     lines = segmentation_table(scores, rows).splitlines()
     assert [line.split(" | ")[0] for line in lines[3:]] == ["| full", "| lora-pt r=1", "| ssf"]
+
+
+def test_the_demo_gives_the_trainable_share_of_the_base_model_as_finetune_does():
+    """finetune says "585,194 trainable of 3,418,546 (17.12%)": the base model's count, the adapter's own parameters
+    not in it. The demo divided by the total with the adapter (17.0 %), and its synthesis line named that total."""
+    from TensorPEFTLib.engine.demo import segmentation_table
+
+    scores = {"groups": {"heldout": {"dice": 0.5, "hd95": 3.0, "n": 1}}}
+    run = {"method": "lora-pt", "rank": 1, "trainable": 585194, "adapter_parameters": 13848,
+           "total_parameters": 3432394, "train_seconds": 1.0, **scores}
+    assert "| 585,194 (17.1 %) |" in segmentation_table(scores, [run])

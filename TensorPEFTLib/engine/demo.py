@@ -312,9 +312,15 @@ def segmentation_table(base: dict[str, Any], results: list[dict[str, Any]]) -> s
 
     lines.append(row(f"{SEG_MODEL} (no adapter)", "0", "-", base))
     for r in results:
-        share = 100.0 * r["trainable"] / r["total_parameters"]
+        share = 100.0 * r["trainable"] / base_parameters(r)
         lines.append(row(method_label(r["method"], r["rank"]), f"{r['trainable']:,} ({share:.1f} %)", f"{r['train_seconds']:.0f}", r))
     return "\n".join(lines)
+
+
+def base_parameters(result: dict[str, Any]) -> int:
+    """The base model's parameter count of a run (its total less the adapter's own), what ``finetune``'s "N trainable
+    of M (x%)" line and ``tensorpeft params`` divide by, so the demo's percentages are theirs."""
+    return int(result["total_parameters"]) - int(result.get("adapter_parameters") or 0)
 
 
 def case_table(base: dict[str, Any], adapted: dict[str, Any]) -> str:
@@ -393,7 +399,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if syn:
         mmd = syn["mmd_to_target"]
         lines += ["", f"MRI synthesis: {SYN_MODEL} fine-tuned with {syn['method']} r={syn['rank']} "
-                  f"({syn['trainable']:,} of {syn['total_parameters']:,} parameters trainable, {syn['train_seconds']:.0f} s); "
+                  f"({syn['trainable']:,} trainable of {base_parameters(syn):,}, {syn['train_seconds']:.0f} s); "
                   f"{len(syn['volumes'])} volumes in {syn['sample_seconds']:.0f} s",
                   *([f"ventricle volume (mL, mean of the samples): base {syn['ventricles_ml']['base']:.1f}, adapted "
                      f"{syn['ventricles_ml']['adapted']:.1f}; the target brains {syn['ventricles_ml']['target']:.1f}"]
