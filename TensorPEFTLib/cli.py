@@ -79,6 +79,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def min_component(text: str) -> float | None:
+    """argparse type for ``segment --min-component``: ``auto`` (None) or mm³ >= 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a volume in mm³ (>= 0, e.g. 1000)") from None
+
+
 def overlap_fraction(text: str) -> float:
     """argparse type for ``--overlap``: a fraction in [0, 1)."""
     value = _float(text)
@@ -605,8 +615,10 @@ def _add_job_commands(sub: Any) -> None:
     p.add_argument("--sw-batch-size", type=positive_int, default=4, help="sliding-window batch (halved automatically on GPU OOM)")
     p.add_argument("--overlap", type=overlap_fraction, default=0.5,
                    help="sliding-window overlap, at least 0 and below 1 (default 0.5)")
-    p.add_argument("--min-component", type=non_negative_float, default=1000.0,
-                   help="remove connected components smaller than this many mm³ (default 1000, as LoRA-PT; 0 = keep all)")
+    p.add_argument("--min-component", type=min_component, default=None, metavar="MM3|auto",
+                   help="remove pieces of a structure smaller than this many mm³ (0 keeps all). auto (default): "
+                        "pieces under a quarter of the structure's largest piece in the mask and under 1000 mm³ "
+                        "(LoRA-PT's threshold), so a structure under 1 mL, such as the accumbens, is kept")
     p.add_argument("--mirror", choices=("auto", "none", "lr", "all"), default="auto",
                    help="test-time mirroring: average the prediction over flips along these axes (lr = left-right: 2 "
                         "passes; all: 8; a left and a right label swap in the flipped pass, as in training). auto "

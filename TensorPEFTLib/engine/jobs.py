@@ -847,13 +847,15 @@ def inference_preprocessing(model: nn.Module, saved: dict[str, Any]) -> Any:
 
 def segment(image: str, out: str, *, model_source: str | None = None, adapter: str | None = None,
             device: str = "auto", amp: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5,
-            min_component_mm3: float = 1000.0, mirror: str = "auto", events: Events | None = None,
+            min_component_mm3: float | None = None, mirror: str = "auto", events: Events | None = None,
             threads: int | None = None, skip_existing: bool = False,
             skull_strip: str | None = None) -> list[dict[str, Any]]:
     """Segment an image or every image of a folder; masks are written on each image's own grid.
 
     ``out``: a file path for a single image (``.nii.gz``, ``.nrrd`` or ``.seg.nrrd``), else a folder where each mask
-    keeps its image's case name (``<case>.nii.gz``). ``mirror``: test-time mirroring along ``lr``, ``all`` or
+    keeps its image's case name (``<case>.nii.gz``). ``min_component_mm3``: pieces of a structure smaller than this
+    are removed (None: a quarter of the structure's largest piece, at most 1000 mm³:
+    :func:`~.segmentation.remove_small_components`). ``mirror``: test-time mirroring along ``lr``, ``all`` or
     ``none`` of the axes; ``auto`` takes the flips the adapter was trained with (none without an adapter).
     ``skip_existing``: leave images whose mask is already there (every mask is written whole or not at all, so one
     that exists is finished): a killed job run again continues where it stopped. ``skull_strip``: brain extraction
@@ -879,7 +881,7 @@ def segment(image: str, out: str, *, model_source: str | None = None, adapter: s
             raise EngineError(f"--overlap {overlap:g}: must be at least 0 and below 1 (e.g. 0.5)")
         if sw_batch_size < 1:
             raise EngineError(f"--sw-batch-size must be >= 1, got {sw_batch_size}")
-        if min_component_mm3 < 0:
+        if min_component_mm3 is not None and min_component_mm3 < 0:
             raise EngineError(f"--min-component must be >= 0 mm³, got {min_component_mm3:g}")
         images = _image_list(image)
         # one scan (a file, or a DICOM series folder) may go to a mask file
