@@ -301,19 +301,18 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float],
 
     voxel_mm3 = float(np.prod(spacing))
     out = mask.copy()
-    for k in np.unique(mask):
-        if k == 0:
+    # each class is labelled inside its own bounding box (one pass finds them all), not over the whole scan: sixteen
+    # structures meant sixteen passes over a 1 mm head
+    for k, box in enumerate(ndimage.find_objects(mask), start=1):
+        if box is None:  # a class the mask does not have
             continue
-        components, count = ndimage.label(mask == k, structure=np.ones((3, 3, 3)))
-        if count == 0:
-            continue
+        components, _ = ndimage.label(mask[box] == k, structure=np.ones((3, 3, 3)))
         sizes = np.bincount(components.ravel())
-        sizes[0] = 0
+        sizes[0] = 0  # background, never removed
         limit_mm3 = (min(MIN_COMPONENT_MM3, MIN_COMPONENT_SHARE * float(sizes.max()) * voxel_mm3)
                      if min_volume_mm3 is None else min_volume_mm3)
-        small = np.flatnonzero(sizes < int(math.ceil(limit_mm3 / voxel_mm3)))
-        small = small[small != 0]
-        out[np.isin(components, small)] = 0
+        small = np.flatnonzero((sizes > 0) & (sizes < int(math.ceil(limit_mm3 / voxel_mm3))))
+        out[box][np.isin(components, small)] = 0
     return out
 
 
